@@ -1,0 +1,252 @@
+"""UnED-style multi-domain collections: domains, splits, records and image bytes.
+
+A collection root holds ``info/<domain>/<split>.json`` (a JSON list of records
+``{"path": <relative image path>, "class_id": int | [int, ...]}``) and the images under
+``images/`` (paths are relative to that image root). The original UnED download is used as is
+with ``info_dir="info_files"`` and ``image_root=<where its images are>``.
+
+Storage is kept apart from decoding: every source answers ``get_image_bytes`` and callers decode
+(``uniret.data.images``). :class:`FolderCollection` reads a folder, ``uniret.data.store``'s
+``LmdbCollection`` reads a packed store, and both expose the same records in the same order.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import UniretError
+
+#: Splits in their canonical order. ``index`` exists only where queries search a separate index set.
+SPLITS = ("train", "val", "test", "index")
+
+
+@dataclass(frozen=True)
+class Record:
+    """One image of a split: its path relative to the image root and its class id(s)."""
+
+    path: str
+    class_ids: tuple[int, ...]
+
+    @property
+    def class_id(self) -> int:
+        """The first (for single-label data: the only) class id."""
+        return self.class_ids[0]
+
+    def to_json(self) -> dict:
+        cid: int | list[int] = self.class_ids[0] if len(self.class_ids) == 1 else list(self.class_ids)
+        return {"path": self.path, "class_id": cid}
+
+
+@dataclass(frozen=True)
+class Item:
+    """One image with everything known about it, addressed by ``(domain, split, position)``.
+
+    Sources that are not collections (a plain folder of images) leave domain, split and class ids
+    empty.
+    """
+
+    path: str
+    domain: str | None = None
+    split: str | None = None
+    position: int = -1
+    class_ids: tuple[int, ...] = ()
+
+    def to_json(self) -> dict:
+        return {
+            "path": self.path,
+            "domain": self.domain,
+            "split": self.split,
+            "position": self.position,
+            "class_ids": list(self.class_ids),
+        }
+
+    @staticmethod
+    def from_json(obj: dict) -> Item:
+        return Item(
+            path=obj["path"],
+            domain=obj.get("domain"),
+            split=obj.get("split"),
+            position=int(obj.get("position", -1)),
+            class_ids=tuple(int(c) for c in obj.get("class_ids", ())),
+        )
+
+
+def parse_class_ids(value) -> tuple[int, ...] | None:
+    """``class_id`` as a tuple of non-negative ints, or None when it is not valid."""
+    values = value if isinstance(value, list) else [value]
+    if not values:
+        return None
+    out = []
+    for v in values:
+        # bool is an int subclass; a JSON true is not a class id.
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            return None
+        out.append(v)
+    return tuple(out)
+
+
+def load_split_file(path: Path) -> list[Record]:
+    """Read one split file strictly; raise a one-line :class:`UniretError` naming the problem."""
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UniretError(f"{path}: split file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UniretError(f"{path}: cannot read split file ({exc})") from None
+    except json.JSONDecodeError as exc:
+        raise UniretError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    if not isinstance(raw, list):
+        raise UniretError(f"{path}: expected a JSON list of {{'path', 'class_id'}} records")
+    records = []
+    bad = []
+    for i, rec in enumerate(raw):
+        if not isinstance(rec, dict) or not isinstance(rec.get("path"), str) or "class_id" not in rec:
+            bad.append(f"#{i} has no path or class_id")
+        else:
+            cids = parse_class_ids(rec["class_id"])
+            if cids is None:
+                bad.append(f"#{i} ({rec['path']}) has class_id {rec['class_id']!r}, not a non-negative integer")
+            else:
+                records.append(Record(rec["path"], cids))
+        if len(bad) >= 3:
+            break
+    if bad:
+        raise UniretError(f"{path}: bad records: {'; '.join(bad)}")
+    return records
+
+
+class ItemList(Sequence):
+    """A flat, picklable view of items with their image bytes, the unit that loaders consume.
+
+    ``source`` must answer ``get_image_bytes(domain, split, position)`` (collections) or be
+    None for plain files, in which case ``path`` is read from disk.
+    """
+
+    def __init__(self, items: list[Item], source=None, base: Path | None = None):
+        self.items = items
+        self.source = source
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+    def get_image_bytes(self, i: int) -> bytes:
+        item = self.items[i]
+        if self.source is not None:
+            return self.source.get_image_bytes(item.domain, item.split, item.position)
+        path = Path(item.path) if self.base is None else self.base / item.path
+        return path.read_bytes()
+
+
+class Collection:
+    """Common reading API of folder and LMDB collections."""
+
+    root: Path
+    domains: list[str]
+
+    def splits(self, domain: str) -> list[str]:
+        raise NotImplementedError
+
+    def records(self, domain: str, split: str) -> list[Record]:
+        raise NotImplementedError
+
+    def get_image_bytes(self, domain: str, split: str, position: int) -> bytes:
+        raise NotImplementedError
+
+    # -- derived helpers, shared by both kinds -------------------------------------------------
+    def has_split(self, domain: str, split: str) -> bool:
+        return split in self.splits(domain)
+
+    def check_domain(self, domain: str) -> None:
+        if domain not in self.domains:
+            raise UniretError(f"unknown domain {domain!r} in {self.root}; domains: {', '.join(self.domains)}")
+
+    def query_index_splits(self, domain: str, split: str = "test") -> tuple[str, str]:
+        """(query split, index split) of the UnED protocol: test searches ``index`` when the
+        domain has one, otherwise itself (the self match is dropped at evaluation); val always
+        searches itself."""
+        if split == "test" and self.has_split(domain, "index"):
+            return "test", "index"
+        return split, split
+
+    def items(self, domains: Iterable[str] | None = None, splits: Iterable[str] | None = None) -> ItemList:
+        """All items of the chosen domains and splits, domain by domain, split by split, in file order."""
+        chosen = list(domains) if domains else list(self.domains)
+        for d in chosen:
+            self.check_domain(d)
+        wanted = list(splits) if splits else list(SPLITS)
+        out: list[Item] = []
+        for d in chosen:
+            for s in wanted:
+                if not self.has_split(d, s):
+                    continue
+                out.extend(
+                    Item(r.path, d, s, i, r.class_ids) for i, r in enumerate(self.records(d, s))
+                )
+        return ItemList(out, source=self)
+
+    def labels(self, domain: str, split: str) -> list[tuple[str, tuple[int, ...]]]:
+        """Identity labels ``(domain, class_ids)`` of a split, in record order."""
+        return [(domain, r.class_ids) for r in self.records(domain, split)]
+
+    def num_classes(self, domain: str, split: str = "train") -> int:
+        recs = self.records(domain, split)
+        return 1 + max((max(r.class_ids) for r in recs), default=-1)
+
+
+class FolderCollection(Collection):
+    """A collection on disk: ``<root>/<info_dir>/<domain>/<split>.json`` + ``<image_root>``."""
+
+    def __init__(self, root: str | Path, info_dir: str | Path = "info", image_root: str | Path | None = None):
+        self.root = Path(root)
+        info = Path(info_dir)
+        self.info_dir = info if info.is_absolute() else self.root / info
+        img = Path(image_root) if image_root is not None else Path("images")
+        self.image_root = img if img.is_absolute() else self.root / img
+        if not self.root.is_dir():
+            raise UniretError(f"{self.root}: not a directory; give a collection root (with info/<domain>/<split>.json)")
+        if not self.info_dir.is_dir():
+            raise UniretError(
+                f"{self.info_dir}: no split folder; a collection root needs info/<domain>/<split>.json "
+                "(for the UnED download pass --info-dir info_files --image-root IMAGES)"
+            )
+        self.domains = sorted(p.name for p in self.info_dir.iterdir() if p.is_dir())
+        if not self.domains:
+            raise UniretError(f"{self.info_dir}: no domain folders found")
+        self._records: dict[tuple[str, str], list[Record]] = {}
+
+    def split_file(self, domain: str, split: str) -> Path:
+        return self.info_dir / domain / f"{split}.json"
+
+    def splits(self, domain: str) -> list[str]:
+        return [s for s in SPLITS if self.split_file(domain, s).is_file()]
+
+    def records(self, domain: str, split: str) -> list[Record]:
+        key = (domain, split)
+        if key not in self._records:
+            self._records[key] = load_split_file(self.split_file(domain, split))
+        return self._records[key]
+
+    def image_path(self, domain: str, split: str, position: int) -> Path:
+        return self.image_root / self.records(domain, split)[position].path
+
+    def get_image_bytes(self, domain: str, split: str, position: int) -> bytes:
+        return self.image_path(domain, split, position).read_bytes()
+
+
+def open_collection(path: str | Path, info_dir: str | Path = "info", image_root: str | Path | None = None) -> Collection:
+    """Open a collection folder or a packed LMDB store (a directory holding ``data.mdb``)."""
+    p = Path(path)
+    if not p.exists():
+        raise UniretError(f"{p}: no such file or directory")
+    if (p / "data.mdb").is_file():
+        from .store import LmdbCollection
+
+        return LmdbCollection(p)
+    return FolderCollection(p, info_dir=info_dir, image_root=image_root)

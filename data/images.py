@@ -1,0 +1,54 @@
+"""Image decoding and plain image folders.
+
+Decoding is separate from storage: sources hand out bytes, :func:`decode_image` turns them into an
+RGB ``PIL.Image`` or raises :class:`~uniret.errors.ImageDecodeError` so that callers can skip and
+report the image instead of crashing.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+from ..errors import ImageDecodeError, UniretError
+from .collection import Item, ItemList
+
+#: File name endings taken as images when a plain folder is embedded or searched.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """Decode encoded image bytes to an RGB image (fully loaded, so truncation is caught here)."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            if im.mode in ("RGBA", "LA", "P") and ("transparency" in im.info or im.mode != "P"):
+                # Composite transparent artwork on white rather than on black.
+                rgba = im.convert("RGBA")
+                canvas = Image.new("RGB", rgba.size, (255, 255, 255))
+                canvas.paste(rgba, mask=rgba.getchannel("A"))
+                return canvas
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise ImageDecodeError(f"cannot decode image ({type(exc).__name__}: {exc})") from None
+
+
+def is_image_file(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def image_folder_items(path: str | Path) -> ItemList:
+    """A single image file, or every image under a folder (recursively, sorted by relative path)."""
+    p = Path(path)
+    if p.is_file():
+        if not is_image_file(p):
+            raise UniretError(f"{p}: not an image file (known endings: {', '.join(IMAGE_EXTENSIONS)})")
+        return ItemList([Item(p.name, position=0)], base=p.parent)
+    if not p.is_dir():
+        raise UniretError(f"{p}: no such file or directory")
+    files = sorted(f.relative_to(p).as_posix() for f in p.rglob("*") if is_image_file(f))
+    if not files:
+        raise UniretError(f"{p}: no image files found (known endings: {', '.join(IMAGE_EXTENSIONS)})")
+    return ItemList([Item(f, position=i) for i, f in enumerate(files)], base=p)
