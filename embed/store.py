@@ -1,0 +1,191 @@
+"""The embedding store: embeddings aligned with stable ids, their metadata and a manifest.
+
+On disk, a store is a directory::
+
+    manifest.json     format, dim, count, dtype, normalized, model (config hash, name), source, failed ids
+    embeddings.npy    (count, dim) float16 or float32, row i = id i; np.load(..., mmap_mode="r")
+    metadata.jsonl    line i: {"id": i, "path", "domain", "split", "position", "class_ids"}
+
+Rows of images that could not be read are zero and listed in ``manifest["failed"]``; they keep
+their id so that ids never shift. Stores are written by :class:`StoreWriter` into a temporary
+directory and published with one rename, so a reader never sees a half-written store.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+from ..data.collection import Item
+from ..errors import UniretError
+from ..utils import atomic_write_json, publish_dir, read_json
+
+FORMAT = "uniret-embeddings/1"
+
+
+class EmbeddingStore:
+    """Read access to a finished store."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        mf = self.path / "manifest.json"
+        if not mf.is_file():
+            raise UniretError(f"{self.path}: not an embedding store (no manifest.json); make one with `uniret embed`")
+        try:
+            self.manifest: dict = read_json(mf)
+        except (OSError, json.JSONDecodeError) as exc:
+            raise UniretError(f"{mf}: unreadable manifest ({exc})") from None
+        if self.manifest.get("format") != FORMAT:
+            raise UniretError(f"{mf}: unknown store format {self.manifest.get('format')!r} (expected {FORMAT})")
+
+    @classmethod
+    def open(cls, path: str | Path) -> EmbeddingStore:
+        return cls(path)
+
+    @property
+    def dim(self) -> int:
+        return int(self.manifest["dim"])
+
+    @property
+    def count(self) -> int:
+        return int(self.manifest["count"])
+
+    def __len__(self) -> int:
+        return self.count
+
+    @property
+    def model_hash(self) -> str | None:
+        return (self.manifest.get("model") or {}).get("config_hash")
+
+    @cached_property
+    def embeddings(self) -> np.ndarray:
+        """(count, dim) memory-mapped array; row i belongs to id i."""
+        arr = np.load(self.path / "embeddings.npy", mmap_mode="r")
+        if arr.shape != (self.count, self.dim):
+            raise UniretError(f"{self.path}: embeddings have shape {arr.shape}, manifest says {(self.count, self.dim)}")
+        return arr
+
+    @cached_property
+    def items(self) -> list[Item]:
+        """Metadata of every row, in id order."""
+        out = []
+        with open(self.path / "metadata.jsonl") as f:
+            for line in f:
+                out.append(Item.from_json(json.loads(line)))
+        if len(out) != self.count:
+            raise UniretError(f"{self.path}: metadata has {len(out)} rows, manifest says {self.count}")
+        return out
+
+    @cached_property
+    def failed_ids(self) -> np.ndarray:
+        return np.asarray(sorted(int(i) for i in self.manifest.get("failed", {})), dtype=np.int64)
+
+    @cached_property
+    def valid_mask(self) -> np.ndarray:
+        mask = np.ones(self.count, dtype=bool)
+        mask[self.failed_ids] = False
+        return mask
+
+    def check_model(self, config_hash: str, what: str = "this model") -> None:
+        """Refuse to mix embeddings of different models."""
+        if self.model_hash != config_hash:
+            raise UniretError(
+                f"{self.path} was embedded by model {self.model_hash}, not by {what} ({config_hash}); "
+                "re-embed with the same model or pick the matching store"
+            )
+
+
+class StoreWriter:
+    """Writes a store into ``<out>.partial`` and publishes it with :meth:`finish`.
+
+    The partial directory survives a crash: ``done.npy`` (a bool per row) and the embeddings
+    written so far let a re-run continue with the rows that are still missing.
+    """
+
+    def __init__(self, out: str | Path, items: list[Item], dim: int, dtype: str, manifest_extra: dict):
+        if dtype not in ("float16", "float32"):
+            raise UniretError(f"--dtype must be float16 or float32, not {dtype!r}")
+        self.out = Path(out)
+        self.partial = self.out.with_name(self.out.name + ".partial")
+        self.items = items
+        self.dim = dim
+        self.dtype = dtype
+        self.manifest = {"format": FORMAT, "dim": dim, "count": len(items), "dtype": dtype,
+                         "normalized": True, **manifest_extra}
+        self._open()
+
+    def _fingerprint(self) -> dict:
+        return {"count": len(self.items), "dim": self.dim, "dtype": self.dtype,
+                "model": self.manifest.get("model"), "source": self.manifest.get("source")}
+
+    def _open(self) -> None:
+        p = self.partial
+        state = p / "state.json"
+        resumable = state.is_file() and read_json(state) == self._fingerprint()
+        if not resumable:
+            if p.exists():
+                import shutil
+
+                shutil.rmtree(p)
+            p.mkdir(parents=True)
+            np.lib.format.open_memmap(p / "embeddings.npy", mode="w+", dtype=self.dtype,
+                                      shape=(len(self.items), self.dim)).flush()
+            np.save(p / "done.npy", np.zeros(len(self.items), dtype=bool))
+            atomic_write_json(p / "failed.json", {})
+            atomic_write_json(state, self._fingerprint())
+        self.embeddings = np.load(p / "embeddings.npy", mmap_mode="r+")
+        self.done = np.load(p / "done.npy")
+        self.failed: dict[str, str] = read_json(p / "failed.json")
+
+    def missing_ids(self) -> np.ndarray:
+        return np.flatnonzero(~self.done)
+
+    def write(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        self.embeddings[ids] = vectors.astype(self.dtype, copy=False)
+
+    def mark_failed(self, idx: int, reason: str) -> None:
+        self.failed[str(int(idx))] = reason
+        self.embeddings[idx] = 0
+
+    def checkpoint(self, ids: np.ndarray) -> None:
+        """Make rows durable: flush the vectors, then record them as done (in that order)."""
+        self.embeddings.flush()
+        self.done[ids] = True
+        tmp = self.partial / "done.tmp.npy"
+        np.save(tmp, self.done)
+        tmp.replace(self.partial / "done.npy")
+        atomic_write_json(self.partial / "failed.json", self.failed)
+
+    def finish(self) -> EmbeddingStore:
+        missing = self.missing_ids()
+        if len(missing):
+            raise RuntimeError(f"store incomplete: {len(missing)} rows never written (first ids {missing[:5].tolist()})")
+        self.embeddings.flush()
+        del self.embeddings
+        with open(self.partial / "metadata.jsonl", "w") as f:
+            for i, item in enumerate(self.items):
+                f.write(json.dumps({"id": i, **item.to_json()}) + "\n")
+        manifest = dict(self.manifest, failed=self.failed)
+        atomic_write_json(self.partial / "manifest.json", manifest)
+        for name in ("done.npy", "failed.json", "state.json"):
+            (self.partial / name).unlink(missing_ok=True)
+        publish_dir(self.partial, self.out)
+        return EmbeddingStore(self.out)
+
+
+def write_store(out: str | Path, embeddings: np.ndarray, items: list[Item], model: dict | None = None,
+                source: dict | None = None, dtype: str = "float32", failed: dict | None = None) -> EmbeddingStore:
+    """Write a whole store at once (tests, training exports, arrays computed elsewhere)."""
+    embeddings = np.asarray(embeddings)
+    if embeddings.ndim != 2 or embeddings.shape[0] != len(items):
+        raise ValueError(f"embeddings shape {embeddings.shape} does not match {len(items)} items")
+    w = StoreWriter(out, items, embeddings.shape[1], dtype, {"model": model or {}, "source": source or {}})
+    ids = np.arange(len(items))
+    w.write(ids, embeddings)
+    for i, reason in (failed or {}).items():
+        w.mark_failed(int(i), reason)
+    w.checkpoint(ids)
+    return w.finish()
