@@ -1,0 +1,145 @@
+"""UnED evaluation protocols on embeddings already computed: search, optional rerank, metrics.
+
+``merged`` (the standard): one index holds the index sets of all domains and every query searches it.
+``separate``: each domain's queries search only that domain's index items. When queries are also in
+the index (query split = index split), k + 1 results are retrieved and each query's own id is dropped
+(METHOD.md §2). :func:`evaluate_embeddings` is what training's validation calls;
+:func:`uniret.eval.run.evaluate` drives it from a model directory and a collection.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from ..errors import UniretError
+from .metrics import retrieval_metrics
+
+PROTOCOLS = ("merged", "separate")
+RERANKERS = ("none", "superglobal", "aqe", "alpha-qe")
+#: Candidates a reranker looks at (SuperGlobal's M); search returns at least this many for it.
+RERANK_DEPTH = {"superglobal": 400, "aqe": 100, "alpha-qe": 100}
+
+
+def label_of(item) -> tuple:
+    """``(domain, class_ids)`` of an :class:`~uniret.data.Item` or of a label tuple."""
+    if isinstance(item, tuple) and len(item) == 2:
+        return item
+    return item.domain, tuple(item.class_ids)
+
+
+def self_match_ids(query_items: Sequence, index_items: Sequence) -> np.ndarray:
+    """Each query's id in the index, -1 when absent; matched on (domain, split, position).
+
+    Plain label tuples carry no address: the query set must then be the index set, in order.
+    """
+    if query_items and isinstance(query_items[0], tuple):
+        if len(query_items) != len(index_items):
+            raise ValueError("self_match with label tuples needs the query set to be the index set")
+        return np.arange(len(query_items), dtype=np.int64)
+    where = {(it.domain, it.split, it.position): i for i, it in enumerate(index_items)}
+    return np.array([where.get((it.domain, it.split, it.position), -1) for it in query_items], dtype=np.int64)
+
+
+def numpy_exact_search(xq: np.ndarray, xb: np.ndarray, k: int, block: int = 1024):
+    """Exact inner-product top-k in numpy (blocks of queries); -1 / -inf padding when nb < k."""
+    nq, nb = len(xq), len(xb)
+    kk = min(k, nb)
+    scores = np.full((nq, k), -np.inf, dtype=np.float32)
+    ids = np.full((nq, k), -1, dtype=np.int64)
+    for s in range(0, nq, block):
+        sims = xq[s:s + block] @ xb.T
+        top = np.argpartition(-sims, kk - 1, axis=1)[:, :kk] if kk < nb else np.tile(np.arange(nb), (len(sims), 1))
+        top_s = np.take_along_axis(sims, top, axis=1)
+        order = np.argsort(-top_s, axis=1, kind="stable")
+        ids[s:s + block, :kk] = np.take_along_axis(top, order, axis=1)
+        scores[s:s + block, :kk] = np.take_along_axis(top_s, order, axis=1)
+    return scores, ids
+
+
+def search(xq: np.ndarray, xb: np.ndarray, k: int, device: str | None = None):
+    """Exact top-k: the index package's :func:`exact_search` when present, numpy otherwise."""
+    try:
+        from ..index.exact import exact_search
+    except ImportError:
+        return numpy_exact_search(xq, xb, k)
+    return exact_search(xq, xb, k, device=device)
+
+
+def rerank_results(name: str | None, xq: np.ndarray, xb: np.ndarray, scores: np.ndarray, ids: np.ndarray):
+    """Apply a global-feature reranker (``uniret.index.rerank``) to the candidates, best first."""
+    if name in (None, "none"):
+        return scores, ids
+    if name not in RERANKERS:
+        raise UniretError(f"unknown reranker {name!r}; choose one of {', '.join(RERANKERS)}")
+    try:
+        from ..index import rerank
+    except ImportError:
+        raise UniretError(f"reranking ({name}) needs uniret.index.rerank, which is not installed") from None
+    fn = {"superglobal": rerank.superglobal, "aqe": rerank.aqe, "alpha-qe": rerank.alpha_qe}[name]
+    out_scores, out_ids = fn(xq, xb, ids, scores)
+    return np.asarray(out_scores, dtype=np.float32), np.asarray(out_ids, dtype=np.int64)
+
+
+def search_and_rank(xq, xb, k: int, rerank: str | None = None, device: str | None = None):
+    """Top-k (after reranking a deeper candidate list when a reranker is set)."""
+    depth = max(k, RERANK_DEPTH.get(rerank or "none", k))
+    scores, ids = search(xq, xb, depth, device=device)
+    scores, ids = rerank_results(rerank, xq, xb, scores, ids)
+    return scores[:, :k], ids[:, :k]
+
+
+def evaluate_embeddings(
+    query_vectors: np.ndarray,
+    query_items: Sequence,
+    index_vectors: np.ndarray,
+    index_items: Sequence,
+    self_match: bool,
+    k: int = 100,
+    protocol: str = "merged",
+    rerank: str | None = None,
+    device: str | None = None,
+    k_mp: int = 5,
+) -> dict:
+    """Search ``query_vectors`` against ``index_vectors`` and compute the UnED metrics.
+
+    Items are :class:`~uniret.data.Item` (or ``(domain, class_ids)`` tuples). ``self_match``: queries
+    may also be index items (e.g. merged validation: every val item is a query against all val items);
+    their own id is dropped. Returns :func:`retrieval_metrics`'s dict (``mean``, ``per_domain``,
+    ``queries``, ``excluded``, ``per_query``) plus ``protocol``, ``k``, ``rerank`` and the raw
+    ``scores`` / ``ids`` (index row numbers, best first, self match included).
+    """
+    if protocol not in PROTOCOLS:
+        raise UniretError(f"unknown protocol {protocol!r}; choose merged or separate")
+    xq = np.ascontiguousarray(query_vectors, dtype=np.float32)
+    xb = np.ascontiguousarray(index_vectors, dtype=np.float32)
+    if len(xq) != len(query_items) or len(xb) != len(index_items):
+        raise ValueError("vectors and items differ in length")
+    query_ids = self_match_ids(query_items, index_items) if self_match else None
+    k_search = k + 1 if self_match else k
+    if protocol == "merged":
+        scores, ids = search_and_rank(xq, xb, k_search, rerank=rerank, device=device)
+    else:
+        scores = np.full((len(xq), k_search), -np.inf, dtype=np.float32)
+        ids = np.full((len(xq), k_search), -1, dtype=np.int64)
+        q_dom = np.array([label_of(it)[0] for it in query_items], dtype=object)
+        x_dom = np.array([label_of(it)[0] for it in index_items], dtype=object)
+        for d in dict.fromkeys(q_dom.tolist()):
+            q_rows = np.flatnonzero(q_dom == d)
+            x_rows = np.flatnonzero(x_dom == d)
+            if len(x_rows) == 0:
+                continue
+            s, i = search_and_rank(xq[q_rows], xb[x_rows], k_search, rerank=rerank, device=device)
+            scores[q_rows] = s
+            ids[q_rows] = np.where(i >= 0, x_rows[np.maximum(i, 0)], -1)  # back to global ids
+    result = retrieval_metrics(
+        [label_of(it) for it in query_items],
+        [label_of(it) for it in index_items],
+        ids,
+        query_ids=query_ids,
+        k_map=k,
+        k_mp=k_mp,
+    )
+    result.update(protocol=protocol, k=k, rerank=rerank or "none", scores=scores, ids=ids)
+    return result
