@@ -3,7 +3,7 @@
 ``merged`` (the standard): one index holds the index sets of all domains and every query searches it.
 ``separate``: each domain's queries search only that domain's index items. When queries are also in
 the index (query split = index split), k + 1 results are retrieved and each query's own id is dropped
-(METHOD.md §2). :func:`evaluate_embeddings` is what training's validation calls;
+(METHOD.md §2), before any reranking. :func:`evaluate_embeddings` is what training's validation calls;
 :func:`uniret.eval.run.evaluate` drives it from a model directory and a collection.
 """
 
@@ -82,11 +82,27 @@ def rerank_results(name: str | None, xq: np.ndarray, xb: np.ndarray, scores: np.
     return np.asarray(out_scores, dtype=np.float32), np.asarray(out_ids, dtype=np.int64)
 
 
-def search_and_rank(xq, xb, k: int, rerank: str | None = None, device: str | None = None):
-    """Top-k (after reranking a deeper candidate list when a reranker is set)."""
+def drop_self_results(scores: np.ndarray, ids: np.ndarray, query_ids: np.ndarray):
+    """Remove each query's own id from its results (wherever it ranks); pad with -inf / -1."""
+    keep = (ids != query_ids[:, None]) | (query_ids[:, None] < 0)
+    order = np.argsort(~keep, axis=1, kind="stable")
+    ids = np.take_along_axis(ids, order, axis=1)
+    scores = np.take_along_axis(scores, order, axis=1)
+    gone = ~np.take_along_axis(keep, order, axis=1)
+    ids[gone], scores[gone] = -1, -np.inf
+    return scores, ids
+
+
+def search_and_rank(xq, xb, k: int, rerank: str | None = None, device: str | None = None,
+                    query_ids: np.ndarray | None = None):
+    """Top-k, with each query's own id (``query_ids``, -1 = none) dropped BEFORE reranking, so that
+    a query never expands itself; a reranker sees a deeper candidate list than k."""
     depth = max(k, RERANK_DEPTH.get(rerank or "none", k))
-    scores, ids = search(xq, xb, depth, device=device)
-    scores, ids = rerank_results(rerank, xq, xb, scores, ids)
+    extra = 1 if query_ids is not None and (query_ids >= 0).any() else 0
+    scores, ids = search(xq, xb, depth + extra, device=device)
+    if extra:
+        scores, ids = drop_self_results(scores, ids, query_ids)
+    scores, ids = rerank_results(rerank, xq, xb, scores[:, :depth], ids[:, :depth])
     return scores[:, :k], ids[:, :k]
 
 
@@ -107,8 +123,8 @@ def evaluate_embeddings(
     Items are :class:`~uniret.data.Item` (or ``(domain, class_ids)`` tuples). ``self_match``: queries
     may also be index items (e.g. merged validation: every val item is a query against all val items);
     their own id is dropped. Returns :func:`retrieval_metrics`'s dict (``mean``, ``per_domain``,
-    ``queries``, ``excluded``, ``per_query``) plus ``protocol``, ``k``, ``rerank`` and the raw
-    ``scores`` / ``ids`` (index row numbers, best first, self match included).
+    ``queries``, ``excluded``, ``per_query``) plus ``protocol``, ``k``, ``rerank`` and the ranked
+    ``scores`` / ``ids`` (nq, k) (index row numbers, best first, self match already dropped).
     """
     if protocol not in PROTOCOLS:
         raise UniretError(f"unknown protocol {protocol!r}; choose merged or separate")
@@ -117,12 +133,11 @@ def evaluate_embeddings(
     if len(xq) != len(query_items) or len(xb) != len(index_items):
         raise ValueError("vectors and items differ in length")
     query_ids = self_match_ids(query_items, index_items) if self_match else None
-    k_search = k + 1 if self_match else k
     if protocol == "merged":
-        scores, ids = search_and_rank(xq, xb, k_search, rerank=rerank, device=device)
+        scores, ids = search_and_rank(xq, xb, k, rerank=rerank, device=device, query_ids=query_ids)
     else:
-        scores = np.full((len(xq), k_search), -np.inf, dtype=np.float32)
-        ids = np.full((len(xq), k_search), -1, dtype=np.int64)
+        scores = np.full((len(xq), k), -np.inf, dtype=np.float32)
+        ids = np.full((len(xq), k), -1, dtype=np.int64)
         q_dom = np.array([label_of(it)[0] for it in query_items], dtype=object)
         x_dom = np.array([label_of(it)[0] for it in index_items], dtype=object)
         for d in dict.fromkeys(q_dom.tolist()):
@@ -130,7 +145,12 @@ def evaluate_embeddings(
             x_rows = np.flatnonzero(x_dom == d)
             if len(x_rows) == 0:
                 continue
-            s, i = search_and_rank(xq[q_rows], xb[x_rows], k_search, rerank=rerank, device=device)
+            local_self = None
+            if query_ids is not None:  # global index id -> row within this domain's index
+                pos = np.searchsorted(x_rows, query_ids[q_rows])
+                pos = np.minimum(pos, len(x_rows) - 1)
+                local_self = np.where(x_rows[pos] == query_ids[q_rows], pos, -1)
+            s, i = search_and_rank(xq[q_rows], xb[x_rows], k, rerank=rerank, device=device, query_ids=local_self)
             scores[q_rows] = s
             ids[q_rows] = np.where(i >= 0, x_rows[np.maximum(i, 0)], -1)  # back to global ids
     result = retrieval_metrics(

@@ -38,10 +38,12 @@ def test_validation_self_match_drops_query():
     centers = unit(rng.normal(size=(6, 16)))
     vectors = unit(np.repeat(centers, 2, axis=0) + 0.05 * rng.normal(size=(12, 16)))
     r = evaluate_embeddings(vectors, items, vectors, items, self_match=True, k=4)
-    assert r["ids"].shape == (12, 5)  # k + 1 retrieved
-    assert (r["ids"][:, 0] == np.arange(12)).all()  # self is first before dropping ...
-    kept = r["per_query"]["ranked_ids"]
-    assert not (kept == np.arange(12)[:, None]).any()  # ... and gone after
+    assert r["ids"].shape == (12, 4)  # k + 1 retrieved, self dropped
+    assert not (r["ids"] == np.arange(12)[:, None]).any()
+    assert (r["ids"][:, 0] == np.arange(12) ^ 1).all()  # the other image of the class comes first
+    sep = evaluate_embeddings(vectors, items, vectors, items, self_match=True, k=4, protocol="separate")
+    assert (sep["ids"][:, 0] == np.arange(12) ^ 1).all()
+    assert sep["mean"] == pytest.approx({"mMP@5": 1.0, "mAP@4": 1.0, "R@1": 1.0})
     assert r["per_query"]["n_q"].tolist() == [1] * 12
     assert r["mean"] == pytest.approx({"mMP@5": 1.0, "mAP@4": 1.0, "R@1": 1.0})
 
@@ -82,3 +84,22 @@ def test_bad_protocol_and_reranker():
         evaluate_embeddings(x, [("a", 0)], x, [("a", 0)], self_match=False, protocol="both-ways")
     with pytest.raises(UniretError, match="reranker"):
         evaluate_embeddings(x, [("a", 0)], x, [("a", 0)], self_match=False, rerank="magic")
+
+
+@pytest.mark.parametrize("name", ["aqe", "alpha-qe", "superglobal"])
+def test_rerank_runs_on_candidates_without_self(name):
+    from uniret.index import rerank
+
+    rng = np.random.default_rng(3)
+    items = [Item(f"p{i}", "x", "val", i, (i // 3,)) for i in range(30)]
+    vectors = unit(rng.normal(size=(30, 8)))
+    r = evaluate_embeddings(vectors, items, vectors, items, self_match=True, k=5, rerank=name)
+    assert not (r["ids"] == np.arange(30)[:, None]).any()
+    # reference: all 29 other items as candidates, reranked by the index package's function
+    sims = vectors @ vectors.T
+    np.fill_diagonal(sims, -np.inf)
+    cand = np.argsort(-sims, axis=1, kind="stable")[:, :29]
+    fn = {"aqe": rerank.aqe, "alpha-qe": rerank.alpha_qe, "superglobal": rerank.superglobal}[name]
+    _, ref_ids = fn(vectors, vectors, cand, np.take_along_axis(sims, cand, axis=1).astype(np.float32))
+    assert (r["ids"] == ref_ids[:, :5]).all()
+    assert r["rerank"] == name
