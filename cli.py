@@ -12,7 +12,6 @@ import logging
 import os
 import sys
 
-import click
 import typer
 
 from .data.commands import app as data_app
@@ -54,23 +53,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     command = typer.main.get_command(app)
     try:
-        code = command.main(args=argv, prog_name="uniret", standalone_mode=False)
-        return code if isinstance(code, int) else 0
-    except click.exceptions.Abort:
-        click.echo("uniret: interrupted", err=True)
-        return 130
-    except click.ClickException as exc:
-        if debug_enabled():
-            raise
-        exc.show()
-        return exc.exit_code
+        # standalone mode: typer formats usage errors itself (exit 2) and ends with SystemExit.
+        command.main(args=argv, prog_name="uniret", standalone_mode=True)
+        return 0
+    except SystemExit as exc:
+        if exc.code is None:
+            return 0
+        return exc.code if isinstance(exc.code, int) else 1
     except KeyboardInterrupt:
-        click.echo("uniret: interrupted; re-run the same command to resume", err=True)
+        typer.echo("uniret: interrupted; re-run the same command to resume", err=True)
         return 130
     except UniretError as exc:
         if debug_enabled():
             raise
-        click.echo(f"error: {exc}", err=True)
+        typer.echo(f"error: {exc}", err=True)
         return exc.exit_code
 
 

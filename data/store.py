@@ -1,0 +1,278 @@
+"""The packed LMDB image store: every image of a collection resized and re-encoded once.
+
+Layout of the LMDB (keys are ASCII):
+
+    meta                         JSON: format, domains -> splits -> counts, pack options, skipped images
+    rec/<domain>/<split>         JSON list of the split's records, exactly as in the folder
+    img/<domain>/<split>/<pos>   encoded image bytes of record ``pos`` (8-digit, zero-padded)
+
+An image that could not be decoded while packing has no ``img/`` key; its record stays, so
+positions (and therefore ids everywhere downstream) are the same as in the folder, and readers
+get :class:`~uniret.errors.ImageDecodeError` for it, as they would for the corrupt file.
+
+Packing writes into ``OUT.partial`` and renames it to ``OUT`` when complete: a finished store
+never exists half-written under its final name, and re-running an interrupted pack continues with
+the images that have no key yet.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+
+import lmdb
+from PIL import Image
+
+from ..errors import ImageDecodeError, UniretError
+from ..utils import logger, progress_bar
+from .collection import SPLITS, Collection, FolderCollection, Record
+
+FORMAT = "uniret-lmdb/1"
+_COMMIT_EVERY = 256
+# Seconds to sleep after each commit; lets tests interrupt a real pack mid-way. Never set otherwise.
+_DEBUG_SLEEP = float(os.environ.get("UNIRET_DEBUG_PACK_SLEEP", "0") or 0)
+_COMMIT_EVERY = int(os.environ.get("UNIRET_DEBUG_PACK_COMMIT_EVERY", _COMMIT_EVERY))
+
+
+def _img_key(domain: str, split: str, position: int) -> bytes:
+    return f"img/{domain}/{split}/{position:08d}".encode()
+
+
+_READERS: dict[tuple, lmdb.Environment] = {}
+
+
+def _reader_env(path: Path) -> lmdb.Environment:
+    """One read-only environment per process and store file (LMDB allows one open per process)."""
+    real = path.resolve()
+    key = (os.getpid(), str(real), (real / "data.mdb").stat().st_ino)
+    env = _READERS.get(key)
+    if env is None:
+        for old in [k for k in _READERS if k[0] != key[0]]:
+            # Inherited through fork: close our copy (lock=False, so the parent's is untouched);
+            # LMDB refuses a second open of the same file in one process.
+            _READERS.pop(old).close()
+        for old in [k for k in _READERS if k[1] == key[1]]:
+            _READERS.pop(old)  # the store was replaced on disk; the old handle stays valid for its users
+        env = lmdb.open(str(real), readonly=True, lock=False, readahead=False, meminit=False, max_readers=512)
+        _READERS[key] = env
+    return env
+
+
+class LmdbCollection(Collection):
+    """Read a packed store. The LMDB environment opens lazily in each process (read-only, no
+    lock), so the object can be pickled into DataLoader workers, forked or spawned."""
+
+    def __init__(self, path: str | Path):
+        self.root = Path(path)
+        self._env = None
+        self._pid = None
+        meta = self._get(b"meta")
+        if meta is None:
+            raise UniretError(f"{self.root}: LMDB has no uniret metadata; make it with `uniret data pack`")
+        self.meta = json.loads(meta)
+        if self.meta.get("format") != FORMAT:
+            raise UniretError(f"{self.root}: unknown store format {self.meta.get('format')!r}")
+        self.domains = sorted(self.meta["domains"])
+        self._records: dict[tuple[str, str], list[Record]] = {}
+
+    # Pickling drops the open environment; each process opens its own.
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_env"] = None
+        state["_pid"] = None
+        return state
+
+    @property
+    def env(self) -> lmdb.Environment:
+        if self._env is None or self._pid != os.getpid():
+            self._env = _reader_env(self.root)
+            self._pid = os.getpid()
+        return self._env
+
+    def _get(self, key: bytes) -> bytes | None:
+        with self.env.begin(buffers=False) as txn:
+            return txn.get(key)
+
+    def splits(self, domain: str) -> list[str]:
+        return [s for s in SPLITS if s in self.meta["domains"].get(domain, {})]
+
+    def records(self, domain: str, split: str) -> list[Record]:
+        key = (domain, split)
+        if key not in self._records:
+            raw = self._get(f"rec/{domain}/{split}".encode())
+            if raw is None:
+                raise UniretError(f"{self.root}: no split {domain}/{split} in the store")
+            self._records[key] = [Record(r["path"], tuple(r["class_ids"])) for r in json.loads(raw)]
+        return self._records[key]
+
+    def get_image_bytes(self, domain: str, split: str, position: int) -> bytes:
+        data = self._get(_img_key(domain, split, position))
+        if data is None:
+            raise ImageDecodeError(f"{domain}/{split}/{position}: image was skipped when packing (unreadable)")
+        return data
+
+    @property
+    def skipped(self) -> list[dict]:
+        return self.meta.get("skipped", [])
+
+
+@dataclass(frozen=True)
+class PackOptions:
+    max_side: int = 256
+    quality: int = 90
+    image_format: str = "jpeg"
+
+    def to_json(self) -> dict:
+        return {"max_side": self.max_side, "quality": self.quality, "format": self.image_format}
+
+
+def encode_image(data: bytes, opts: PackOptions) -> bytes:
+    """Decode, shrink so that the longer side is at most ``max_side`` (never enlarge), re-encode."""
+    from .images import decode_image
+
+    img = decode_image(data)
+    w, h = img.size
+    scale = opts.max_side / max(w, h)
+    if scale < 1:
+        img = img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BICUBIC)
+    buf = io.BytesIO()
+    if opts.image_format == "png":
+        img.save(buf, format="PNG")
+    else:
+        img.save(buf, format="JPEG", quality=opts.quality, optimize=False)
+    return buf.getvalue()
+
+
+def _encode_job(args: tuple[str, PackOptions]) -> tuple[bytes | None, str | None]:
+    path, opts = args
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        return encode_image(data, opts), None
+    except ImageDecodeError as exc:
+        return None, str(exc)
+    except OSError as exc:
+        return None, f"cannot read ({exc.strerror or exc})"
+
+
+def _open_writable(path: Path, map_size: int) -> lmdb.Environment:
+    return lmdb.open(str(path), map_size=map_size, subdir=True, max_dbs=0, sync=True, metasync=True)
+
+
+def _put_batch(env: lmdb.Environment, batch: list[tuple[bytes, bytes]]) -> lmdb.Environment:
+    """Write one transaction; grow the map when it is full (and retry the whole batch)."""
+    while True:
+        try:
+            with env.begin(write=True) as txn:
+                for k, v in batch:
+                    txn.put(k, v)
+            return env
+        except lmdb.MapFullError:
+            env.set_mapsize(env.info()["map_size"] * 2)
+
+
+def pack(root: str | Path, out: str | Path, opts: PackOptions = PackOptions(), workers: int = 0,
+         info_dir: str = "info", image_root: str | None = None, force: bool = False) -> dict:
+    """Pack a collection folder into an LMDB store; returns a summary (counts, skipped images).
+
+    Resumable: an interrupted run leaves ``OUT.partial``; running again with the same options keeps
+    the images already written and packs the rest.
+    """
+    src = FolderCollection(root, info_dir=info_dir, image_root=image_root)
+    out = Path(out)
+    partial = out.with_name(out.name + ".partial")
+    if out.exists():
+        if not force:
+            raise UniretError(f"{out} already exists; pass --force to pack again, or choose another path")
+        shutil.rmtree(out)
+    if opts.max_side < 8:
+        raise UniretError(f"--max-side must be at least 8, not {opts.max_side}")
+    if not 1 <= opts.quality <= 100:
+        raise UniretError(f"--quality must be within 1..100, not {opts.quality}")
+
+    domains = {d: {s: len(src.records(d, s)) for s in src.splits(d)} for d in src.domains}
+    plan = {"format": FORMAT, "domains": domains, "options": opts.to_json()}
+    partial.mkdir(parents=True, exist_ok=True)
+    plan_file = partial / "uniret-pack.json"
+    if plan_file.exists() and json.loads(plan_file.read_text()) != plan:
+        logger.info("%s: left by a pack with other options or data; starting over", partial)
+        shutil.rmtree(partial)
+        partial.mkdir(parents=True)
+    plan_file.write_text(json.dumps(plan, sort_keys=True))
+
+    env = _open_writable(partial, map_size=1 << 30)
+    with env.begin() as txn:
+        prev = txn.get(b"skipped-partial")
+    skipped: list[dict] = json.loads(prev) if prev else []
+    skipped_keys = {(s["domain"], s["split"], s["position"]) for s in skipped}
+
+    # Records first (small), then the images still missing.
+    _put_batch(env, [(f"rec/{d}/{s}".encode(),
+                      json.dumps([{"path": r.path, "class_ids": list(r.class_ids)} for r in src.records(d, s)]).encode())
+                     for d in domains for s in domains[d]])
+    todo: list[tuple[str, str, int]] = []
+    with env.begin() as txn:
+        for d in domains:
+            for s in domains[d]:
+                for i in range(domains[d][s]):
+                    if (d, s, i) not in skipped_keys and txn.get(_img_key(d, s, i)) is None:
+                        todo.append((d, s, i))
+    total = sum(n for sp in domains.values() for n in sp.values())
+    if len(todo) < total - len(skipped):
+        logger.info("resuming: %d of %d images already packed", total - len(todo) - len(skipped), total)
+
+    def jobs() -> Iterator[tuple[str, PackOptions]]:
+        for d, s, i in todo:
+            yield str(src.image_path(d, s, i)), opts
+
+    batch: list[tuple[bytes, bytes]] = []
+    new_skipped: list[dict] = []
+
+    def flush() -> None:
+        nonlocal env
+        if new_skipped:
+            skipped.extend(new_skipped)
+            new_skipped.clear()
+        batch.append((b"skipped-partial", json.dumps(skipped).encode()))
+        env = _put_batch(env, batch)
+        batch.clear()
+        if _DEBUG_SLEEP:
+            time.sleep(_DEBUG_SLEEP)
+
+    ctx = get_context("spawn") if workers > 0 else None
+    pool = ctx.Pool(workers) if ctx else None
+    try:
+        results = pool.imap(_encode_job, jobs(), chunksize=16) if pool else map(_encode_job, jobs())
+        with progress_bar("packing", len(todo)) as advance:
+            for (d, s, i), (data, err) in zip(todo, results):
+                if data is None:
+                    new_skipped.append({"domain": d, "split": s, "position": i,
+                                        "path": src.records(d, s)[i].path, "error": err})
+                else:
+                    batch.append((_img_key(d, s, i), data))
+                if len(batch) >= _COMMIT_EVERY:
+                    flush()
+                advance(1)
+        flush()
+    finally:
+        if pool:
+            pool.terminate()
+            pool.join()
+
+    skipped.sort(key=lambda r: (r["domain"], SPLITS.index(r["split"]), r["position"]))
+    meta = dict(plan, skipped=skipped, source=str(Path(root).resolve()))
+    with env.begin(write=True) as txn:
+        txn.delete(b"skipped-partial")
+        txn.put(b"meta", json.dumps(meta).encode())
+    env.sync(True)
+    env.close()
+    plan_file.unlink()
+    os.replace(partial, out)
+    return {"images": total, "packed": total - len(skipped), "skipped": skipped, "domains": domains}

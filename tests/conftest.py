@@ -1,0 +1,48 @@
+"""Shared fixtures: one demo collection and its packed store per test session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Tests run on 2 cores next to other work: keep torch from oversubscribing them.
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory):
+    """A small demo collection (4 domains, about 300 images)."""
+    from uniret.data.demo import make_demo
+
+    root = tmp_path_factory.mktemp("demo") / "demo"
+    make_demo(root, seed=0, scale=0.25)
+    return root
+
+
+@pytest.fixture(scope="session")
+def demo_lmdb(demo_root, tmp_path_factory):
+    """The demo collection packed into an LMDB store."""
+    from uniret.data.store import PackOptions, pack
+
+    out = tmp_path_factory.mktemp("packed") / "demo.lmdb"
+    pack(demo_root, out, PackOptions(max_side=64, quality=90))
+    return out
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:  # noqa: BLE001 - any import problem means no usable GPU
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    if _cuda_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="no CUDA device visible")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
