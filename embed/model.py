@@ -1,0 +1,242 @@
+"""The universal embedding model and its portable directory format.
+
+``UniversalEmbedder`` = backbone + one linear head (METHOD.md §3): ``features(x)`` is e_b =
+normalize(backbone(x)), ``forward(x)`` is the universal embedding normalize(head(e_b)). With
+Matryoshka nesting (``nested_dims``), every listed prefix, re-normalised, is a usable embedding.
+
+A model directory holds ``config.json`` (backbone name, dims, preprocessing, provenance) and
+``model.safetensors`` with the inference weights only (backbone + head; no teachers or
+classifiers). Loading rebuilds the architecture from the name with random weights and loads the
+tensors: nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import UniretError
+from ..utils import atomic_write_json, publish_dir, read_json, stable_hash
+from .backbones import Backbone, create_backbone
+
+logger = logging.getLogger("uniret")
+
+FORMAT = "uniret-model/1"
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild the model and preprocess its input."""
+
+    backbone: str
+    dim: int = 64
+    nested_dims: list[int] | None = None
+    feature_dim: int = 0
+    image_size: int | None = None
+    pool: str | None = None
+    preprocess: dict = field(default_factory=dict)
+    provenance: dict = field(default_factory=dict)
+    format: str = FORMAT
+
+    def architecture(self) -> dict:
+        """The fields that define the computation (not where the model came from)."""
+        d = asdict(self)
+        d.pop("provenance")
+        return d
+
+    @staticmethod
+    def from_json(obj: dict) -> ModelConfig:
+        if obj.get("format") != FORMAT:
+            raise UniretError(f"unknown model format {obj.get('format')!r} (expected {FORMAT})")
+        known = set(ModelConfig.__dataclass_fields__)
+        return ModelConfig(**{k: v for k, v in obj.items() if k in known})
+
+
+def check_nested_dims(dim: int, nested_dims) -> list[int] | None:
+    """Sorted, unique prefix sizes ending at ``dim``; None when there is no nesting."""
+    if dim <= 0:
+        raise UniretError(f"--dim must be positive, not {dim}")
+    if not nested_dims:
+        return None
+    dims = sorted({int(d) for d in nested_dims})
+    if dims[0] <= 0 or dims[-1] > dim:
+        raise UniretError(f"--nested-dims {dims} must lie in 1..{dim} (the embedding size)")
+    if dims[-1] != dim:
+        dims.append(dim)
+    return dims
+
+
+class UniversalEmbedder(nn.Module):
+    """Backbone + universal head; see the module docstring."""
+
+    def __init__(self, backbone: Backbone, config: ModelConfig):
+        super().__init__()
+        self.backbone = backbone
+        self.config = config
+        self.head = nn.Linear(backbone.feature_dim, config.dim)
+        self._transform = None
+
+    # -- computation -----------------------------------------------------------------------
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """e_b: the L2-normalised backbone feature."""
+        return F.normalize(self.backbone(x), dim=-1)
+
+    def embed_features(self, e_b: torch.Tensor) -> torch.Tensor:
+        """The universal embedding from e_b (training computes e_b once for all heads)."""
+        return F.normalize(self.head(e_b), dim=-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.embed_features(self.features(x))
+
+    @property
+    def dims(self) -> list[int]:
+        """Embedding sizes this model serves: the nested prefixes, else the full size."""
+        return list(self.config.nested_dims or [self.config.dim])
+
+    def check_dim(self, dim: int | None) -> int:
+        if dim is None:
+            return self.config.dim
+        if int(dim) not in self.dims:
+            raise UniretError(f"dim {dim} is not an embedding size of this model; choose one of {self.dims}")
+        return int(dim)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def transform(self):
+        if self._transform is None:
+            from .preprocess import eval_transform
+
+            self._transform = eval_transform(self.config.preprocess)
+        return self._transform
+
+    @torch.inference_mode()
+    def encode(self, images, dim: int | None = None, batch_size: int = 64) -> torch.Tensor:
+        """(N, D) float32 L2-normalised embeddings of a preprocessed batch tensor or a list of PIL
+        images; ``dim`` picks a Matryoshka prefix (re-normalised). Returned on the model's device."""
+        d = self.check_dim(dim)
+        was_training = self.training
+        self.eval()
+        try:
+            if isinstance(images, torch.Tensor):
+                batches = [images[i:i + batch_size] for i in range(0, len(images), batch_size)]
+            else:
+                tf = self.transform()
+                images = list(images)
+                batches = [torch.stack([tf(im) for im in images[i:i + batch_size]])
+                           for i in range(0, len(images), batch_size)]
+            outs = [self(b.to(self.device, torch.float32)).float() for b in batches]
+        finally:
+            self.train(was_training)
+        if not outs:
+            return torch.zeros(0, d)
+        z = torch.cat(outs)
+        return F.normalize(z[:, :d], dim=-1) if d != self.config.dim else z
+
+    # -- identity and persistence -------------------------------------------------------------
+    def inference_state_dict(self) -> dict[str, torch.Tensor]:
+        """Backbone and head tensors only, on the CPU, contiguous, unshared (for safetensors)."""
+        out = {}
+        for prefix, module in (("backbone.", self.backbone), ("head.", self.head)):
+            for k, v in module.state_dict().items():
+                out[prefix + k] = v.detach().to("cpu").contiguous().clone()
+        return out
+
+    def weights_digest(self) -> str:
+        h = hashlib.sha256()
+        for k, v in sorted(self.inference_state_dict().items()):
+            h.update(k.encode())
+            h.update(str(v.dtype).encode())
+            h.update(v.numpy().tobytes() if v.dtype != torch.bfloat16 else v.float().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    def config_hash(self) -> str:
+        """Identity of the model: its architecture, preprocessing and weights (not provenance).
+        Stores record it so that embeddings of different models are never mixed."""
+        return stable_hash({"architecture": self.config.architecture(), "weights": self.weights_digest()})
+
+    def save(self, path: str | Path, provenance: dict | None = None) -> Path:
+        """Write ``config.json`` + ``model.safetensors`` atomically (temporary dir, then rename)."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        if provenance is not None:
+            self.config.provenance = dict(provenance)
+        tmp = path.with_name(f".{path.name}.tmp")
+        if tmp.exists():
+            import shutil
+
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        save_file(self.inference_state_dict(), str(tmp / WEIGHTS_NAME), metadata={"format": FORMAT})
+        config = asdict(self.config)
+        config["config_hash"] = self.config_hash()
+        atomic_write_json(tmp / CONFIG_NAME, config)
+        publish_dir(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> UniversalEmbedder:
+        """Rebuild from a model directory; the weights map onto any device (GPU-made -> CPU works)."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        cfg_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
+        if not cfg_file.is_file():
+            raise UniretError(f"{path}: not a model directory (no {CONFIG_NAME}); make one with `uniret model init`")
+        if not weights_file.is_file():
+            raise UniretError(f"{path}: {WEIGHTS_NAME} is missing; re-export the model")
+        config = ModelConfig.from_json(read_json(cfg_file))
+        backbone = create_backbone(config.backbone, image_size=config.image_size, pool=config.pool)
+        model = cls(backbone, config)
+        try:
+            state = load_file(str(weights_file), device="cpu")
+        except (SafetensorError, OSError) as exc:
+            raise UniretError(f"{weights_file}: unreadable weights ({exc})") from None
+        own = model.inference_state_dict()
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise UniretError(
+                f"{weights_file} does not match {config.backbone}: missing {missing[:3]}, unexpected {unexpected[:3]}"
+            )
+        model.backbone.load_state_dict({k[9:]: v for k, v in state.items() if k.startswith("backbone.")})
+        model.head.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("head.")})
+        return model.to(device).eval()
+
+
+def build_model(backbone: str, dim: int = 64, nested_dims=None, pretrained: bool = False,
+                weights: str | Path | None = None, image_size: int | None = None,
+                pool: str | None = None) -> UniversalEmbedder:
+    """A new UniversalEmbedder: the named backbone (or a uniret model directory's backbone) and a
+    freshly initialised head of size ``dim``."""
+    nested = check_nested_dims(int(dim), nested_dims)
+    bb = create_backbone(backbone, pretrained=pretrained, weights=weights, image_size=image_size, pool=pool)
+    config = ModelConfig(
+        backbone=bb.name, dim=int(dim), nested_dims=nested, feature_dim=bb.feature_dim,
+        image_size=getattr(bb, "image_size", None), pool=getattr(bb, "pool_name", None),
+        preprocess=dict(bb.data_config),
+        provenance={"init": {"backbone": str(backbone), "pretrained": bool(pretrained),
+                             "weights": str(weights) if weights else None}},
+    )
+    return UniversalEmbedder(bb, config).eval()
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> UniversalEmbedder:
+    """Load a model directory (or the ``model/`` folder of a training run directory)."""
+    p = Path(path)
+    if not (p / CONFIG_NAME).is_file() and (p / "model" / CONFIG_NAME).is_file():
+        p = p / "model"
+    if not p.exists():
+        raise UniretError(f"{p}: no such model directory")
+    return UniversalEmbedder.load(p, device=device)
