@@ -17,7 +17,7 @@ def format_cell(value) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
-        return f"{value:.4f}"
+        return f"{value:.4f}".rstrip("0").rstrip(".") if value == value else "nan"
     if isinstance(value, (list, tuple)):
         return ",".join(format_cell(v) for v in value)
     return str(value)
