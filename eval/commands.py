@@ -1,18 +1,93 @@
-"""CLI: ``uniret eval`` and ``uniret demo`` (placeholder until eval/ lands)."""
+"""CLI: ``uniret eval`` (run an evaluation), ``uniret eval compare`` and ``uniret demo``."""
+
+from __future__ import annotations
+
+from pathlib import Path
 
 import typer
 
+from ..display import OutputFormat, emit
 from ..errors import UniretError
 
-eval_app = typer.Typer(help="Evaluate retrieval the UnED way.")
+eval_app = typer.Typer(
+    help="Evaluate retrieval the UnED way (mMP@5, mAP@100, R@1; merged and separate protocols).",
+    invoke_without_command=True,
+)
+
+
+@eval_app.callback()
+def eval_main(
+    ctx: typer.Context,
+    model: Path = typer.Option(None, "--model", help="Model directory (or a training run directory)."),
+    data: Path = typer.Option(None, "--data", help="Collection root or packed LMDB store."),
+    split: str = typer.Option("test", "--split", help="test or val."),
+    protocol: str = typer.Option("merged", "--protocol", help="merged, separate or both."),
+    rerank: str = typer.Option("none", "--rerank", help="none, superglobal, aqe or alpha-qe."),
+    index_kind: str = typer.Option("flat", "--index-kind",
+                                   help="flat (exact search) or an index kind of `uniret index build` for the merged index."),
+    out: Path = typer.Option(Path("eval-report"), "--out", help="Report directory (metrics.json, report.md, report.html)."),
+    cache_dir: Path = typer.Option(None, "--cache-dir",
+                                   help="Where embeddings are cached (default: .cache/embeddings next to the report)."),
+    k: int = typer.Option(100, "--k", help="Results per query (mAP@k)."),
+    device: str = typer.Option(None, "--device", help="cpu, cuda, ... (default: a GPU when there is one)."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Images per embedding batch."),
+    workers: int = typer.Option(0, "--workers", help="Image decoding worker processes."),
+    samples: int = typer.Option(4, "--samples", help="Sample queries per domain in report.html."),
+    fmt: OutputFormat = typer.Option(OutputFormat.table, "--format", help="table or json."),
+) -> None:
+    """Embed the query and index splits (reusing cached embeddings), search, score and write a report."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if model is None or data is None:
+        raise UniretError("uniret eval needs --model DIR and --data ROOT|LMDB (or a subcommand: compare)")
+    if k < 1:
+        raise UniretError(f"--k must be at least 1, not {k}")
+    from .run import evaluate
+
+    report = evaluate(model, data, split=split, protocol=protocol, rerank=rerank, index_kind=index_kind, out=out,
+                      cache_dir=cache_dir, k=k, device=device, batch_size=batch_size, workers=workers,
+                      samples=samples)
+    print_report(report, fmt)
+    typer.echo(f"report: {Path(out) / 'report.html'}", err=True)
+
+
+def print_report(report: dict, fmt: OutputFormat | str = "table") -> None:
+    """Per-domain rows of every protocol in the report, the unweighted mean last."""
+    from .report import metric_keys
+
+    rows, columns = [], ["protocol", "domain"]
+    for name, summary in report["results"].items():
+        metrics = metric_keys(summary)
+        columns += [m for m in metrics if m not in columns]
+        for d, row in summary["per_domain"].items():
+            rows.append({"protocol": name, "domain": d, **{m: row[m] for m in metrics},
+                         "queries": row["queries"], "excluded": row["excluded"]})
+        rows.append({"protocol": name, "domain": "mean", **summary["mean"],
+                     "queries": summary["queries"], "excluded": summary["excluded"]})
+    emit(rows, columns + ["queries", "excluded"], fmt,
+         title=f"{report['data']['split']} split, rerank {report['rerank']}",
+         extra={"report": {k: v for k, v in report.items() if k != "results"}})
 
 
 @eval_app.command("compare")
-def eval_compare() -> None:
-    """Compare reports side by side."""
-    raise UniretError("`uniret eval compare` is not implemented yet")
+def eval_compare(
+    reports: list[Path] = typer.Argument(..., help="Report directories written by `uniret eval --out`."),
+    metric: str = typer.Option("mAP@100", "--metric", help="Metric shown per domain."),
+    fmt: OutputFormat = typer.Option(OutputFormat.table, "--format", help="table or json."),
+) -> None:
+    """Print several reports side by side: mean metrics, then one metric per domain."""
+    from .report import compare_rows
+
+    rows, columns = compare_rows([str(r) for r in reports], metric=metric)
+    emit(rows, columns, fmt)
 
 
-def demo_command() -> None:
-    """Run the whole pipeline on the demo data."""
-    raise UniretError("`uniret demo` is not implemented yet")
+def demo_command(
+    out: Path = typer.Option(Path("uniret-demo"), "--out", help="Folder for the data, model, indexes and reports."),
+    steps: int = typer.Option(None, "--steps", help="Training steps (default: the demo's short schedule)."),
+    device: str = typer.Option(None, "--device", help="cpu, cuda, ... (default: a GPU when there is one)."),
+) -> None:
+    """Run the whole pipeline on the demo data: make data, train UDON briefly, embed, index, evaluate, search."""
+    from .demo import run_demo
+
+    run_demo(out, steps=steps, device=device)

@@ -74,10 +74,10 @@ def rerank_results(name: str | None, xq: np.ndarray, xb: np.ndarray, scores: np.
     if name not in RERANKERS:
         raise UniretError(f"unknown reranker {name!r}; choose one of {', '.join(RERANKERS)}")
     try:
-        from ..index import rerank
+        from ..index.rerank import alpha_qe, aqe, superglobal
     except ImportError:
         raise UniretError(f"reranking ({name}) needs uniret.index.rerank, which is not installed") from None
-    fn = {"superglobal": rerank.superglobal, "aqe": rerank.aqe, "alpha-qe": rerank.alpha_qe}[name]
+    fn = {"superglobal": superglobal, "aqe": aqe, "alpha-qe": alpha_qe}[name]
     out_scores, out_ids = fn(xq, xb, ids, scores)
     return np.asarray(out_scores, dtype=np.float32), np.asarray(out_ids, dtype=np.int64)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from uniret.eval.metrics import count_relevant, drop_self, encode_labels, retrieval_metrics
 
 

@@ -1,0 +1,192 @@
+"""``evaluate``: a model directory + a collection -> UnED metrics and a report directory.
+
+Embeds the query and index splits of every domain once into an embedding store kept in a cache
+(keyed by the model's config hash, the collection and the split, so a second evaluation of the same
+model and data embeds nothing), then runs the merged and/or separate protocol
+(:mod:`uniret.eval.protocol`) and, with ``out``, writes metrics.json, report.md and report.html.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..data import Item, ItemList, open_collection
+from ..errors import UniretError
+from ..utils import git_commit, stable_hash
+from .protocol import PROTOCOLS, RERANKERS, evaluate_embeddings
+
+logger = logging.getLogger("uniret")
+
+SPLITS = ("test", "val")
+
+
+def plan_items(collection, split: str) -> tuple[list[Item], dict[str, tuple[str, str]]]:
+    """Every item the evaluation needs (query and index splits of each domain, each split once) and
+    each domain's (query split, index split)."""
+    pairs: dict[str, tuple[str, str]] = {}
+    for d in collection.domains:
+        if not collection.has_split(d, split):
+            logger.warning("domain %s has no %s split: left out of the evaluation", d, split)
+            continue
+        pairs[d] = collection.query_index_splits(d, split)
+    if not pairs:
+        raise UniretError(f"{collection.root}: no domain has a {split!r} split; evaluate --split test or val")
+    items: list[Item] = []
+    for d, splits in pairs.items():
+        for s in dict.fromkeys(splits):
+            items.extend(Item(r.path, d, s, i, r.class_ids) for i, r in enumerate(collection.records(d, s)))
+    return items, pairs
+
+
+def data_key(collection, items: list[Item]) -> str:
+    """A hash of where the data is and what it holds (paths and labels of the evaluated items)."""
+    content = stable_hash([[it.domain, it.split, it.path, list(it.class_ids)] for it in items])
+    return stable_hash({"root": str(Path(collection.root).resolve()), "content": content})
+
+
+def cached_store(model, collection, items: list[Item], split: str, cache_dir: Path, device=None,
+                 batch_size: int = 64, workers: int = 0):
+    """The embedding store of ``items`` under ``cache_dir``: reused when the same model embedded the
+    same data before, otherwise computed (resumably) with ``uniret.embed.extract.embed_items``."""
+    from ..embed.store import EmbeddingStore
+
+    model_hash = model.config_hash()
+    path = Path(cache_dir) / f"{model_hash}-{data_key(collection, items)[:12]}-{split}"
+    if (path / "manifest.json").is_file():
+        store = EmbeddingStore(path)
+        if store.model_hash == model_hash and store.count == len(items):
+            logger.info("reusing embeddings in %s", path)
+            return store, True
+    logger.info("embedding %d images into %s", len(items), path)
+    try:
+        from ..embed.extract import embed_items
+    except ImportError:  # the embed package's extractor not there yet: embed in this process
+        return _embed_simple(model, collection, items, path, model_hash, batch_size), False
+    store = embed_items(model, ItemList(items, source=collection), path, batch_size=batch_size,
+                        workers=workers, device=device, dtype="float16", resume=True)
+    return store, False
+
+
+def _embed_simple(model, collection, items: list[Item], path: Path, model_hash: str, batch_size: int):
+    from ..data.images import decode_image
+    from ..embed.store import write_store
+
+    chunks = []
+    for s in range(0, len(items), batch_size):
+        batch = items[s:s + batch_size]
+        images = [decode_image(collection.get_image_bytes(it.domain, it.split, it.position)) for it in batch]
+        chunks.append(model.encode(images).cpu().numpy())
+    vectors = np.concatenate(chunks) if chunks else np.zeros((0, model.config.dim), np.float32)
+    return write_store(path, vectors, items, model={"config_hash": model_hash}, dtype="float16")
+
+
+def protocol_rows(items: list[Item], pairs: dict[str, tuple[str, str]], valid: np.ndarray):
+    """Row numbers (in ``items``) of the queries and of the merged index; failed rows left out."""
+    where = {(it.domain, it.split): [] for it in items}
+    for i, it in enumerate(items):
+        if valid[i]:
+            where[(it.domain, it.split)].append(i)
+    q_rows = [i for d, (qs, _) in pairs.items() for i in where[(d, qs)]]
+    x_rows = [i for d, (_, xs) in pairs.items() for i in where[(d, xs)]]
+    return np.asarray(q_rows, dtype=np.int64), np.asarray(x_rows, dtype=np.int64)
+
+
+def summary_of(result: dict) -> dict:
+    """The JSON-able part of an :func:`evaluate_embeddings` result."""
+    keys = ("mean", "per_domain", "queries", "evaluated", "excluded", "protocol", "k", "rerank")
+    return {k: result[k] for k in keys}
+
+
+def evaluate(
+    model_dir: str | Path,
+    data: str | Path,
+    split: str = "test",
+    protocol: str = "merged",
+    rerank: str | None = None,
+    index_kind: str = "flat",
+    out: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+    k: int = 100,
+    device: str | None = None,
+    batch_size: int = 64,
+    workers: int = 0,
+    samples: int = 4,
+    model=None,
+) -> dict:
+    """Evaluate a model on a collection (METHOD.md §2); write a report directory when ``out`` is set.
+
+    ``protocol``: merged, separate or both. ``rerank``: none, superglobal, aqe or alpha-qe.
+    ``index_kind``: flat (exact search) or a kind of ``uniret.index.build_index`` for the merged
+    index. ``samples``: sample queries per domain shown in report.html. ``model``: an already loaded
+    model (the demo passes it) instead of loading ``model_dir``.
+    """
+    if split not in SPLITS:
+        raise UniretError(f"--split must be test or val, not {split!r}")
+    if protocol not in (*PROTOCOLS, "both"):
+        raise UniretError(f"--protocol must be merged, separate or both, not {protocol!r}")
+    if (rerank or "none") not in RERANKERS:
+        raise UniretError(f"--rerank must be one of {', '.join(RERANKERS)}, not {rerank!r}")
+    started = time.time()
+    collection = open_collection(data)
+    if model is None:
+        from ..embed.model import load_model
+
+        model = load_model(model_dir)
+    items, pairs = plan_items(collection, split)
+    if cache_dir is None:
+        cache_dir = (Path(out).resolve().parent if out else Path.cwd()) / ".cache" / "embeddings"
+    store, reused = cached_store(model, collection, items, split, Path(cache_dir), device=device,
+                                 batch_size=batch_size, workers=workers)
+    vectors = np.asarray(store.embeddings, dtype=np.float32)
+    q_rows, x_rows = protocol_rows(items, pairs, store.valid_mask)
+    q_items, x_items = [items[i] for i in q_rows], [items[i] for i in x_rows]
+    self_match = any(qs == xs for qs, xs in pairs.values())
+    protocols = list(PROTOCOLS) if protocol == "both" else [protocol]
+    results = {}
+    for p in protocols:
+        if index_kind != "flat" and p == "merged":
+            from .indexed import evaluate_with_index
+
+            results[p] = evaluate_with_index(vectors[q_rows], q_items, vectors[x_rows], x_items, self_match, k=k,
+                                             rerank=rerank, index_kind=index_kind, device=device,
+                                             work_dir=Path(cache_dir) / "indexes")
+        else:
+            results[p] = evaluate_embeddings(vectors[q_rows], q_items, vectors[x_rows], x_items, self_match, k=k,
+                                             protocol=p, rerank=rerank, device=device)
+    report = {
+        "format": "uniret-eval-report/1",
+        "model": {"dir": str(model_dir) if model_dir else None, "config_hash": model.config_hash(),
+                  **_model_info(model)},
+        "data": {"path": str(Path(data).resolve()), "split": split, "key": data_key(collection, items),
+                 "domains": {d: {"query_split": qs, "index_split": xs} for d, (qs, xs) in pairs.items()},
+                 "failed_images": int((~store.valid_mask).sum())},
+        "protocol": protocol,
+        "rerank": rerank or "none",
+        "index_kind": index_kind,
+        "k": k,
+        "results": {p: summary_of(r) for p, r in results.items()},
+        "embeddings": {"store": str(store.path), "reused": reused, "count": store.count, "dim": store.dim},
+        "uniret_commit": git_commit(),
+        "seconds": round(time.time() - started, 2),
+    }
+    if out is not None:
+        from .report import sample_queries, write_report
+
+        first = results[protocols[0]]
+        grid = sample_queries(first, q_items, x_items, collection, per_domain=samples)
+        write_report(out, report, grid)
+        report["out"] = str(out)
+    return report
+
+
+def _model_info(model) -> dict:
+    config = getattr(model, "config", None)
+    info = {}
+    for key in ("backbone", "dim"):
+        if hasattr(config, key):
+            info[key] = getattr(config, key)
+    return info
