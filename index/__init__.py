@@ -1,1 +1,23 @@
-"""uniret.index"""
+"""uniret.index: exact and approximate search over embedding stores, reranking, index directories.
+
+Public API: :func:`exact_search`, the rerankers in :mod:`uniret.index.rerank`, :func:`build_index`,
+:class:`Searcher`. Heavy parts (faiss, torch, lmdb) load lazily on first use.
+"""
+
+from .exact import exact_search
+from .rerank import alpha_qe, aqe, rerank, superglobal
+
+__all__ = ["exact_search", "superglobal", "aqe", "alpha_qe", "rerank", "build_index", "Searcher", "open_index"]
+
+
+def __getattr__(name: str):
+    # The index directory code pulls in lmdb and faiss; keep `import uniret.index` light.
+    if name == "build_index":
+        from .build import build_index
+
+        return build_index
+    if name in ("Searcher", "open_index"):
+        from . import searcher
+
+        return getattr(searcher, name)
+    raise AttributeError(name)

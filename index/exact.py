@@ -1,0 +1,150 @@
+"""Exact inner-product top-k search on whatever hardware is there.
+
+:func:`exact_search` is the one call eval, training's validation and the index use for brute-force
+search. Backends, picked by ``device``:
+
+- faiss GPU (``faiss.get_num_gpus() > 0``): ``faiss.knn_gpu`` on the first GPU, k <= 2048;
+- torch on CUDA (faiss without GPU, torch sees a device): chunked matmul + ``topk``. The matmul runs
+  in fp16 to use the tensor cores; a shortlist of ``2k + 16`` candidates per query is then rescored in
+  fp32, so scores are fp32-exact and only near-ties at the shortlist border could differ;
+- faiss CPU (``IndexFlatIP``) otherwise, and for k > 2048 (the GPU k-selection limit).
+
+Results where the database has fewer than k rows are padded with id -1 and score -inf.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+logger = logging.getLogger("uniret")
+
+GPU_MAX_K = 2048
+
+
+def _as_float32(x) -> np.ndarray:
+    try:
+        import torch
+
+        if isinstance(x, torch.Tensor):
+            x = x.detach().float().cpu().numpy()
+    except ImportError:  # pragma: no cover - torch is a dependency
+        pass
+    return np.ascontiguousarray(np.asarray(x, dtype=np.float32))
+
+
+def _pad(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pad (nq, k') results to k columns with -inf / -1."""
+    nq, kk = ids.shape
+    if kk == k:
+        return scores, ids
+    out_s = np.full((nq, k), -np.inf, dtype=np.float32)
+    out_i = np.full((nq, k), -1, dtype=np.int64)
+    out_s[:, :kk] = scores
+    out_i[:, :kk] = ids
+    return out_s, out_i
+
+
+def resolve_device(device: str | None) -> str:
+    """``None``/``"auto"`` -> ``"cuda"`` when faiss or torch sees a GPU, else ``"cpu"``."""
+    if device not in (None, "auto"):
+        return str(device)
+    import faiss
+
+    if faiss.get_num_gpus() > 0:
+        return "cuda"
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def faiss_cpu_search(xq: np.ndarray, xb: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    import faiss
+
+    index = faiss.IndexFlatIP(xb.shape[1])
+    index.add(xb)
+    scores, ids = index.search(xq, k)
+    scores[ids < 0] = -np.inf
+    return scores.astype(np.float32, copy=False), ids.astype(np.int64, copy=False)
+
+
+def torch_search(xq, xb, k: int, device: str = "cuda", block: int | None = None,
+                 matmul_dtype=None) -> tuple[np.ndarray, np.ndarray]:
+    """Chunked matmul + top-k with torch on ``device``; exact fp32 scores.
+
+    ``matmul_dtype`` defaults to fp16 on CUDA (tensor cores) and fp32 elsewhere. With a reduced
+    precision matmul, the top ``2k + 16`` are taken first and rescored in fp32.
+    """
+    import torch
+
+    dev = torch.device(device)
+    if matmul_dtype is None:
+        matmul_dtype = torch.float16 if dev.type == "cuda" else torch.float32
+    xq_t = torch.as_tensor(_as_float32(xq)).to(dev)
+    xb_t = torch.as_tensor(_as_float32(xb)).to(dev)
+    nq, nb = xq_t.shape[0], xb_t.shape[0]
+    kk = min(k, nb)
+    if nq == 0 or kk == 0:
+        return _pad(np.zeros((nq, 0), np.float32), np.zeros((nq, 0), np.int64), k)
+    xb_m = xb_t.to(matmul_dtype)
+    exact = matmul_dtype == torch.float32
+    shortlist = kk if exact else min(nb, 2 * kk + 16)
+    if block is None:
+        # Keep one (block, nb) score matrix around ~1 GiB on CUDA, ~256 MiB on CPU.
+        budget = (1 << 30) if dev.type == "cuda" else (1 << 28)
+        block = int(max(1, min(8192, budget // max(1, nb * xb_m.element_size()))))
+    out_s = torch.empty((nq, kk), dtype=torch.float32, device=dev)
+    out_i = torch.empty((nq, kk), dtype=torch.int64, device=dev)
+    for start in range(0, nq, block):
+        q = xq_t[start:start + block]
+        sims = q.to(matmul_dtype) @ xb_m.T
+        top_s, top_i = torch.topk(sims, shortlist, dim=1)
+        if not exact:
+            # fp32 rescoring of the shortlist: (b, s, d) x (b, d) -> (b, s)
+            top_s = torch.einsum("bsd,bd->bs", xb_t[top_i], q)
+            top_s, order = torch.topk(top_s, kk, dim=1)
+            top_i = torch.gather(top_i, 1, order)
+        out_s[start:start + block] = top_s.float()
+        out_i[start:start + block] = top_i
+    return _pad(out_s.cpu().numpy(), out_i.cpu().numpy(), k)
+
+
+def faiss_gpu_search(xq: np.ndarray, xb: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    import faiss
+
+    res = faiss.StandardGpuResources()
+    scores, ids = faiss.knn_gpu(res, xq, xb, min(k, xb.shape[0]), metric=faiss.METRIC_INNER_PRODUCT)
+    return _pad(scores.astype(np.float32), ids.astype(np.int64), k)
+
+
+def exact_search(xq, xb, k: int, device: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Exact inner-product top-k of ``xq`` (nq, d) against ``xb`` (nb, d).
+
+    Returns ``(scores float32 (nq, k), ids int64 (nq, k))`` sorted by decreasing score; ids are row
+    numbers of ``xb``; -1 / -inf where ``nb < k``. ``device``: None/"auto", "cpu" or "cuda[:i]".
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    device = resolve_device(device)
+    if device.startswith("cuda") and k > GPU_MAX_K:
+        logger.debug("k=%d > %d: exact search falls back to the CPU", k, GPU_MAX_K)
+        device = "cpu"
+    if device.startswith("cuda"):
+        import faiss
+
+        if faiss.get_num_gpus() > 0 and device in ("cuda", "cuda:0"):
+            xq32, xb32 = _as_float32(xq), _as_float32(xb)
+            _check_dims(xq32, xb32)
+            return faiss_gpu_search(xq32, xb32, k)
+        return torch_search(xq, xb, k, device=device)
+    xq32, xb32 = _as_float32(xq), _as_float32(xb)
+    _check_dims(xq32, xb32)
+    if xb32.shape[0] == 0 or xq32.shape[0] == 0:
+        return _pad(np.zeros((xq32.shape[0], 0), np.float32), np.zeros((xq32.shape[0], 0), np.int64), k)
+    return faiss_cpu_search(xq32, xb32, k)
+
+
+def _check_dims(xq: np.ndarray, xb: np.ndarray) -> None:
+    if xq.ndim != 2 or xb.ndim != 2 or xq.shape[1] != xb.shape[1]:
+        raise ValueError(f"exact_search needs (nq, d) and (nb, d) arrays, got {xq.shape} and {xb.shape}")
