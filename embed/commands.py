@@ -1,18 +1,126 @@
-"""CLI: ``uniret model ...`` and ``uniret embed`` (placeholder until embed/ lands)."""
+"""CLI: ``uniret model init``, ``uniret model info`` and ``uniret embed``.
+
+torch, timm and open_clip are imported inside the commands so that ``uniret --help`` stays fast.
+Several processes: ``torchrun --nproc-per-node N -m uniret.cli embed ...`` (see embed/extract.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from enum import Enum
+from pathlib import Path
 
 import typer
 
+from ..display import OutputFormat, emit
 from ..errors import UniretError
+
+logger = logging.getLogger("uniret")
 
 model_app = typer.Typer(no_args_is_help=True)
 
 
+class StoreDtype(str, Enum):
+    float16 = "float16"
+    float32 = "float32"
+
+
+def parse_dims(text: str | None) -> list[int] | None:
+    """``"8,16,32,64"`` -> [8, 16, 32, 64]."""
+    if not text:
+        return None
+    try:
+        return [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise UniretError(f"--nested-dims {text!r}: write comma-separated sizes, e.g. 8,16,32,64") from None
+
+
+def quiet_open_clip_warnings() -> None:
+    """open_clip warns on the root logger that random-init models have no pretrained weights:
+    that is what `model init` without --pretrained asks for, so keep it off the terminal."""
+
+    class _Drop(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return "No pretrained weights loaded" not in record.getMessage()
+
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_Drop())
+
+
 @model_app.command("init")
-def model_init() -> None:
-    """Make an untrained model directory."""
-    raise UniretError("`uniret model init` is not implemented yet")
+def model_init(
+    backbone: str = typer.Option(..., "--backbone", help="timm:<model>[.<tag>], open_clip:<arch>[/<pretrained>] or a model directory."),
+    out: Path = typer.Option(..., "--out", help="Model directory to write."),
+    dim: int = typer.Option(64, "--dim", help="Universal embedding size."),
+    nested_dims: str = typer.Option(None, "--nested-dims", help="Matryoshka prefix sizes, e.g. 8,16,32,64."),
+    image_size: int = typer.Option(None, "--image-size", help="Input size in pixels (default: the backbone's)."),
+    pool: str = typer.Option(None, "--pool", help="timm pooling: avg, max, token, gem (learnable p) or gem:<p>."),
+    pretrained: bool = typer.Option(False, "--pretrained", help="Load pretrained weights (hub cache)."),
+    weights: Path = typer.Option(None, "--weights", help="Load backbone weights from this file."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random initialisation."),
+) -> None:
+    """Make an untrained model directory (off-the-shelf backbone + random universal head)."""
+    import torch
+
+    from .model import build_model
+
+    quiet_open_clip_warnings()
+    torch.manual_seed(seed)
+    model = build_model(backbone, dim=dim, nested_dims=parse_dims(nested_dims), pretrained=pretrained,
+                        weights=weights, image_size=image_size, pool=pool)
+    provenance = dict(model.config.provenance, seed=seed)
+    model.save(out, provenance=provenance)
+    logger.info("wrote %s (%s, %d-d, config hash %s)", out, model.config.backbone, model.config.dim, model.config_hash())
 
 
-def embed_command() -> None:
-    """Embed images into a store."""
-    raise UniretError("`uniret embed` is not implemented yet")
+@model_app.command("info")
+def model_info_command(
+    path: Path = typer.Argument(..., help="Model directory."),
+    fmt: OutputFormat = typer.Option(OutputFormat.table, "--format", help="table or json."),
+) -> None:
+    """Show a model directory: backbone, dims, preprocessing, parameters, config hash."""
+    from .model import load_model
+
+    quiet_open_clip_warnings()
+    model = load_model(path)
+    c = model.config
+    params = sum(p.numel() for p in model.parameters())
+    row = {
+        "backbone": c.backbone, "dim": c.dim, "nested_dims": c.nested_dims or "-", "feature_dim": c.feature_dim,
+        "input_size": "x".join(str(v) for v in c.preprocess["input_size"][1:]),
+        "interpolation": c.preprocess.get("interpolation"), "crop_pct": c.preprocess.get("crop_pct"),
+        "parameters": params, "config_hash": model.config_hash(),
+    }
+    columns = list(row)
+    emit([row], columns, fmt, extra={"config": {**c.__dict__}})
+
+
+def embed_command(
+    model: Path = typer.Option(..., "--model", help="Model directory (uniret model init / train)."),
+    data: Path = typer.Option(..., "--data", help="Collection root, packed LMDB, image folder or image file."),
+    out: Path = typer.Option(..., "--out", help="Embedding store to write."),
+    domain: list[str] = typer.Option(None, "--domain", help="Only these domains (repeatable)."),
+    split: list[str] = typer.Option(None, "--split", help="Only these splits (repeatable)."),
+    batch_size: int = typer.Option(128, "--batch-size", help="Images per batch."),
+    workers: int = typer.Option(None, "--workers", help="DataLoader worker processes (default: CPU count, at most 16)."),
+    device: str = typer.Option(None, "--device", help="cpu, cuda, cuda:N (default: cuda when visible)."),
+    dtype: StoreDtype = typer.Option(StoreDtype.float16, "--dtype", help="Stored embedding type."),
+    resume: bool = typer.Option(True, "--resume/--restart", help="Continue an interrupted run, or start over."),
+) -> None:
+    """Embed images into a store (row i = item i). Resumable; several GPUs through torchrun."""
+    from ..data import open_items
+    from .extract import embed_items
+    from .model import load_model
+
+    quiet_open_clip_warnings()
+    items = open_items(data, domains=domain or None, splits=split or None)
+    embedder = load_model(model)
+    if workers is None:
+        workers = min(16, os.cpu_count() or 1)
+    source = {"path": str(Path(data).resolve()), "domains": list(domain or []), "splits": list(split or [])}
+    store = embed_items(embedder, items, out, batch_size=batch_size, workers=workers, device=device,
+                        dtype=dtype.value, resume=resume, source=source)
+    if int(os.environ.get("RANK", "0")) == 0:
+        logger.info("wrote %s: %d x %d %s, %d unreadable", out, store.count, store.dim, store.manifest["dtype"],
+                    len(store.failed_ids))

@@ -1,0 +1,269 @@
+"""Extraction: images of an ItemList -> an embedding store, fast, resumable, on 1..N processes.
+
+The loader carries each item's id (its row) through DataLoader workers that read bytes, decode
+(``uniret.data.images.decode_image``) and preprocess; the main process only moves batches to the
+device and runs the model (``inference_mode``; bf16/fp16 autocast and channels_last on CUDA;
+pinned memory). Rows are written by id into ``StoreWriter``'s partial directory and checkpointed
+every few batches, so a killed run continues with the missing rows only. Images that cannot be read
+are zero rows listed as failed, never a crash.
+
+Several processes (``torchrun --nproc-per-node N -m uniret.cli embed ...``): each rank embeds a
+contiguous share of the missing ids and writes chunk files ``<out>.partial/chunks/r<rank>-<seq>.npz``;
+rank 0 folds them into the store (also the leftovers of a killed run) and publishes the same store
+one process would have written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..data.collection import ItemList
+from ..data.images import decode_image
+from ..errors import UniretError
+from ..utils import progress_bar
+from .model import UniversalEmbedder
+from .preprocess import eval_transform
+from .store import EmbeddingStore, StoreWriter
+
+logger = logging.getLogger("uniret")
+
+
+class EmbedDataset(torch.utils.data.Dataset):
+    """Item ``ids[j]`` -> (id, image tensor, ok, reason); unreadable images give a zero tensor."""
+
+    def __init__(self, items: ItemList, ids: np.ndarray, transform, input_size):
+        self.items = items
+        self.ids = np.asarray(ids, dtype=np.int64)
+        self.transform = transform
+        self.input_size = tuple(int(v) for v in input_size)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, j: int):
+        i = int(self.ids[j])
+        try:
+            x = self.transform(decode_image(self.items.get_image_bytes(i)))
+            return i, x, True, ""
+        except (UniretError, OSError, KeyError) as exc:  # ImageDecodeError is a UniretError
+            return i, torch.zeros(self.input_size), False, str(exc).splitlines()[0][:200]
+
+
+def resolve_device(device: str | torch.device | None, local_rank: int = 0) -> torch.device:
+    if device is None or str(device) == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UniretError(f"--device {device}: no CUDA device is visible; use --device cpu")
+        if dev.index is None:
+            dev = torch.device(f"cuda:{local_rank}")
+    return dev
+
+
+def dist_info() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        torch.distributed.barrier()
+
+
+def model_info(model: UniversalEmbedder) -> dict:
+    return {"config_hash": model.config_hash(), "backbone": model.config.backbone, "dim": model.config.dim,
+            "nested_dims": model.config.nested_dims}
+
+
+def _chunk_dir(writer_partial: Path) -> Path:
+    return writer_partial / "chunks"
+
+
+def write_chunk(partial: Path, rank: int, seq: int, ids, vectors, failed: dict[int, str]) -> None:
+    """One rank's finished rows, written atomically (temporary name + rename)."""
+    d = _chunk_dir(partial)
+    d.mkdir(parents=True, exist_ok=True)
+    final = d / f"r{rank:03d}-{seq:06d}.npz"
+    tmp = d / f".r{rank:03d}-{seq:06d}.tmp.npz"
+    np.savez(tmp, ids=np.asarray(ids, dtype=np.int64), vectors=np.asarray(vectors, dtype=np.float32),
+             failed=np.asarray(json.dumps({str(k): v for k, v in failed.items()})))
+    os.replace(tmp, final)
+
+
+def ingest_chunks(writer: StoreWriter) -> int:
+    """Fold every chunk file into the writer and checkpoint; returns the number of rows taken."""
+    d = _chunk_dir(writer.partial)
+    files = sorted(d.glob("r*.npz")) if d.is_dir() else []
+    taken = 0
+    for f in files:
+        with np.load(f) as z:
+            ids, vectors, failed = z["ids"], z["vectors"], json.loads(str(z["failed"]))
+        if len(ids):
+            writer.write(ids, vectors)
+        for i, reason in failed.items():
+            writer.mark_failed(int(i), reason)
+        writer.checkpoint(ids)
+        f.unlink()
+        taken += len(ids)
+    return taken
+
+
+def _finished_store(out: Path, fingerprint: dict) -> EmbeddingStore | None:
+    """The existing store at ``out`` when it already holds exactly what was asked for."""
+    if not (out / "manifest.json").is_file():
+        return None
+    try:
+        store = EmbeddingStore(out)
+    except UniretError:
+        return None
+    m = store.manifest
+    same = (m.get("count") == fingerprint["count"] and m.get("dim") == fingerprint["dim"]
+            and m.get("dtype") == fingerprint["dtype"] and m.get("model") == fingerprint["model"]
+            and m.get("source") == fingerprint["source"])
+    return store if same else None
+
+
+def embed_items(
+    model: UniversalEmbedder,
+    items: ItemList,
+    out: str | Path,
+    batch_size: int = 64,
+    workers: int = 4,
+    device: str | torch.device | None = None,
+    dtype: str = "float16",
+    resume: bool = True,
+    source: dict | None = None,
+    amp: bool = True,
+    checkpoint_every: int = 20,
+) -> EmbeddingStore:
+    """Embed every item into the store ``out`` (row i = item i) and return it.
+
+    Resumes a partial run of the same model, items and options unless ``resume=False``. Under
+    torchrun every rank calls this with the same arguments; all return the published store.
+    """
+    if batch_size <= 0:
+        raise UniretError(f"--batch-size must be positive, not {batch_size}")
+    if workers < 0:
+        raise UniretError(f"--workers must be 0 or more, not {workers}")
+    if dtype not in ("float16", "float32"):
+        raise UniretError(f"--dtype must be float16 or float32, not {dtype!r}")
+    if len(items) == 0:
+        raise UniretError("nothing to embed: the source has no images")
+    out = Path(out)
+    rank, world, local_rank = dist_info()
+    if world > 1 and not torch.distributed.is_initialized():
+        # gloo only coordinates (barriers); no tensor crosses ranks.
+        torch.distributed.init_process_group("gloo")
+    dev = resolve_device(device, local_rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    item_list = list(items.items) if isinstance(items, ItemList) else list(items)
+    manifest_extra = {"model": model_info(model), "source": source or {}}
+    fingerprint = {"count": len(item_list), "dim": model.config.dim, "dtype": dtype, **manifest_extra}
+
+    done_store = _finished_store(out, fingerprint) if resume else None
+    if done_store is not None:
+        logger.info("%s already holds these %d embeddings; nothing to do", out, done_store.count)
+        return done_store
+
+    partial = out.with_name(out.name + ".partial")
+    writer = None
+    if rank == 0:
+        if not resume and partial.exists():
+            import shutil
+
+            shutil.rmtree(partial)
+        writer = StoreWriter(out, item_list, model.config.dim, dtype, manifest_extra)
+        leftover = ingest_chunks(writer)
+        already = int(writer.done.sum())
+        if already:
+            logger.info("resuming %s: %d of %d rows already embedded%s", out, already, len(item_list),
+                        f" ({leftover} from unfinished chunks)" if leftover else "")
+    _barrier(world)
+    done = writer.done if writer is not None else np.load(partial / "done.npy")
+    missing = np.flatnonzero(~done)
+    share = np.array_split(missing, world)[rank] if world > 1 else missing
+
+    model = model.to(dev).eval()
+    use_cuda = dev.type == "cuda"
+    if use_cuda:
+        model = model.to(memory_format=torch.channels_last)
+    amp_dtype = torch.bfloat16 if use_cuda and torch.cuda.is_bf16_supported() else torch.float16
+    autocast = torch.autocast("cuda", dtype=amp_dtype) if (use_cuda and amp) else nullcontext()
+    dataset = EmbedDataset(items, share, eval_transform(model.config.preprocess), model.config.preprocess["input_size"])
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=use_cuda,
+        prefetch_factor=4 if workers > 0 else None, persistent_workers=False,
+    )
+    pending_ids: list[np.ndarray] = []
+    pending_vecs: list[np.ndarray] = []
+    pending_failed: dict[int, str] = {}
+    all_failed = 0
+    seq = int(time.time() * 1000) % 10**6  # distinct chunk names across resumed runs
+    start = time.perf_counter()
+
+    def flush() -> None:
+        nonlocal seq
+        if not pending_ids:
+            return
+        ids = np.concatenate(pending_ids)
+        if world == 1:
+            writer.checkpoint(ids)
+        else:
+            write_chunk(partial, rank, seq, ids, np.concatenate(pending_vecs), pending_failed)
+            seq += 1
+        pending_ids.clear()
+        pending_vecs.clear()
+        pending_failed.clear()
+
+    with progress_bar(f"embedding{f' (rank {rank})' if world > 1 else ''}", len(share)) as advance, \
+            torch.inference_mode():
+        for batch_no, (ids, x, ok, reasons) in enumerate(loader, start=1):
+            x = x.to(dev, non_blocking=True)
+            if use_cuda:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast:
+                z = model(x)
+            vecs = z.float().cpu().numpy()
+            ids_np = ids.numpy()
+            ok_np = ok.numpy().astype(bool)
+            failed_here = {int(i): r for i, r, good in zip(ids_np, reasons, ok_np) if not good}
+            if world == 1:
+                writer.write(ids_np[ok_np], vecs[ok_np])
+                for i, r in failed_here.items():
+                    writer.mark_failed(i, r)
+            else:
+                vecs[~ok_np] = 0
+                pending_vecs.append(vecs)
+                pending_failed.update(failed_here)
+            all_failed += len(failed_here)
+            pending_ids.append(ids_np)
+            advance(len(ids_np))
+            if batch_no % checkpoint_every == 0:
+                flush()
+        flush()
+    seconds = time.perf_counter() - start
+    if len(share):
+        logger.info("embedded %d images in %.1fs (%.1f images/s)%s", len(share), seconds, len(share) / max(seconds, 1e-9),
+                    f" on rank {rank}" if world > 1 else "")
+    _barrier(world)
+    if rank == 0:
+        ingest_chunks(writer)
+        store = writer.finish()
+        if store.manifest.get("failed"):
+            failed = store.manifest["failed"]
+            first = next(iter(failed.items()))
+            logger.warning("%d unreadable images skipped (zero rows, listed in the manifest); e.g. id %s: %s",
+                           len(failed), first[0], first[1])
+    _barrier(world)
+    return store if rank == 0 else EmbeddingStore(out)
