@@ -138,7 +138,10 @@ def render_html(report: dict, grid: list[dict]) -> str:
             mark = "&#10003;" if r["relevant"] else "&#10007;"
             cells.append(_figure(r, "hit" if r["relevant"] else "miss", f"{r['rank']} {mark}"))
         parts.append("<div class='row sample'>" + "".join(cells) + "</div>")
-    parts.append("</div></body></html>")
+    # Records how many thumbnails the browser decoded (read by the headless-browser test).
+    parts.append("</div><script>window.addEventListener('load',function(){document.body.dataset.decodedImages="
+                 "Array.prototype.filter.call(document.images,function(i){return i.naturalWidth>0}).length;});"
+                 "</script></body></html>")
     return "\n".join(parts) + "\n"
 
 

@@ -1,0 +1,121 @@
+"""`uniret eval` end to end on the demo collection with a tiny untrained model, and `eval compare`."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from uniret.cli import main
+from uniret.eval.metrics import retrieval_metrics
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    import torch
+
+    from uniret.embed.model import build_model
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("model") / "model"
+    build_model("timm:test_vit", dim=16, image_size=32).save(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def report_dir(tiny_model, demo_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("reports") / "both"
+    assert main(["eval", "--model", str(tiny_model), "--data", str(demo_root), "--out", str(out),
+                 "--protocol", "both", "--samples", "2"]) == 0
+    return out
+
+
+def brute_force(report: dict, store_path, demo_root):
+    """Recompute the merged and separate metrics from the cached store with a full numpy sort."""
+    from uniret.data import open_collection
+    from uniret.embed.store import EmbeddingStore
+
+    store = EmbeddingStore(store_path)
+    items, x = store.items, np.asarray(store.embeddings, dtype=np.float32)
+    coll = open_collection(demo_root)
+    out = {}
+    for protocol in ("merged", "separate"):
+        q_rows, x_rows = [], []
+        for d in coll.domains:
+            qs, xs = coll.query_index_splits(d, "test")
+            q_rows += [i for i, it in enumerate(items) if (it.domain, it.split) == (d, qs)]
+            x_rows += [i for i, it in enumerate(items) if (it.domain, it.split) == (d, xs)]
+        sims = x[q_rows] @ x[x_rows].T
+        for qi, r in enumerate(q_rows):
+            for xj, c in enumerate(x_rows):
+                if r == c or (protocol == "separate" and items[r].domain != items[c].domain):
+                    sims[qi, xj] = -np.inf  # the query itself / another domain's items
+        ranked = np.argsort(-sims, axis=1, kind="stable")
+        ranked = np.where(np.isfinite(np.take_along_axis(sims, ranked, axis=1)), ranked, -1)
+        self_ids = [x_rows.index(r) if r in x_rows else -1 for r in q_rows]  # n_q leaves the query out
+        out[protocol] = retrieval_metrics([(items[r].domain, items[r].class_ids) for r in q_rows],
+                                          [(items[c].domain, items[c].class_ids) for c in x_rows], ranked[:, :100],
+                                          query_ids=np.array(self_ids))
+    return out
+
+
+def test_eval_writes_three_files_with_correct_numbers(report_dir, demo_root):
+    assert {p.name for p in report_dir.iterdir()} == {"metrics.json", "report.md", "report.html"}
+    report = json.loads((report_dir / "metrics.json").read_text())
+    assert report["protocol"] == "both" and report["model"]["config_hash"]
+    assert report["data"]["domains"]["shapes"] == {"query_split": "test", "index_split": "index"}
+    assert report["data"]["domains"]["glyphs"] == {"query_split": "test", "index_split": "test"}
+    ref = brute_force(report, report["embeddings"]["store"], demo_root)
+    for protocol in ("merged", "separate"):
+        got = report["results"][protocol]
+        assert got["mean"] == pytest.approx(ref[protocol]["mean"])
+        for d, row in ref[protocol]["per_domain"].items():
+            assert got["per_domain"][d] == pytest.approx(row)
+    md = (report_dir / "report.md").read_text()
+    assert "| glyphs |" in md and "mean (unweighted)" in md
+    html = (report_dir / "report.html").read_text()
+    assert html.count("data:image/jpeg;base64,") == 4 * 2 * 6  # 4 domains x 2 samples x (query + top 5)
+    assert "http" not in html.replace("http-equiv", "")  # self-contained: nothing fetched
+
+
+def test_second_run_reuses_embeddings(report_dir, tiny_model, demo_root, tmp_path, capsys):
+    cache = json.loads((report_dir / "metrics.json").read_text())["embeddings"]["store"]
+    out = tmp_path / "again"
+    code = main(["eval", "--model", str(tiny_model), "--data", str(demo_root), "--out", str(out),
+                 "--cache-dir", str(report_dir.parent / ".cache" / "embeddings"), "--format", "json"])
+    assert code == 0
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["embeddings"] == {**report["embeddings"], "reused": True, "store": cache}
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["rows"][-1]["domain"] == "mean"
+
+
+def test_rerank_and_compare(report_dir, tiny_model, demo_root, tmp_path, capsys):
+    out = tmp_path / "aqe"
+    assert main(["eval", "--model", str(tiny_model), "--data", str(demo_root), "--out", str(out),
+                 "--rerank", "aqe", "--cache-dir", str(report_dir.parent / ".cache" / "embeddings")]) == 0
+    capsys.readouterr()
+    assert main(["eval", "compare", str(report_dir), str(out), "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert [(r["protocol"], r["rerank"]) for r in rows] == [("merged", "none"), ("separate", "none"), ("merged", "aqe")]
+    merged = json.loads((report_dir / "metrics.json").read_text())["results"]["merged"]
+    assert rows[0]["mAP@100"] == pytest.approx(merged["mean"]["mAP@100"])
+    assert rows[0]["glyphs mAP@100"] == pytest.approx(merged["per_domain"]["glyphs"]["mAP@100"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["eval", "--data", "{data}"], "needs --model"),
+    (["eval", "--model", "{model}", "--data", "{data}", "--split", "train"], "--split must be"),
+    (["eval", "--model", "{model}", "--data", "{data}", "--protocol", "mixed"], "--protocol must be"),
+    (["eval", "--model", "{model}", "--data", "{data}", "--rerank", "magic"], "--rerank must be"),
+    (["eval", "--model", "{data}", "--data", "{data}"], "not a model directory"),
+    (["eval", "--model", "{model}", "--data", "{data}/nope"], "no such file"),
+    (["eval", "compare", "{data}"], "no metrics.json"),
+])
+def test_errors_are_one_line(args, message, tiny_model, demo_root, capsys):
+    argv = [a.format(model=tiny_model, data=demo_root) for a in args]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and message in err[-1]
+    assert not any("Traceback" in line for line in err)
