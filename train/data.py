@@ -1,0 +1,166 @@
+"""Training and validation images: single-domain batches with deterministic augmentation.
+
+Every image of a batch is augmented under its own seed, derived from (run seed, step, slot in the
+global batch). The augmentation therefore does not depend on which process decodes it, how many
+workers there are, how the global batch is split over DDP ranks, or whether the run was resumed:
+an interrupted-and-resumed run sees exactly the same pixels.
+
+Unreadable images (``ImageDecodeError``) are replaced by the next readable image of the same
+domain and counted, so one bad file does not stop a long run.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+
+import numpy as np
+import torch
+
+from ..data import open_collection
+from ..data.images import decode_image
+from ..errors import ImageDecodeError, UniretError
+
+logger = logging.getLogger("uniret")
+
+
+def sample_seed(run_seed: int, step: int, slot: int) -> int:
+    """A 63-bit seed for the augmentation of one image of one step."""
+    return int(np.random.SeedSequence([run_seed, step, slot, 2654435761]).generate_state(2, np.uint64)[0] >> 1)
+
+
+def augment(transform, image, seed: int) -> torch.Tensor:
+    """Run a torchvision transform under its own seed without touching the caller's RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return transform(image)
+
+
+class _Loader:
+    """Decode + augment one image; lives in the training process or in each worker process."""
+
+    def __init__(self, items, transform):
+        self.items, self.transform = items, transform
+
+    def __call__(self, job: tuple[int, int]) -> tuple[torch.Tensor | None, int]:
+        index, seed = job
+        try:
+            image = decode_image(self.items.get_image_bytes(index))
+        except ImageDecodeError:
+            return None, index
+        return augment(self.transform, image, seed), index
+
+
+_worker_loader: _Loader | None = None
+
+
+def _worker_init(items, transform) -> None:
+    global _worker_loader
+    torch.set_num_threads(1)
+    _worker_loader = _Loader(items, transform)
+
+
+def _worker_load(job):
+    return _worker_loader(job)
+
+
+class TrainData:
+    """The train splits of the chosen domains: positions, labels and batch loading."""
+
+    def __init__(self, data: str, domains: list[str] | None, transform, workers: int = 0):
+        self.collection = open_collection(data)
+        chosen = list(domains) if domains else [d for d in self.collection.domains
+                                                if self.collection.has_split(d, "train")]
+        for d in chosen:
+            self.collection.check_domain(d)
+            if not self.collection.has_split(d, "train"):
+                raise UniretError(f"domain {d!r} has no train split in {data}; train on other domains")
+        if not chosen:
+            raise UniretError(f"{data}: no domain has a train split")
+        self.domains = chosen
+        self.items = self.collection.items(domains=chosen, splits=["train"])
+        self.offsets, self.sizes, self.labels = [], [], []
+        start = 0
+        for d in chosen:
+            records = self.collection.records(d, "train")
+            self.offsets.append(start)
+            self.sizes.append(len(records))
+            # Multi-label records train on their first class id.
+            self.labels.append(np.array([r.class_id for r in records], dtype=np.int64))
+            start += len(records)
+        self.num_classes = [int(lab.max()) + 1 if len(lab) else 0 for lab in self.labels]
+        self.transform = transform
+        self.decode_failures = 0
+        self._local = _Loader(self.items, transform)
+        self._pool = None
+        if workers > 0:
+            ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+            self._pool = ctx.Pool(workers, initializer=_worker_init, initargs=(self.items, transform))
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool = None
+
+    def load(self, domain: int, positions: list[int], seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images (N, 3, H, W) and labels (N,) of ``positions`` in ``domain``'s train split."""
+        base = self.offsets[domain]
+        jobs = [(base + p, s) for p, s in zip(positions, seeds, strict=True)]
+        results = self._pool.map(_worker_load, jobs) if self._pool is not None else [self._local(j) for j in jobs]
+        images, labels = [], []
+        for (tensor, index), pos, seed in zip(results, positions, seeds, strict=True):
+            tries = 0
+            while tensor is None:
+                self.decode_failures += 1
+                tries += 1
+                if tries >= self.sizes[domain]:
+                    raise UniretError(f"no image of domain {self.domains[domain]!r} can be decoded")
+                logger.warning("unreadable train image %s; using the next one", self.items[index].path)
+                pos = (pos + 1) % self.sizes[domain]
+                tensor, index = self._local((base + pos, seed))
+            images.append(tensor)
+            labels.append(int(self.labels[domain][pos]))
+        return torch.stack(images), torch.tensor(labels, dtype=torch.int64)
+
+
+class ValData:
+    """The validation images of the training domains, preprocessed once (small sets) or per call."""
+
+    CACHE_BYTES = 1 << 30
+
+    def __init__(self, data: str, domains: list[str], split: str, transform):
+        collection = open_collection(data)
+        present = [d for d in domains if collection.has_split(d, split)]
+        self.items = collection.items(domains=present, splits=[split]) if present else None
+        self.transform = transform
+        self._cache: list[torch.Tensor] | None = None
+
+    def __len__(self) -> int:
+        return 0 if self.items is None else len(self.items)
+
+    def batches(self, batch_size: int):
+        """Yield (rows, images) in item order; rows of unreadable images are left out."""
+        if self._cache is not None:
+            for rows, images in self._cache:
+                yield rows, images
+            return
+        cache: list | None = []
+        size = 0
+        for start in range(0, len(self), batch_size):
+            rows, images = [], []
+            for i in range(start, min(start + batch_size, len(self))):
+                try:
+                    images.append(self.transform(decode_image(self.items.get_image_bytes(i))))
+                    rows.append(i)
+                except ImageDecodeError:
+                    logger.warning("unreadable validation image %s; left out", self.items[i].path)
+            if not rows:
+                continue
+            batch = torch.stack(images)
+            size += batch.numel() * batch.element_size()
+            if cache is not None and size <= self.CACHE_BYTES:
+                cache.append((rows, batch))
+            else:
+                cache = None  # too large to keep: decode again at the next validation
+            yield rows, batch
+        self._cache = cache

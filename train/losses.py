@@ -1,0 +1,72 @@
+"""The UDON losses (METHOD.md §3), as plain functions on one single-domain batch.
+
+Inputs are already L2-normalised embeddings and raw cosine logits (cosine classifiers). The teacher
+side of both distillation losses is detached here, so a caller cannot forget the stop-gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def classification_loss(cosines: torch.Tensor, labels: torch.Tensor, scale: float = 16.0) -> torch.Tensor:
+    """Normalised-softmax cross-entropy: ``CE(scale * cos, y)``, averaged over the batch."""
+    return F.cross_entropy(scale * cosines.float(), labels)
+
+
+def logit_distillation(
+    teacher_cosines: torch.Tensor, student_cosines: torch.Tensor, temperature: float = 0.1
+) -> torch.Tensor:
+    """``mean_b KL(softmax(sg(z_t)/T) || softmax(z_u/T))``, summed over classes, no T^2 factor."""
+    log_p_teacher = F.log_softmax(teacher_cosines.detach().float() / temperature, dim=1)
+    log_p_student = F.log_softmax(student_cosines.float() / temperature, dim=1)
+    kl = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(dim=1)
+    return kl.mean()
+
+
+def relational_distillation(
+    student_embeddings: torch.Tensor, teacher_embeddings: torch.Tensor, factor: float = 0.25
+) -> torch.Tensor:
+    """``(factor * B) * mean((E_u E_u^T - sg(E_t E_t^T))^2)`` over the B x B cosine matrices.
+
+    Under DDP the caller passes the gathered global batch, so B is the global batch size.
+    """
+    student = student_embeddings.float()
+    teacher = teacher_embeddings.detach().float()
+    batch = student.shape[0]
+    sim_student = student @ student.T
+    sim_teacher = teacher @ teacher.T
+    return (factor * batch) * (sim_student - sim_teacher).pow(2).mean()
+
+
+def udon_losses(
+    out: dict,
+    labels: torch.Tensor,
+    *,
+    cls_scale: float = 16.0,
+    temperature: float = 0.1,
+    relational_factor: float = 0.25,
+    weights: tuple[float, float, float, float] = (0.25, 0.25, 0.25, 0.25),
+    gathered: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """All four UDON losses and their weighted sum ``loss``.
+
+    ``out`` holds ``student_cosines``, ``teacher_cosines``, ``student`` and ``teacher`` embeddings
+    (see :class:`~uniret.train.model.TrainingModel`). ``gathered`` = (student, teacher) embeddings
+    of the global batch under DDP; the relational loss uses them instead of the local ones.
+    """
+    w_ct, w_cu, w_log, w_rel = weights
+    cls_t = classification_loss(out["teacher_cosines"], labels, cls_scale)
+    cls_u = classification_loss(out["student_cosines"], labels, cls_scale)
+    log = logit_distillation(out["teacher_cosines"], out["student_cosines"], temperature)
+    student, teacher = gathered if gathered is not None else (out["student"], out["teacher"])
+    rel = relational_distillation(student, teacher, relational_factor)
+    total = w_ct * cls_t + w_cu * cls_u + w_log * log + w_rel * rel
+    return {"loss": total, "cls_teacher": cls_t, "cls_student": cls_u, "logit": log, "relational": rel}
+
+
+def classifier_only_losses(out: dict, labels: torch.Tensor, *, cls_scale: float = 16.0) -> dict[str, torch.Tensor]:
+    """USCRR / UJC / specialist: the student's normalised-softmax loss alone."""
+    cls_u = classification_loss(out["student_cosines"], labels, cls_scale)
+    return {"loss": cls_u, "cls_student": cls_u}
