@@ -1,0 +1,220 @@
+"""Backbone factory, UniversalEmbedder, Matryoshka prefixes, model directories and preprocessing."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from uniret.cli import main
+from uniret.embed.backbones import GeM, create_backbone
+from uniret.embed.model import UniversalEmbedder, build_model, load_model
+from uniret.embed.preprocess import eval_transform, train_transform
+from uniret.errors import UniretError
+
+TINY = "timm:vit_tiny_patch16_224"
+
+
+def ramp(n: int = 2, size: int = 32) -> torch.Tensor:
+    return torch.linspace(-1, 1, n * 3 * size * size).reshape(n, 3, size, size)
+
+
+@pytest.fixture(scope="module")
+def tiny_model() -> UniversalEmbedder:
+    torch.manual_seed(0)
+    return build_model(TINY, dim=8, nested_dims=[2, 4], image_size=32)
+
+
+# -- factory ---------------------------------------------------------------------------------------
+def test_timm_vit_feature_is_cls_token_after_final_norm():
+    bb = create_backbone(TINY, image_size=32)
+    assert bb.feature_dim == 192
+    assert bb.data_config["input_size"] == [3, 32, 32]
+    x = ramp()
+    with torch.no_grad():
+        tokens = bb.model.forward_features(x)  # timm applies the final norm here
+        assert torch.allclose(bb(x), tokens[:, 0], atol=1e-6)
+
+
+def test_timm_cnn_gem_pooling_learnable_and_fixed():
+    bb = create_backbone("timm:resnet18", image_size=48, pool="gem")
+    assert bb.feature_dim == 512 and bb.data_config["input_size"] == [3, 48, 48]
+    assert isinstance(bb.pool, GeM) and any(n == "pool.p" for n, _ in bb.named_parameters())
+    x = ramp(2, 48)
+    with torch.no_grad():
+        fmap = bb.model.forward_features(x)
+        expected = fmap.clamp(min=1e-6).pow(3.0).mean(dim=(2, 3)).pow(1 / 3.0)
+        assert torch.allclose(bb(x), expected, atol=1e-5)
+    fixed = create_backbone("timm:resnet18", pool="gem:4.6")
+    assert "pool.p" not in dict(fixed.named_parameters()) and float(fixed.pool.p) == pytest.approx(4.6)
+    with pytest.raises(UniretError, match="gem pooling needs a CNN"):
+        create_backbone(TINY, image_size=32, pool="gem")
+
+
+def test_open_clip_small_vit_feature_before_projection():
+    bb = create_backbone("open_clip:ViT-S-16", image_size=32)
+    assert bb.model.proj is None  # CLIP's output projection is not part of the feature
+    assert bb.feature_dim == 384 and bb(ramp()).shape == (2, 384)
+    assert bb.data_config["input_size"] == [3, 32, 32]
+    assert bb.data_config["mean"][0] == pytest.approx(0.48145466)  # CLIP's own normalisation
+
+
+def test_open_clip_vit_b16_feature_is_768d():
+    bb = create_backbone("open_clip:ViT-B-16/openai", image_size=32)  # arch only: random weights
+    assert bb.feature_dim == 768
+    with torch.no_grad():
+        assert bb(ramp(1)).shape == (1, 768)
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("timm:vit_smal_patch16_224", "close matches: vit_small_patch16_224"),
+        ("open_clip:ViT-B-17", "close matches: ViT-B-16"),
+        ("open_clip:ViT-B-16/nope", "known: openai"),
+        ("vit_small_patch16_224", "did you mean timm:vit_small_patch16_224"),
+        ("hf:whatever", "source prefix"),
+    ],
+)
+def test_unknown_names_suggest_fixes(name, expected):
+    with pytest.raises(UniretError, match=expected):
+        create_backbone(name)
+
+
+def test_cli_unknown_backbone_is_one_line(tmp_path, capsys):
+    assert main(["model", "init", "--backbone", "timm:resnet5O", "--out", str(tmp_path / "m")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: unknown timm model") and "resnet50" in err[0]
+    assert not (tmp_path / "m").exists()
+
+
+# -- the model -------------------------------------------------------------------------------------
+def test_golden_embeddings_of_seeded_random_init(tiny_model):
+    # Regression values for torch.manual_seed(0) + timm vit_tiny at 32 px + 8-d head.
+    golden = [
+        [0.41057754, 0.19153436, -0.06670860, 0.62518770, 0.10251743, 0.37400600, 0.42817029, 0.25634125],
+        [0.32171464, -0.17712539, -0.65559572, 0.40660506, 0.13289958, 0.15595250, 0.41160822, 0.24204966],
+    ]
+    torch.manual_seed(0)
+    model = build_model(TINY, dim=8, image_size=32)
+    z = model.encode(ramp())
+    assert z.dtype == torch.float32
+    np.testing.assert_allclose(z.numpy(), np.array(golden), atol=2e-5)
+
+
+def test_features_forward_and_matryoshka_prefixes(tiny_model):
+    x = ramp(3)
+    with torch.no_grad():
+        e_b = tiny_model.features(x)
+        raw = tiny_model.backbone(x)
+        assert torch.allclose(e_b, raw / raw.norm(dim=1, keepdim=True), atol=1e-6)
+        expected = F.normalize(tiny_model.head(e_b), dim=1)
+        assert torch.allclose(tiny_model(x), expected, atol=1e-6)
+    assert tiny_model.dims == [2, 4, 8]
+    full = tiny_model.encode(x)
+    assert torch.allclose(full.norm(dim=1), torch.ones(3), atol=1e-6)
+    for d in (2, 4):
+        prefix = tiny_model.encode(x, dim=d)
+        assert prefix.shape == (3, d)
+        assert torch.allclose(prefix, F.normalize(full[:, :d], dim=1), atol=1e-6)
+    with pytest.raises(UniretError, match="choose one of"):
+        tiny_model.encode(x, dim=3)
+
+
+def test_encode_pil_images_uses_the_stored_preprocessing(tiny_model):
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)) for _ in range(3)]
+    tf = eval_transform(tiny_model.config)
+    by_tensor = tiny_model.encode(torch.stack([tf(im) for im in images]))
+    assert torch.allclose(tiny_model.encode(images, batch_size=2), by_tensor, atol=1e-6)
+
+
+def test_nested_dims_validation():
+    with pytest.raises(UniretError, match="must lie in"):
+        build_model(TINY, dim=8, nested_dims=[4, 16], image_size=32)
+    assert build_model(TINY, dim=8, nested_dims=[4], image_size=32).config.nested_dims == [4, 8]
+
+
+# -- model directories ------------------------------------------------------------------------------
+def test_save_load_round_trip(tiny_model, tmp_path):
+    from safetensors import safe_open
+
+    tiny_model.teacher_heads = torch.nn.ModuleList([torch.nn.Linear(192, 16)])  # training-only parts
+    try:
+        tiny_model.save(tmp_path / "m", provenance={"run": "test"})
+    finally:
+        del tiny_model.teacher_heads
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert cfg["backbone"] == TINY and cfg["dim"] == 8 and cfg["nested_dims"] == [2, 4, 8]
+    assert cfg["preprocess"]["input_size"] == [3, 32, 32] and cfg["image_size"] == 32
+    assert cfg["provenance"] == {"run": "test"} and cfg["config_hash"] == tiny_model.config_hash()
+    with safe_open(str(tmp_path / "m" / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert keys and all(k.startswith(("backbone.", "head.")) for k in keys)
+    loaded = load_model(tmp_path / "m")
+    assert loaded.config_hash() == tiny_model.config_hash()
+    x = ramp()
+    assert torch.equal(loaded.encode(x), tiny_model.encode(x))
+    assert not list(tmp_path.glob(".m.tmp*"))  # the temporary directory was renamed into place
+
+
+def test_config_hash_changes_with_weights(tiny_model):
+    other = build_model(TINY, dim=8, nested_dims=[2, 4], image_size=32)
+    assert other.config_hash() != tiny_model.config_hash()
+
+
+def test_model_directory_as_backbone(tiny_model, tmp_path):
+    tiny_model.save(tmp_path / "m")
+    model = build_model(str(tmp_path / "m"), dim=16)
+    assert model.config.backbone == TINY and model.config.preprocess["input_size"] == [3, 32, 32]
+    for (k, v), (k2, v2) in zip(model.backbone.state_dict().items(), tiny_model.backbone.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2)
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(UniretError, match="no such model directory"):
+        load_model(tmp_path / "nope")
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    with pytest.raises(UniretError, match="model.safetensors is missing"):
+        load_model(tmp_path / "m")
+
+
+def test_cli_model_init_and_info(tmp_path, capsys):
+    out = tmp_path / "m"
+    assert main(["model", "init", "--backbone", TINY, "--dim", "16", "--nested-dims", "4,8",
+                 "--image-size", "32", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["model", "info", str(out), "--format", "json"]) == 0
+    row = json.loads(capsys.readouterr().out)["rows"][0]
+    assert row["dim"] == 16 and row["nested_dims"] == [4, 8, 16] and row["input_size"] == "32x32"
+    assert row["config_hash"] == load_model(out).config_hash()
+
+
+# -- preprocessing ----------------------------------------------------------------------------------
+def test_eval_transform_hand_computed():
+    cfg = {"input_size": [3, 8, 8], "mean": [0.5, 0.25, 0.0], "std": [0.5, 0.25, 1.0],
+           "interpolation": "bilinear", "crop_pct": 0.5, "crop_mode": "center"}
+    im = Image.new("RGB", (30, 20), (255, 0, 51))
+    x = eval_transform(cfg)(im)
+    assert x.shape == (3, 8, 8)
+    # (v/255 - mean) / std per channel
+    assert torch.allclose(x[0], torch.full((8, 8), 1.0)) and torch.allclose(x[1], torch.full((8, 8), -1.0))
+    assert torch.allclose(x[2], torch.full((8, 8), 0.2), atol=1e-6)
+    # crop_pct 0.5: short side resized to 16 then centre 8x8 crop -> the middle half of a gradient
+    grad = Image.fromarray(np.tile(np.arange(16, dtype=np.uint8)[None, :, None] * 16, (16, 1, 3)))
+    row = eval_transform({**cfg, "mean": [0, 0, 0], "std": [1, 1, 1]})(grad)[0, 0] * 255
+    assert row.tolist() == pytest.approx([64 + 16 * i for i in range(8)], abs=1)
+
+
+def test_train_transform_random_crop_and_flip():
+    cfg = {"input_size": [3, 14, 14], "mean": [0, 0, 0], "std": [1, 1, 1], "interpolation": "bilinear"}
+    torch.manual_seed(0)
+    tf = train_transform(cfg)
+    outs = [tf(Image.new("RGB", (50, 30), (255, 255, 255))) for _ in range(3)]
+    assert all(o.shape == (3, 14, 14) for o in outs)
+    assert torch.allclose(outs[0], torch.ones(3, 14, 14))
