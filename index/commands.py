@@ -1,23 +1,237 @@
-"""CLI: ``uniret index ...``, ``uniret search``, ``uniret dedup`` (placeholder until index/ lands)."""
+"""CLI: ``uniret index build|add|remove|info``, ``uniret search`` and ``uniret dedup``."""
+
+from __future__ import annotations
+
+import logging
+import re
+from enum import Enum
+from pathlib import Path
 
 import typer
 
-from ..errors import UniretError
+from ..display import OutputFormat, emit
+from ..errors import UniretError, UsageError
+
+logger = logging.getLogger("uniret")
+# faiss announces which SIMD build it loads at INFO level; that is noise on the command line.
+logging.getLogger("faiss.loader").setLevel(logging.WARNING)
 
 index_app = typer.Typer(no_args_is_help=True)
 
 
+class GpuMode(str, Enum):
+    auto = "auto"
+    on = "on"
+    off = "off"
+
+
+class Rerank(str, Enum):
+    none = "none"
+    superglobal = "superglobal"
+    aqe = "aqe"
+    alpha_qe = "alpha-qe"
+
+
+FormatOpt = typer.Option(OutputFormat.table, "--format", help="table or json.")
+GpuOpt = typer.Option(GpuMode.auto, "--gpu", help="auto: use Faiss GPUs when there are some; on: require; off: CPU.")
+
+
+def parse_bytes(text: str | None) -> int | None:
+    """``8G``, ``512M``, ``1.5T`` or a plain number of bytes."""
+    if text is None:
+        return None
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMgGtT]?)[iI]?[bB]?\s*", text)
+    if not m:
+        raise UsageError(f"--max-memory {text!r}: expected a size like 8G, 512M or 1000000")
+    scale = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}[m.group(2).lower()]
+    return int(float(m.group(1)) * scale)
+
+
+def _summary_rows(manifest: dict, root: Path) -> list[dict]:
+    rec = manifest.get("recall") or {}
+    params = ", ".join(f"{k}={v}" for k, v in (manifest.get("search_params") or {}).items()) or "-"
+    model = manifest.get("model") or {}
+    return [
+        {"field": "index", "value": str(root)},
+        {"field": "key", "value": manifest["key"]},
+        {"field": "count", "value": manifest["count"]},
+        {"field": "dim", "value": manifest["dim"]},
+        {"field": "metric", "value": manifest["metric"]},
+        {"field": "search params", "value": params},
+        {"field": f"recall@{rec.get('k', '-')} (at build)", "value": rec.get("recall")},
+        {"field": "model", "value": f"{model.get('config_hash')} ({model.get('backbone', '?')})"},
+        {"field": "model copy", "value": manifest.get("model_dir") or "none (image queries need --model)"},
+        {"field": "next id", "value": manifest["next_id"]},
+        {"field": "updates", "value": len(manifest.get("history", []))},
+    ]
+
+
 @index_app.command("build")
-def index_build() -> None:
+def index_build(
+    store: Path = typer.Argument(..., help="Embedding store (from `uniret embed`)."),
+    out: Path = typer.Option(..., "--out", help="Index directory to write (an existing index gets a new version)."),
+    kind: str = typer.Option("auto", "--kind", help="auto, flat, ivf-flat, ivf-sq8, ivf-pq, hnsw or a Faiss factory string."),
+    gpu: GpuMode = GpuOpt,
+    gpus: int = typer.Option(None, "--gpus", help="How many GPUs to use (default: all Faiss sees)."),
+    shard: bool = typer.Option(False, "--shard", help="Shard the index over the GPUs (capacity) instead of replicating."),
+    max_memory: str = typer.Option(None, "--max-memory", help="Memory budget of the index (e.g. 8G); auto picks codes to fit."),
+    target_recall: float = typer.Option(0.95, "--target-recall", help="Recall@k that nprobe/efSearch are tuned to."),
+    recall_k: int = typer.Option(100, "--recall-k", help="k of the recall target."),
+    model: Path = typer.Option(None, "--model", help="Model directory that made the store; copied into the index "
+                                                     "so that `uniret search` can embed query images."),
+    fmt: OutputFormat = FormatOpt,
+) -> None:
     """Build an index from an embedding store."""
-    raise UniretError("`uniret index build` is not implemented yet")
+    from .build import build_index
+    from .layout import read_manifest
+
+    version = build_index(store, out, kind=kind, gpu=gpu.value, gpus=gpus, max_memory=parse_bytes(max_memory),
+                          target_recall=target_recall, recall_k=recall_k, model_dir=model, shard=shard)
+    manifest = read_manifest(version)
+    emit(_summary_rows(manifest, out), ["field", "value"], fmt, extra={"manifest": manifest})
 
 
-def search_command() -> None:
-    """Search an index by image."""
-    raise UniretError("`uniret search` is not implemented yet")
+@index_app.command("add")
+def index_add(
+    index: Path = typer.Argument(..., help="Index directory."),
+    store: Path = typer.Argument(..., help="Embedding store of the same model."),
+    fmt: OutputFormat = FormatOpt,
+) -> None:
+    """Add a store's items to an index (items already present are skipped); crash-safe."""
+    from .build import add_to_index
+
+    res = add_to_index(index, store)
+    emit([res], ["added", "skipped_present", "skipped_failed", "count", "version"], fmt)
 
 
-def dedup_command() -> None:
-    """Find near-duplicates in an index."""
-    raise UniretError("`uniret dedup` is not implemented yet")
+@index_app.command("remove")
+def index_remove(
+    index: Path = typer.Argument(..., help="Index directory."),
+    ids: Path = typer.Option(..., "--ids", help="File of ids to remove: one per line, a JSON list or a .npy."),
+    fmt: OutputFormat = FormatOpt,
+) -> None:
+    """Remove ids from an index; crash-safe."""
+    from .build import read_id_file, remove_from_index
+
+    res = remove_from_index(index, read_id_file(ids))
+    emit([res], ["removed", "not_present", "count", "version"], fmt)
+
+
+@index_app.command("info")
+def index_info(index: Path = typer.Argument(..., help="Index directory."), fmt: OutputFormat = FormatOpt) -> None:
+    """Show an index's key, size, model, search parameters and measured recall."""
+    from .layout import current_version, read_manifest
+
+    manifest = read_manifest(current_version(index))
+    emit(_summary_rows(manifest, index), ["field", "value"], fmt, extra={"manifest": manifest})
+
+
+def _query_vectors(searcher, queries: list[str], model: Path | None) -> tuple[list[str], object]:
+    """Labels and embeddings for QUERY arguments: image files, folders, ``id:N`` or ``.npy`` files."""
+    import numpy as np
+
+    from ..data.images import decode_image, image_folder_items
+    from ..errors import ImageDecodeError
+
+    labels, parts, images, image_labels = [], [], [], []
+    for q in queries:
+        path = Path(q)
+        if q.startswith("id:"):
+            try:
+                qid = int(q[3:])
+            except ValueError:
+                raise UsageError(f"QUERY {q!r}: expected id:<integer>") from None
+            if searcher.rows_of([qid])[0] < 0:
+                raise UniretError(f"QUERY {q}: id {qid} is not in the index")
+            labels.append(q)
+            parts.append(searcher.vectors_for([qid]))
+        elif path.suffix == ".npy" and path.is_file():
+            arr = np.load(path)
+            arr = arr[None] if arr.ndim == 1 else arr
+            if arr.ndim != 2:
+                raise UniretError(f"QUERY {q}: expected an (n, {searcher.dim}) array, got shape {arr.shape}")
+            labels.extend(f"{path.name}[{i}]" for i in range(len(arr)))
+            parts.append(arr.astype(np.float32))
+        elif path.exists():
+            items = image_folder_items(path)
+            for i in range(len(items)):
+                try:
+                    images.append(decode_image(items.get_image_bytes(i)))
+                    image_labels.append(items[i].path if path.is_dir() else path.name)
+                except ImageDecodeError as exc:
+                    logger.warning("skipping %s: %s", items[i].path, exc)
+            labels.append(None)  # placeholder: images are embedded together below
+            parts.append(None)
+        else:
+            raise UniretError(f"QUERY {q!r}: not an image file, a folder, id:N or an existing .npy")
+    if any(p is None for p in parts):
+        if not images:
+            raise UniretError("no query image could be decoded")
+        embedded = searcher.embed_images(images, model_dir=model)
+        parts = [p for p in parts if p is not None] + [embedded]
+        labels = [lab for lab in labels if lab is not None] + image_labels
+    elif model is not None:
+        searcher.load_model(model)  # still check that the given model matches the index
+    return labels, np.concatenate(parts).astype(np.float32)
+
+
+def search_command(
+    index: Path = typer.Argument(..., help="Index directory."),
+    queries: list[str] = typer.Argument(..., help="Image files, folders of images, id:N or .npy embeddings.", metavar="QUERY..."),
+    k: int = typer.Option(10, "--k", help="Results per query."),
+    rerank: Rerank = typer.Option(Rerank.none, "--rerank", help="Global-feature reranking of the top candidates."),
+    domain: str = typer.Option(None, "--domain", help="Only results from this domain."),
+    shortlist_dim: int = typer.Option(None, "--shortlist-dim", help="Matryoshka funnel: shortlist with this prefix size."),
+    shortlist_k: int = typer.Option(None, "--shortlist-k", help="Funnel shortlist length (default max(10k, 1000))."),
+    model: Path = typer.Option(None, "--model", help="Model directory for image queries (default: the index's copy)."),
+    gpu: GpuMode = GpuOpt,
+    fmt: OutputFormat = FormatOpt,
+) -> None:
+    """Search an index by image, folder, stored id or embeddings; prints rank, id, score and metadata."""
+    from .searcher import Searcher
+
+    if shortlist_k is not None and shortlist_dim is None:
+        raise UsageError("--shortlist-k needs --shortlist-dim")
+    searcher = Searcher.open(index, gpu=gpu.value)
+    labels, xq = _query_vectors(searcher, queries, model)
+    scores, ids = searcher.search(xq, k, rerank=rerank.value, domain=domain, shortlist_dim=shortlist_dim,
+                                  shortlist_k=shortlist_k)
+    meta = searcher.metadata(ids)
+    rows = []
+    for qi, label in enumerate(labels):
+        for rank in range(ids.shape[1]):
+            if ids[qi, rank] < 0:
+                continue
+            m = meta[qi * ids.shape[1] + rank] or {}
+            cid = m.get("class_ids") or []
+            rows.append({"query": label, "rank": rank + 1, "id": int(ids[qi, rank]),
+                         "score": round(float(scores[qi, rank]), 6), "path": m.get("path"),
+                         "domain": m.get("domain"), "class_id": cid[0] if len(cid) == 1 else cid or None})
+    emit(rows, ["query", "rank", "id", "score", "path", "domain", "class_id"], fmt)
+
+
+def dedup_command(
+    index: Path = typer.Argument(..., help="Index directory."),
+    threshold: float = typer.Option(None, "--threshold", help="Similarity at or above which items are duplicates (default 0.95)."),
+    fraction: float = typer.Option(None, "--fraction", help="Pick the threshold so that about this fraction of items is grouped."),
+    neighbors: int = typer.Option(10, "--neighbors", help="Nearest neighbours examined per item."),
+    out: Path = typer.Option(None, "--out", help="Write groups, keep and remove lists as JSON here."),
+    fmt: OutputFormat = FormatOpt,
+) -> None:
+    """Find groups of near-duplicate items and which one of each group to keep."""
+    from ..utils import atomic_write_json
+    from .dedup import find_duplicates
+    from .searcher import Searcher
+
+    searcher = Searcher.open(index)
+    res = find_duplicates(searcher, threshold=threshold, fraction=fraction, neighbors=neighbors)
+    if out is not None:
+        atomic_write_json(out, res)
+    group_ids = [i for g in res["groups"] for i in g]
+    meta = dict(zip(group_ids, searcher.metadata(group_ids)))
+    keep = set(res["keep"])
+    rows = [{"group": gi + 1, "id": i, "keep": i in keep, "path": (meta[i] or {}).get("path"),
+             "domain": (meta[i] or {}).get("domain")} for gi, g in enumerate(res["groups"]) for i in g]
+    emit(rows, ["group", "id", "keep", "path", "domain"], fmt,
+         title=f"{len(res['groups'])} group(s) at similarity >= {res['threshold']:.4f}; {len(res['remove'])} to remove",
+         extra={k: v for k, v in res.items()})

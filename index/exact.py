@@ -21,6 +21,8 @@ import numpy as np
 logger = logging.getLogger("uniret")
 
 GPU_MAX_K = 2048
+#: Lossy (SQ/PQ) indexes fetch this many times k candidates, then rescore them with the raw vectors.
+REFINE_FACTOR = 4
 
 
 def _as_float32(x) -> np.ndarray:
@@ -148,3 +150,16 @@ def exact_search(xq, xb, k: int, device: str | None = None) -> tuple[np.ndarray,
 def _check_dims(xq: np.ndarray, xb: np.ndarray) -> None:
     if xq.ndim != 2 or xb.ndim != 2 or xq.shape[1] != xb.shape[1]:
         raise ValueError(f"exact_search needs (nq, d) and (nb, d) arrays, got {xq.shape} and {xb.shape}")
+
+
+def rescore(xq: np.ndarray, candidates: np.ndarray, gather, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact scores for candidate ids (nq, c) with vectors from ``gather(ids) -> (n, d)``; the best k.
+
+    Used to refine lossy (SQ/PQ) results and the Matryoshka shortlist with the full raw vectors.
+    """
+    nq, c = candidates.shape
+    full = np.asarray(gather(candidates.ravel()), dtype=np.float32).reshape(nq, c, -1)
+    scores = np.einsum("qcd,qd->qc", full, np.asarray(xq, dtype=np.float32))
+    scores[candidates < 0] = -np.inf
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return _pad(np.take_along_axis(scores, order, 1).astype(np.float32), np.take_along_axis(candidates, order, 1), k)

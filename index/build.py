@@ -1,0 +1,274 @@
+"""Build an index directory from an embedding store, and update it (add a store, remove ids).
+
+Every operation writes a complete new version beside the live one and swaps ``CURRENT``
+(:mod:`uniret.index.layout`), so a killed build or update leaves the previous index usable.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..embed.store import EmbeddingStore
+from ..errors import UniretError, UsageError
+from ..utils import atomic_write_json, git_commit, publish_dir, read_json
+from . import gpu as gpu_util
+from .exact import REFINE_FACTOR, exact_search, rescore
+from .keys import index_key, is_lossy, new_index, nlist_for, set_search_param, tune
+from .layout import (
+    FORMAT,
+    MODEL_DIR,
+    MetadataDB,
+    current_version,
+    next_version_name,
+    publish_version,
+    read_manifest,
+    writer_lock,
+)
+
+logger = logging.getLogger("uniret")
+
+ADD_CHUNK = 262_144
+# Seconds to sleep before publishing a new version; lets tests kill a real update mid-way.
+_DEBUG_SLEEP = "UNIRET_DEBUG_INDEX_SLEEP"
+
+
+def _open_store(store) -> EmbeddingStore:
+    return store if isinstance(store, EmbeddingStore) else EmbeddingStore(store)
+
+
+def _model_hash_of_dir(model_dir: Path) -> str:
+    cfg = Path(model_dir) / "config.json"
+    if not cfg.is_file() and (Path(model_dir) / "model" / "config.json").is_file():
+        cfg = Path(model_dir) / "model" / "config.json"
+    if not cfg.is_file():
+        raise UniretError(f"{model_dir}: not a model directory (no config.json)")
+    return read_json(cfg).get("config_hash")
+
+
+def _add_vectors(index, vectors: np.ndarray, ids: np.ndarray) -> None:
+    for start in range(0, len(ids), ADD_CHUNK):
+        chunk = np.ascontiguousarray(vectors[start:start + ADD_CHUNK], dtype=np.float32)
+        index.add_with_ids(chunk, np.ascontiguousarray(ids[start:start + ADD_CHUNK], dtype=np.int64))
+
+
+def _train(index, vectors: np.ndarray, key: str, seed: int) -> None:
+    if index.is_trained:
+        return
+    n = len(vectors)
+    ivf_lists = nlist_for(n) if key.startswith("IVF") else 1
+    # k-means needs ~39-256 points per list; 64 per list keeps CPU training to seconds at 1M.
+    size = min(n, max(64 * ivf_lists, 65_536))
+    rows = np.sort(np.random.default_rng(seed).choice(n, size, replace=False)) if size < n else np.arange(n)
+    index.train(np.ascontiguousarray(vectors[rows], dtype=np.float32))
+
+
+def _measure_recall(index, key: str, vectors: np.ndarray, ids: np.ndarray, k: int, target: float, sample: int,
+                    seed: int) -> dict:
+    """Tune nprobe/efSearch on ``sample`` stored vectors used as queries, against exact search."""
+    n = len(ids)
+    if n == 0:
+        return {"param": None, "value": None, "recall": 1.0, "tried": [], "k": k, "sample": 0}
+    k = min(k, n)
+    rows = np.random.default_rng(seed + 1).choice(n, min(sample, n), replace=False)
+    queries = np.ascontiguousarray(vectors[rows], dtype=np.float32)
+    _, truth_rows = exact_search(queries, vectors, k)
+    search = None
+    if is_lossy(key):
+        def gather(wanted):
+            rows_of = np.searchsorted(ids, np.maximum(wanted, 0))
+            return np.where((wanted >= 0)[:, None], np.asarray(vectors[np.minimum(rows_of, n - 1)], np.float32), 0)
+
+        def search(q, kk):
+            return rescore(q, index.search(q, kk * REFINE_FACTOR)[1], gather, kk)[1]
+    result = tune(index, queries, ids[truth_rows], k, target, search=search)
+    result.update(k=k, sample=len(rows), target=target)
+    return result
+
+
+def _write_version(root: Path, manifest: dict, index, ids: np.ndarray, vectors: np.ndarray,
+                   meta_from: Path | None, new_items: tuple[np.ndarray, list] | None,
+                   removed: np.ndarray | None = None) -> Path:
+    """Write a complete version into ``vNNNNNN.partial``, then publish it (rename + CURRENT swap)."""
+    import faiss
+
+    partial = root / (next_version_name(root) + ".partial")
+    partial.mkdir(parents=True)
+    faiss.write_index(gpu_util.to_cpu(index), str(partial / "index.faiss"))
+    np.save(partial / "ids.npy", ids.astype(np.int64))
+    np.save(partial / "vectors.npy", vectors.astype(np.float16, copy=False))
+    if meta_from is not None:
+        MetadataDB(meta_from).copy_to(partial / "meta")
+    db = MetadataDB(partial / "meta", write=True)
+    try:
+        if new_items is not None:
+            db.put_items(*new_items)
+        if removed is not None and len(removed):
+            db.delete_ids(removed.tolist())
+    finally:
+        db.close()
+    atomic_write_json(partial / "manifest.json", manifest)
+    sleep = float(os.environ.get(_DEBUG_SLEEP, "0") or 0)
+    if sleep:
+        time.sleep(sleep)
+    return publish_version(root, partial)
+
+
+def _copy_model(root: Path, model_dir: Path | None) -> str | None:
+    if model_dir is None:
+        return MODEL_DIR if (root / MODEL_DIR / "config.json").is_file() else None
+    src = Path(model_dir)
+    if not (src / "config.json").is_file() and (src / "model" / "config.json").is_file():
+        src = src / "model"
+    tmp = root / f".{MODEL_DIR}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    publish_dir(tmp, root / MODEL_DIR)
+    return MODEL_DIR
+
+
+def build_index(store, out, kind: str = "auto", gpu: str = "auto", gpus: int | None = None,
+                max_memory: int | None = None, target_recall: float = 0.95, recall_k: int = 100,
+                model_dir=None, tune_sample: int = 1000, shard: bool = False, seed: int = 0) -> Path:
+    """Build ``out`` (an index directory) from an embedding store; returns the version directory.
+
+    Building over an existing index directory publishes a new version of it (crash-safe rebuild).
+    """
+    store = _open_store(store)
+    root = Path(out)
+    if root.exists() and not (root / "CURRENT").is_file() and any(root.iterdir()):
+        raise UniretError(f"{root} exists and is not an index directory; pick another --out")
+    if not 0 < target_recall <= 1:
+        raise UsageError(f"--target-recall must be in (0, 1], got {target_recall}")
+    if model_dir is not None:
+        model_hash = _model_hash_of_dir(Path(model_dir))
+        if model_hash != store.model_hash:
+            raise UniretError(f"--model {model_dir} is model {model_hash}, but {store.path} was embedded by "
+                              f"{store.model_hash}; pass the model that made the store")
+    use_gpu, ngpu = gpu_util.resolve(gpu, gpus)
+    ids = np.flatnonzero(store.valid_mask).astype(np.int64)
+    vectors = store.embeddings[ids] if len(ids) < store.count else np.asarray(store.embeddings)
+    if len(ids) == 0:
+        raise UniretError(f"{store.path} has no usable embeddings; re-embed it")
+    key = index_key(kind, len(ids), store.dim, max_memory=max_memory, gpu=use_gpu)
+    t0 = time.perf_counter()
+    index = new_index(key, store.dim)
+    on_gpu = use_gpu and gpu_util.gpu_capable(key)
+    if use_gpu and not on_gpu:
+        if gpu == "on":
+            raise UsageError(f"index {key} cannot be built on a GPU (Faiss has no GPU HNSW); use --gpu auto|off")
+        logger.info("index: %s is CPU only; building on the CPU", key)
+    if on_gpu:
+        index = gpu_util.to_gpus(index, ngpu, shard=shard)
+    _train(index, vectors, key, seed)
+    _add_vectors(index, vectors, ids)
+    if on_gpu:
+        index = gpu_util.to_cpu(index)  # persisted and tuned on the CPU copy (tuning is 1k queries)
+    build_s = time.perf_counter() - t0
+    recall = _measure_recall(index, key, vectors, ids, recall_k, target_recall, tune_sample, seed)
+    with writer_lock(root):
+        model_ref = _copy_model(root, Path(model_dir) if model_dir is not None else None)
+        manifest = {
+            "format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "git_commit": git_commit(),
+            "model": store.manifest.get("model") or {}, "model_dir": model_ref,
+            "dim": store.dim, "metric": "inner_product", "normalized": bool(store.manifest.get("normalized", True)),
+            "kind": kind, "key": key, "search_params": {recall["param"]: recall["value"]} if recall["param"] else {},
+            "count": int(len(ids)), "next_id": int(store.count), "vectors_dtype": "float16",
+            "recall": recall, "built_on": f"{ngpu} GPU(s)" if on_gpu else "cpu", "build_seconds": round(build_s, 3),
+            "history": [{"op": "build", "store": str(store.path.resolve()), "added": int(len(ids)),
+                         "skipped_failed": int(store.count - len(ids))}],
+        }
+        set_search_param(index, recall["value"])
+        return _write_version(root, manifest, index, ids, vectors, None, (ids, [store.items[i] for i in ids]))
+
+
+def _load_current(root: Path):
+    import faiss
+
+    cur = current_version(root)
+    manifest = read_manifest(cur)
+    index = faiss.read_index(str(cur / "index.faiss"))
+    ids = np.load(cur / "ids.npy")
+    vectors = np.load(cur / "vectors.npy", mmap_mode="r")
+    return cur, manifest, index, ids, vectors
+
+
+def add_to_index(index_dir, store) -> dict:
+    """Add the items of ``store`` that the index does not hold yet (same domain, split and path are
+    skipped); new items get fresh ids after the largest id ever given. Returns counts."""
+    root = Path(index_dir)
+    store = _open_store(store)
+    with writer_lock(root):
+        cur, manifest, index, ids, vectors = _load_current(root)
+        want = (manifest.get("model") or {}).get("config_hash")
+        store.check_model(want, what=f"the model of index {root}")
+        if store.dim != manifest["dim"]:
+            raise UniretError(f"{store.path} has dim {store.dim}, index {root} has {manifest['dim']}")
+        rows = np.flatnonzero(store.valid_mask)
+        items = [store.items[i] for i in rows]
+        present = MetadataDB(cur / "meta").present(items)
+        rows, items = rows[~present], [it for it, p in zip(items, present) if not p]
+        new_ids = np.arange(manifest["next_id"], manifest["next_id"] + len(rows), dtype=np.int64)
+        counts = {"added": int(len(rows)), "skipped_present": int(present.sum()),
+                  "skipped_failed": int(store.count - store.valid_mask.sum())}
+        if len(rows) == 0:
+            return dict(counts, count=manifest["count"], version=cur.name)
+        new_vectors = np.asarray(store.embeddings[rows], dtype=np.float32)
+        _add_vectors(index, new_vectors, new_ids)
+        manifest = dict(manifest, count=int(len(ids) + len(rows)), next_id=int(new_ids[-1] + 1),
+                        history=manifest["history"] + [{"op": "add", "store": str(store.path.resolve()), **counts}])
+        all_vectors = np.concatenate([vectors, new_vectors.astype(np.float16)])
+        final = _write_version(root, manifest, index, np.concatenate([ids, new_ids]), all_vectors,
+                               cur / "meta", (new_ids, items))
+        return dict(counts, count=manifest["count"], version=final.name)
+
+
+def read_id_file(path) -> np.ndarray:
+    """Ids from a ``.npy``, a JSON list, or a text file (one id per line; ``#`` comments)."""
+    p = Path(path)
+    if not p.is_file():
+        raise UniretError(f"--ids {p}: no such file")
+    try:
+        if p.suffix == ".npy":
+            values = np.load(p).ravel().tolist()
+        elif p.suffix == ".json":
+            values = read_json(p)
+        else:
+            values = [line.split("#")[0].strip() for line in p.read_text().splitlines()]
+            values = [v for v in values if v]
+        return np.unique(np.asarray([int(v) for v in values], dtype=np.int64))
+    except (ValueError, TypeError) as exc:
+        raise UniretError(f"--ids {p}: expected integer ids, one per line ({exc})") from None
+
+
+def remove_from_index(index_dir, remove_ids) -> dict:
+    """Remove ids (unknown ids are counted, not an error). Returns counts."""
+    import faiss
+
+    root = Path(index_dir)
+    remove_ids = np.unique(np.asarray(remove_ids, dtype=np.int64))
+    with writer_lock(root):
+        cur, manifest, index, ids, vectors = _load_current(root)
+        gone = np.isin(ids, remove_ids)
+        counts = {"removed": int(gone.sum()), "not_present": int(len(remove_ids) - gone.sum())}
+        if not gone.any():
+            return dict(counts, count=manifest["count"], version=cur.name)
+        keep_ids, keep_vectors = ids[~gone], np.asarray(vectors[~gone])
+        try:
+            index.remove_ids(faiss.IDSelectorBatch(ids[gone]))
+        except RuntimeError:
+            # HNSW cannot remove: rebuild the graph from the raw vectors (no training needed).
+            index = new_index(manifest["key"], manifest["dim"])
+            _train(index, keep_vectors, manifest["key"], 0)
+            _add_vectors(index, keep_vectors, keep_ids)
+            set_search_param(index, next(iter(manifest["search_params"].values()), None))
+        manifest = dict(manifest, count=int(len(keep_ids)),
+                        history=manifest["history"] + [{"op": "remove", **counts}])
+        final = _write_version(root, manifest, index, keep_ids, keep_vectors, cur / "meta", None,
+                               removed=ids[gone])
+        return dict(counts, count=manifest["count"], version=final.name)

@@ -1,0 +1,181 @@
+"""The index directory on disk: versions, the CURRENT pointer, and the id -> metadata LMDB.
+
+::
+
+    INDEX/
+      CURRENT              name of the live version, e.g. "v000002" (replaced with os.replace)
+      v000002/
+        manifest.json      format, model, dim, metric, key, search params, counts, measured recall
+        index.faiss        the Faiss index (ids = uniret ids)
+        ids.npy            (n,) int64, ascending: the ids present
+        vectors.npy        (n, dim) float16, row r = ids[r] (rerankers and exact refinement read them)
+        meta/              LMDB: b"id/<16 hex>" -> JSON item, b"key/<domain>/<split>/<path>" -> id
+      model/               a copy of the model directory (so search embeds images without --model)
+      .lock                flock'ed by writers
+
+A writer builds the next version in ``vNNNNNN.partial``, renames it to ``vNNNNNN`` and then swaps
+CURRENT; a crash at any point leaves CURRENT on a complete version. Leftovers are removed by the
+next writer. The previous version is kept, so readers that opened it keep working.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+from ..data.collection import Item
+from ..errors import UniretError
+from ..utils import atomic_write_text, read_json
+
+FORMAT = "uniret-index/1"
+CURRENT = "CURRENT"
+MODEL_DIR = "model"
+LMDB_MAP_SIZE = 1 << 40  # virtual; LMDB only uses what it writes
+
+
+def item_key(item: Item) -> bytes:
+    """The identity used to skip items already present on ``index add``."""
+    return f"key/{item.domain or ''}/{item.split or ''}/{item.path}".encode()
+
+
+def id_key(i: int) -> bytes:
+    return f"id/{int(i):016x}".encode()
+
+
+def is_index_dir(path: Path) -> bool:
+    return (path / CURRENT).is_file()
+
+
+def current_version(root: Path) -> Path:
+    root = Path(root)
+    if not is_index_dir(root):
+        raise UniretError(f"{root}: not an index directory (no {CURRENT}); build one with `uniret index build`")
+    name = (root / CURRENT).read_text().strip()
+    path = root / name
+    if not (path / "manifest.json").is_file():
+        raise UniretError(f"{root}: CURRENT points at {name!r}, which is missing; the index is damaged, rebuild it")
+    return path
+
+
+def read_manifest(version_dir: Path) -> dict:
+    manifest = read_json(version_dir / "manifest.json")
+    if manifest.get("format") != FORMAT:
+        raise UniretError(f"{version_dir}: unknown index format {manifest.get('format')!r} (expected {FORMAT})")
+    return manifest
+
+
+def next_version_name(root: Path) -> str:
+    numbers = [int(p.name[1:7]) for p in Path(root).glob("v[0-9]*") if p.name[1:7].isdigit()]
+    return f"v{max(numbers, default=0) + 1:06d}"
+
+
+@contextlib.contextmanager
+def writer_lock(root: Path) -> Iterator[None]:
+    """One writer at a time per index directory (readers need no lock)."""
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UniretError(f"{root}: another `uniret index` update is running; wait for it to finish") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def clean_leftovers(root: Path, keep: Iterable[str]) -> None:
+    """Remove unfinished versions and versions older than the ones in ``keep``."""
+    keep = set(keep)
+    for p in Path(root).glob("v[0-9]*"):
+        if p.name not in keep:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def publish_version(root: Path, partial: Path) -> Path:
+    """Rename ``partial`` to its final name and make it CURRENT; keep one previous version."""
+    final = partial.with_name(partial.name.removesuffix(".partial"))
+    previous = (root / CURRENT).read_text().strip() if (root / CURRENT).is_file() else None
+    os.replace(partial, final)
+    atomic_write_text(root / CURRENT, final.name + "\n")
+    clean_leftovers(root, keep=[final.name] + ([previous] if previous else []))
+    return final
+
+
+_READ_ENVS: dict[tuple, object] = {}
+
+
+def _read_env(path: Path):
+    """One read-only environment per process and LMDB file: LMDB refuses a second open of the same
+    file in one process. Published versions never change, so readers need no lock file."""
+    import lmdb
+
+    st = (path / "data.mdb").stat()
+    key = (os.getpid(), st.st_dev, st.st_ino)
+    env = _READ_ENVS.get(key)
+    if env is None:
+        for old in [k for k in _READ_ENVS if k[0] != key[0]]:
+            _READ_ENVS.pop(old)  # inherited through fork: not ours to use
+        env = lmdb.open(str(path), readonly=True, lock=False, subdir=True, readahead=False, max_readers=512)
+        _READ_ENVS[key] = env
+    return env
+
+
+class MetadataDB:
+    """The id -> item LMDB of one version (read-only unless ``write=True``)."""
+
+    def __init__(self, path: Path, write: bool = False):
+        import lmdb
+
+        self.path = Path(path)
+        self.write = write
+        if write:
+            self.env = lmdb.open(str(self.path), map_size=LMDB_MAP_SIZE, subdir=True, readahead=False)
+        else:
+            self.env = _read_env(self.path)
+
+    def close(self) -> None:
+        if self.write:  # shared read environments stay open for the process
+            self.env.close()
+
+    def put_items(self, ids: np.ndarray, items: list[Item], batch: int = 10_000) -> None:
+        for start in range(0, len(ids), batch):
+            with self.env.begin(write=True) as txn:
+                for i, item in zip(ids[start:start + batch], items[start:start + batch]):
+                    txn.put(id_key(i), json.dumps({"id": int(i), **item.to_json()}).encode())
+                    txn.put(item_key(item), str(int(i)).encode(), overwrite=False)
+
+    def delete_ids(self, ids: Iterable[int]) -> None:
+        with self.env.begin(write=True) as txn:
+            for i in ids:
+                raw = txn.get(id_key(i))
+                if raw is None:
+                    continue
+                item = Item.from_json(json.loads(raw))
+                if txn.get(item_key(item)) == str(int(i)).encode():
+                    txn.delete(item_key(item))
+                txn.delete(id_key(i))
+
+    def present(self, items: list[Item]) -> np.ndarray:
+        """Bool per item: is an item with the same domain, split and path already indexed?"""
+        with self.env.begin() as txn:
+            return np.array([txn.get(item_key(it)) is not None for it in items], dtype=bool)
+
+    def get(self, ids: Iterable[int]) -> list[dict | None]:
+        with self.env.begin() as txn:
+            out = []
+            for i in ids:
+                raw = txn.get(id_key(i)) if int(i) >= 0 else None
+                out.append(json.loads(raw) if raw is not None else None)
+            return out
+
+    def copy_to(self, dest: Path) -> None:
+        dest.mkdir(parents=True, exist_ok=True)
+        self.env.copy(str(dest))

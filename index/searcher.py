@@ -1,0 +1,220 @@
+"""Search an index directory: batched queries, reranking, domain filter, Matryoshka funnel, metadata.
+
+``Searcher.open(INDEX)`` loads the live version. ``search(queries, k)`` returns ``(scores (nq, k)
+float32, ids (nq, k) int64)`` with -1 / -inf where fewer than k results exist. Paths:
+
+- Flat indexes search exactly: Faiss on the CPU or GPU, or torch on CUDA when Faiss has no GPU;
+- IVF indexes search with the tuned nprobe, on the GPU(s) when Faiss has some and k, nprobe <= 2048;
+  lossy codes (SQ8, PQ) fetch 4k candidates and rescore them with the raw fp16 vectors;
+- ``domain=D`` searches exactly among that domain's vectors (a filtered IVF probe could miss them);
+- ``shortlist_dim=d`` (Matryoshka funnel) searches the re-normalised d-prefix of the raw vectors for
+  ``shortlist_k`` candidates and rescores them with the full vectors;
+- ``rerank=`` superglobal | aqe | alpha-qe reranks the top ``rerank_depth`` candidates with the raw
+  vectors.
+
+Queries are L2-normalised before searching (the metric is cosine).
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import UniretError
+from . import gpu as gpu_util
+from .exact import REFINE_FACTOR, exact_search, rescore, resolve_device, torch_search
+from .keys import is_lossy, search_param_name, set_search_param
+from .layout import MODEL_DIR, MetadataDB, current_version, read_manifest
+from .rerank import rerank as apply_rerank
+
+logger = logging.getLogger("uniret")
+
+RERANK_DEPTH = {"superglobal": 400, "aqe": 100, "alpha-qe": 100, "alpha_qe": 100}
+
+
+class Searcher:
+    """A loaded index version (see the module docstring)."""
+
+    def __init__(self, root: Path, gpu: str = "auto", device: str | None = None):
+        import faiss
+
+        self.root = Path(root)
+        self.version_dir = current_version(self.root)
+        self.manifest = read_manifest(self.version_dir)
+        self.index = faiss.read_index(str(self.version_dir / "index.faiss"))
+        self.ids = np.load(self.version_dir / "ids.npy")
+        self.vectors = np.load(self.version_dir / "vectors.npy", mmap_mode="r")
+        self.meta = MetadataDB(self.version_dir / "meta")
+        self.key = self.manifest["key"]
+        self.dim = int(self.manifest["dim"])
+        self.search_params = dict(self.manifest.get("search_params") or {})
+        set_search_param(self.index, next(iter(self.search_params.values()), None))
+        self.use_gpu, self.ngpu = gpu_util.resolve(gpu)
+        self.device = resolve_device(device) if gpu != "off" else "cpu"
+        self._gpu_index = None
+        self._model = None
+
+    @classmethod
+    def open(cls, index_dir, gpu: str = "auto", device: str | None = None) -> Searcher:
+        return cls(Path(index_dir), gpu=gpu, device=device)
+
+    @property
+    def count(self) -> int:
+        return len(self.ids)
+
+    @property
+    def model_hash(self) -> str | None:
+        return (self.manifest.get("model") or {}).get("config_hash")
+
+    # -- vectors and metadata ------------------------------------------------------------------
+    def rows_of(self, ids) -> np.ndarray:
+        """Row numbers of ``ids`` in the raw vectors; -1 for ids not in the index."""
+        ids = np.asarray(ids, dtype=np.int64)
+        rows = np.searchsorted(self.ids, ids)
+        rows = np.minimum(rows, max(0, len(self.ids) - 1))
+        ok = (len(self.ids) > 0) & (self.ids[rows] == ids) if len(self.ids) else np.zeros(ids.shape, bool)
+        return np.where(ok, rows, -1)
+
+    def vectors_for(self, ids) -> np.ndarray:
+        """(len(ids), dim) float32 raw vectors; zero rows for unknown ids (or -1)."""
+        rows = self.rows_of(np.asarray(ids).ravel())
+        out = np.zeros((len(rows), self.dim), dtype=np.float32)
+        ok = rows >= 0
+        out[ok] = self.vectors[rows[ok]]
+        return out
+
+    def metadata(self, ids) -> list[dict | None]:
+        """Metadata dicts (id, path, domain, split, position, class_ids) of ``ids``; None for -1."""
+        return self.meta.get(np.asarray(ids).ravel().tolist())
+
+    @cached_property
+    def row_domains(self) -> np.ndarray:
+        """The domain of every row (object array), read once from the metadata."""
+        return np.array([m["domain"] if m else None for m in self.meta.get(self.ids.tolist())], dtype=object)
+
+    @cached_property
+    def _full_vectors(self) -> np.ndarray:
+        return np.asarray(self.vectors, dtype=np.float32)
+
+    # -- search ---------------------------------------------------------------------------------
+    def _faiss_index_for(self, k: int):
+        """The GPU clone when Faiss has GPUs and the query fits its limits, else the CPU index."""
+        nprobe = self.search_params.get("nprobe") or 0
+        if not (self.use_gpu and gpu_util.gpu_capable(self.key) and k <= gpu_util.GPU_MAX_K
+                and nprobe <= gpu_util.GPU_MAX_K):
+            return self.index
+        if self._gpu_index is None:
+            self._gpu_index = gpu_util.to_gpus(self.index, self.ngpu)
+            if nprobe:
+                import faiss
+
+                faiss.GpuParameterSpace().set_index_parameter(self._gpu_index, "nprobe", int(nprobe))
+        return self._gpu_index
+
+    def _exact_rows(self, xq: np.ndarray, rows: np.ndarray | None, k: int, xb: np.ndarray | None = None):
+        """Exact search over all raw vectors (rows=None) or a subset of rows; returns (scores, ids)."""
+        base = self._full_vectors if xb is None else xb
+        sub = base if rows is None else base[rows]
+        scores, hit = exact_search(xq, sub, k, device=self.device)
+        mapped = hit if rows is None else np.where(hit >= 0, rows[np.maximum(hit, 0)], -1)
+        return scores, np.where(mapped >= 0, self.ids[np.maximum(mapped, 0)], -1)
+
+    def _base_search(self, xq: np.ndarray, k: int, domain: str | None, shortlist_dim: int | None,
+                     shortlist_k: int | None):
+        rows = None
+        if domain is not None:
+            rows = np.flatnonzero(self.row_domains == domain)
+            if len(rows) == 0:
+                known = sorted({d for d in self.row_domains if d is not None})
+                raise UniretError(f"--domain {domain!r} has no items in this index; domains: {', '.join(known) or 'none'}")
+        if shortlist_dim is not None:
+            return self._funnel(xq, k, rows, shortlist_dim, shortlist_k or max(10 * k, 1000))
+        if rows is not None:
+            return self._exact_rows(xq, rows, k)
+        if search_param_name(self.index) is None and self.device.startswith("cuda") and gpu_util.num_gpus() == 0:
+            # Flat index, CUDA through torch: keep the vectors on the device between calls.
+            scores, rows_hit = torch_search(xq, self._device_vectors, k, device=self.device)
+            return scores, np.where(rows_hit >= 0, self.ids[np.maximum(rows_hit, 0)], -1)
+        if is_lossy(self.key):
+            _, cand = self._faiss_index_for(k * REFINE_FACTOR).search(xq, k * REFINE_FACTOR)
+            return rescore(xq, cand, self.vectors_for, k)
+        scores, ids = self._faiss_index_for(k).search(xq, k)
+        scores = scores.astype(np.float32)
+        scores[ids < 0] = -np.inf
+        return scores, ids.astype(np.int64)
+
+    @cached_property
+    def _device_vectors(self):
+        import torch
+
+        return torch.as_tensor(self._full_vectors).to(self.device)
+
+    def prefix_vectors(self, d: int) -> np.ndarray:
+        """The re-normalised d-prefix of every raw vector (cached per d)."""
+        cache = self.__dict__.setdefault("_prefix_cache", {})
+        if d not in cache:
+            pre = self._full_vectors[:, :d].copy()
+            pre /= np.maximum(np.linalg.norm(pre, axis=1, keepdims=True), 1e-12)
+            cache[d] = pre
+        return cache[d]
+
+    def _funnel(self, xq, k, rows, d, shortlist_k):
+        if not 0 < d <= self.dim:
+            raise UniretError(f"--shortlist-dim must be in 1..{self.dim}, got {d}")
+        nested = (self.manifest.get("model") or {}).get("nested_dims")
+        if nested and d not in nested:
+            logger.warning("--shortlist-dim %d is not one of the model's nested dims %s", d, nested)
+        q_pre = xq[:, :d] / np.maximum(np.linalg.norm(xq[:, :d], axis=1, keepdims=True), 1e-12)
+        _, cand = self._exact_rows(q_pre, rows, max(shortlist_k, k), xb=self.prefix_vectors(d))
+        return rescore(xq, cand, self.vectors_for, k)
+
+    def search(self, queries, k: int = 10, rerank: str | None = None, domain: str | None = None,
+               shortlist_dim: int | None = None, shortlist_k: int | None = None, rerank_depth: int | None = None,
+               **rerank_options) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k ids and scores for a batch of query embeddings (see the module docstring)."""
+        xq = np.ascontiguousarray(np.asarray(queries, dtype=np.float32))
+        if xq.ndim == 1:
+            xq = xq[None]
+        if xq.ndim != 2 or xq.shape[1] != self.dim:
+            raise UniretError(f"queries have shape {xq.shape}, this index holds {self.dim}-d vectors")
+        if k < 1:
+            raise UniretError(f"--k must be >= 1, got {k}")
+        xq = xq / np.maximum(np.linalg.norm(xq, axis=1, keepdims=True), 1e-12)
+        rerank = None if rerank in (None, "none") else rerank
+        depth = max(k, rerank_depth or RERANK_DEPTH.get(rerank, k)) if rerank else k
+        scores, ids = self._base_search(xq, depth, domain, shortlist_dim, shortlist_k)
+        if rerank:
+            scores, ids = apply_rerank(rerank, xq, self.vectors_for, ids, scores, **rerank_options)
+        return scores[:, :k], ids[:, :k]
+
+    # -- the model that made the index -----------------------------------------------------------
+    def load_model(self, model_dir=None, device: str = "cpu"):
+        """The index's model (its copy in INDEX/model, or ``model_dir``), checked against the index."""
+        if self._model is not None and model_dir is None:
+            return self._model
+        from ..embed.model import load_model
+
+        path = Path(model_dir) if model_dir is not None else self.root / MODEL_DIR
+        if model_dir is None and not (path / "config.json").is_file():
+            raise UniretError(f"{self.root} holds no model copy (built without --model); pass --model DIR, "
+                              "or query with id:N or a .npy of embeddings")
+        model = load_model(path, device=device)
+        self.check_model(model.config_hash(), what=str(path))
+        self._model = model
+        return model
+
+    def check_model(self, config_hash: str, what: str = "the query model") -> None:
+        if self.model_hash and config_hash != self.model_hash:
+            raise UniretError(f"{what} is model {config_hash}, but index {self.root} was built from model "
+                              f"{self.model_hash}; query with the model that embedded the index")
+
+    def embed_images(self, images: list, model_dir=None) -> np.ndarray:
+        model = self.load_model(model_dir, device="cuda" if self.device.startswith("cuda") else "cpu")
+        return model.encode(images).float().cpu().numpy()
+
+
+def open_index(index_dir, **kwargs) -> Searcher:
+    return Searcher.open(index_dir, **kwargs)
