@@ -1,0 +1,44 @@
+"""benchmarks/embed_throughput.py runs and reports consistent numbers (CPU here, CUDA when visible)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "embed_throughput.py"
+
+
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location("embed_throughput", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def check_rows(rows, device_type: str, tmp_path) -> None:
+    assert len(rows) == 1
+    row = rows[0]
+    assert row["device"].startswith(device_type) and row["images"] == 24 and row["image_size"] == 32
+    assert row["compute_img_s"] > 0 and row["end_to_end_img_s"] > 0
+    assert row["ratio"] == pytest.approx(row["end_to_end_img_s"] / row["compute_img_s"], rel=1e-2)
+    assert (tmp_path / "rows.json").is_file()
+
+
+def test_benchmark_cpu_branch(demo_lmdb, tmp_path, capsys):
+    bench = load_benchmark()
+    rows = bench.main(["--backbone", "timm:vit_tiny_patch16_224", "--image-size", "32", "--images", "24",
+                       "--batch-size", "8", "--workers", "0", "--device", "cpu", "--data", str(demo_lmdb),
+                       "--json", str(tmp_path / "rows.json")])
+    check_rows(rows, "cpu", tmp_path)
+    assert "ratio" in capsys.readouterr().out
+
+
+@pytest.mark.gpu
+def test_benchmark_cuda_branch(demo_lmdb, tmp_path):
+    bench = load_benchmark()
+    rows = bench.main(["--backbone", "timm:vit_tiny_patch16_224", "--image-size", "32", "--images", "24",
+                       "--batch-size", "8", "--workers", "2", "--device", "cuda", "--data", str(demo_lmdb),
+                       "--json", str(tmp_path / "rows.json")])
+    check_rows(rows, "cuda", tmp_path)
