@@ -145,6 +145,10 @@ def build_index(store, out, kind: str = "auto", gpu: str = "auto", gpus: int | N
         raise UniretError(f"{root} exists and is not an index directory; pick another --out")
     if not 0 < target_recall <= 1:
         raise UsageError(f"--target-recall must be in (0, 1], got {target_recall}")
+    recorded = (store.manifest.get("model") or {}).get("path")
+    if model_dir is None and recorded and Path(recorded, "config.json").is_file():
+        if _model_hash_of_dir(Path(recorded)) == store.model_hash:
+            model_dir = recorded  # the store says where its model is: copy it without --model
     if model_dir is not None:
         model_hash = _model_hash_of_dir(Path(model_dir))
         if model_hash != store.model_hash:
