@@ -1,8 +1,49 @@
-"""CLI: ``uniret train`` (placeholder until train/ lands)."""
+"""CLI: ``uniret train`` -- UDON and its baselines on a collection (folder or packed LMDB).
 
-from ..errors import UniretError
+Options left out fall back to ``--config FILE`` and then to the reference recipe
+(:class:`uniret.train.config.TrainConfig`). Several GPUs: ``torchrun --nproc_per_node N -m
+uniret.cli train ...`` (the global ``--batch-size`` is split over the processes).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
 
 
-def train_command() -> None:
-    """Train a universal embedding."""
-    raise UniretError("`uniret train` is not implemented yet")
+def train_command(
+    data: str = typer.Option(None, "--data", help="Collection root or packed LMDB directory."),
+    method: str = typer.Option(None, "--method", help="udon | uscrr | ujc | specialist (default udon)"),
+    domain: str = typer.Option(None, "--domain", help="The one domain of --method specialist."),
+    sampler: str = typer.Option(None, "--sampler", help="dynamic | round_robin | uniform | size (default dynamic)"),
+    backbone: str = typer.Option(None, "--backbone", help="timm:<model>, open_clip:<arch>/<tag> or a model dir."),
+    image_size: int = typer.Option(None, "--image-size", help="Input size in pixels (default the backbone's)."),
+    steps: int = typer.Option(None, "--steps", help="Training steps (one single-domain batch each)."),
+    batch_size: int = typer.Option(None, "--batch-size", help="Global batch size (default 128)."),
+    out: str = typer.Option(None, "--out", help="Run directory to create (or to continue with --resume)."),
+    config: Path = typer.Option(None, "--config", help="JSON file of training options (TrainConfig fields)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
+    seed: int = typer.Option(None, "--seed", help="Random seed (default 0)."),
+    val_every: int = typer.Option(None, "--val-every", help="Validate every N steps (0 = never) (default 1000)."),
+    ckpt_every: int = typer.Option(None, "--ckpt-every", help="Checkpoint every N steps (default 1000)."),
+    device: str = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N (default auto)."),
+    workers: int = typer.Option(None, "--workers", help="Image-decoding processes (default 0)."),
+    pretrained: bool = typer.Option(None, "--pretrained/--no-pretrained", help="Start from the backbone's pretrained weights (needs them cached)."),
+    weights: str = typer.Option(None, "--weights", help="Backbone weights file."),
+) -> None:
+    """Train a universal embedding (UDON or a baseline); writes RUN/ with the exported RUN/model."""
+    import logging
+
+    from .config import resolve_config
+    from .trainer import train
+
+    cfg = resolve_config(
+        config, data=data, method=method, domain=domain, sampler=sampler, backbone=backbone,
+        image_size=image_size, steps=steps, batch_size=batch_size, out=out, seed=seed,
+        val_every=val_every, ckpt_every=ckpt_every, device=device, workers=workers,
+        pretrained=pretrained, weights=weights,
+    )
+    run = train(cfg, resume=resume)
+    summary = (run / "summary.json")
+    logging.getLogger("uniret").info("run written to %s (%s)", run, summary.read_text().strip() if summary.is_file() else "")

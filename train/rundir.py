@@ -2,7 +2,7 @@
 
 ::
 
-    RUN/config.json          resolved TrainConfig + git commit, domains, classes, world size
+    RUN/train_config.json    resolved TrainConfig + git commit, domains, classes, world size
     RUN/metrics.jsonl        one JSON object per line: kind = train | val | sampler
     RUN/checkpoints/last.pt  everything --resume needs (model, optimiser, samplers, RNG, step)
     RUN/checkpoints/best.pt  model weights at the best merged validation R@1
@@ -32,7 +32,7 @@ class RunDir:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.checkpoints = self.path / "checkpoints"
-        self.config_file = self.path / "config.json"
+        self.config_file = self.path / "train_config.json"
         self.metrics_file = self.path / "metrics.jsonl"
         self.last = self.checkpoints / "last.pt"
         self.best = self.checkpoints / "best.pt"

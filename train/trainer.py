@@ -233,8 +233,9 @@ class Trainer:
                 per_domain[self.domains[domain]].append(values["loss"])
                 seen += config.batch_size
                 if self.ctx.is_main and len(getattr(self.sampler, "updates", [])) > updates:
-                    self.run.log({"kind": "sampler", "step": self.step, "domains": self.domains,
-                                  **self.sampler.updates[-1]})
+                    update = self.sampler.updates[-1]  # computed before drawing step index update["step"]
+                    self.run.log({**update, "kind": "sampler", "step": self.step, "first_step": update["step"],
+                                  "domains": self.domains})
                 ips = seen / max(time.perf_counter() - t0, 1e-9)
                 probs = self.sampler.probabilities()
                 advance(1, info=f"loss {values['loss']:.3f}  {ips:.0f} img/s  p=[{' '.join(f'{p:.2f}' for p in probs)}]")

@@ -1,0 +1,180 @@
+"""The training loop end to end on the demo collection with a tiny model: run directory, methods,
+exact resume, the CLI and its error paths, and 1 process vs 2 gloo processes under torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from uniret.cli import main
+from uniret.train.config import TrainConfig
+from uniret.train.trainer import train
+
+TINY = dict(backbone="timm:test_vit", image_size=32, batch_size=8, dynamic_interval=2, dynamic_window=2,
+            log_every=1, val_batch_size=64)
+
+
+def tiny_config(data, out, **kw) -> TrainConfig:
+    values = {**TINY, "data": str(data), "out": str(out), "steps": 6, "val_every": 3, "ckpt_every": 2}
+    values.update(kw)
+    return TrainConfig(**values)
+
+
+def weights(run) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "model" / "model.safetensors"))
+
+
+def metrics(run) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_run_directory_and_export(demo_root, tmp_path):
+    from uniret.embed.model import load_model
+
+    run = train(tiny_config(demo_root, tmp_path / "run"))
+    header = json.loads((run / "train_config.json").read_text())
+    assert header["config"]["method"] == "udon" and header["domains"] == ["flags", "glyphs", "shapes", "textures"]
+    assert "git_commit" in header
+    assert (run / "checkpoints" / "last.pt").is_file() and (run / "checkpoints" / "best.pt").is_file()
+    lines = metrics(run)
+    vals = [r for r in lines if r["kind"] == "val"]
+    assert [v["step"] for v in vals] == [0, 3, 6]  # untrained, every 3 steps, last
+    trains = [r for r in lines if r["kind"] == "train"]
+    assert [r["step"] for r in trains] == [1, 2, 3, 4, 5, 6]
+    assert {"cls_teacher", "cls_student", "logit", "relational", "probabilities"} <= set(trains[0])
+    # round-robin until every domain has a loss (interval 2 < 4 domains: first update at step 4)
+    sampler = [r for r in lines if r["kind"] == "sampler"]
+    assert sampler and sampler[0]["first_step"] == 4 and sampler[0]["step"] == 5
+    assert trains[3]["probabilities"] == {"flags": 0.25, "glyphs": 0.25, "shapes": 0.25, "textures": 0.25}
+    assert sum(sampler[0]["probabilities"]) == pytest.approx(1.0)
+    summary = json.loads((run / "summary.json").read_text())
+    best = max(vals, key=lambda v: v["R@1"])
+    assert summary["best_val_R@1"] == pytest.approx(best["R@1"])
+    model = load_model(run)
+    assert model.config.dim == 64
+    assert model.config.provenance["training"]["method"] == "udon"
+    # the exported weights are the best checkpoint's
+    best_state = torch.load(run / "checkpoints" / "best.pt", weights_only=False)["embedder"]
+    exported = weights(run)
+    assert all(torch.equal(exported[k], best_state[k]) for k in exported)
+
+
+def test_resume_equals_uninterrupted(demo_root, tmp_path):
+    whole = train(tiny_config(demo_root, tmp_path / "whole", val_every=0))
+    cfg = tiny_config(demo_root, tmp_path / "cut", val_every=0)
+    train(cfg, stop_at=5)  # dies after step 5; the last checkpoint is step 4
+    assert not (tmp_path / "cut" / "model").exists()
+    assert torch.load(tmp_path / "cut" / "checkpoints" / "last.pt", weights_only=False)["step"] == 4
+    resumed = train(cfg, resume=True)
+    a, b = weights(whole), weights(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # the metrics log continues without the lost step-5 line twice
+    assert [r["step"] for r in metrics(resumed)] == [r["step"] for r in metrics(whole)]
+    full = torch.load(whole / "checkpoints" / "last.pt", weights_only=False)
+    cont = torch.load(resumed / "checkpoints" / "last.pt", weights_only=False)
+    assert full["sampler"] == cont["sampler"]
+    for k, v in full["model"].items():  # teachers and classifiers too
+        assert torch.equal(v, cont["model"][k]), k
+
+
+@pytest.mark.parametrize("method,extra", [("uscrr", {"sampler": "round_robin"}), ("ujc", {"sampler": "size"}),
+                                          ("specialist", {"domain": "shapes", "sampler": "uniform"})])
+def test_baseline_methods(demo_root, tmp_path, method, extra):
+    run = train(tiny_config(demo_root, tmp_path / method, method=method, steps=3, val_every=3, **extra))
+    lines = metrics(run)
+    trains = [r for r in lines if r["kind"] == "train"]
+    assert "cls_teacher" not in trains[0] and "cls_student" in trains[0]
+    header = json.loads((run / "train_config.json").read_text())
+    if method == "specialist":
+        assert header["domains"] == ["shapes"]
+        assert set(lines[0]["per_domain_R@1"]) == {"shapes"}
+    if method == "ujc":
+        state = torch.load(run / "checkpoints" / "last.pt", weights_only=False)["model"]
+        assert state["student_classifiers.0.weight"].shape[0] == sum(header["num_classes"])
+
+
+def test_absent_heads_skip_leaves_other_domains_untouched(demo_root, tmp_path):
+    cfg = tiny_config(demo_root, tmp_path / "skip", sampler="round_robin", steps=1, val_every=0, absent_heads="skip")
+    before_model = None
+    run = train(cfg)
+    state = torch.load(run / "checkpoints" / "last.pt", weights_only=False)
+    # step 0 trained domain 0 (flags) only: AdamW holds state for its heads, none for the others'
+    opt_state = state["optimizer"]["state"]
+    assert len(opt_state) > 0 and before_model is None
+    update = train(tiny_config(demo_root, tmp_path / "update", sampler="round_robin", steps=1, val_every=0))
+    opt_update = torch.load(update / "checkpoints" / "last.pt", weights_only=False)["optimizer"]["state"]
+    assert len(opt_update) > len(opt_state)  # "update": every parameter got a (zero) gradient
+
+
+def run_cli(args, capsys):
+    code = main(args)
+    return code, capsys.readouterr().err
+
+
+def test_cli_trains_and_rejects_bad_options(demo_root, tmp_path, capsys):
+    out = tmp_path / "cli"
+    base = ["train", "--data", str(demo_root), "--backbone", "timm:test_vit", "--image-size", "32",
+            "--batch-size", "8", "--steps", "2", "--val-every", "0", "--out", str(out)]
+    code, err = run_cli(base + ["--method", "uscrr", "--sampler", "round_robin"], capsys)
+    assert code == 0, err
+    assert (out / "model" / "model.safetensors").is_file()
+    for extra, needle in [
+        (["--method", "uscrr"], "already holds a run"),
+        (["--method", "nope"], "unknown method"),
+        (["--method", "specialist"], "--domain"),
+        (["--sampler", "sometimes"], "unknown sampler"),
+        (["--method", "specialist", "--domain", "nowhere"], "unknown domain"),
+        (["--batch-size", "1"], "batch_size"),
+    ]:
+        args = base + extra
+        if needle != "already holds a run":
+            args[args.index("--out") + 1] = str(tmp_path / "bad")
+        code, err = run_cli(args, capsys)
+        assert code != 0 and needle in err, (extra, err)
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"cls_scale": 8.0, "no_such_option": 1}))
+    code, err = run_cli(base[:-1] + [str(tmp_path / "c2"), "--config", str(cfg)], capsys)
+    assert code == 1 and "no_such_option" in err
+    cfg.write_text(json.dumps({"cls_scale": 8.0, "steps": 99}))
+    code, err = run_cli(base[:-1] + [str(tmp_path / "c3"), "--config", str(cfg)], capsys)
+    assert code == 0, err
+    saved = json.loads((tmp_path / "c3" / "train_config.json").read_text())["config"]
+    assert saved["cls_scale"] == 8.0 and saved["steps"] == 2  # explicit options beat the file
+
+
+def torchrun(nproc: int, args: list[str], env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "uniret.cli", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_two_gloo_processes_match_one(demo_root, tmp_path):
+    args = ["train", "--data", str(demo_root), "--backbone", "timm:test_vit", "--image-size", "32",
+            "--batch-size", "8", "--steps", "4", "--val-every", "0", "--method", "udon", "--sampler", "dynamic",
+            "--device", "cpu"]
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"dynamic_interval": 2, "dynamic_window": 2}))
+    one = torchrun(1, args + ["--config", str(cfg), "--out", str(tmp_path / "one")])
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = torchrun(2, args + ["--config", str(cfg), "--out", str(tmp_path / "two")])
+    assert two.returncode == 0, two.stderr[-2000:]
+    a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=2e-5, rtol=1e-4), k
+    assert json.loads((tmp_path / "two" / "train_config.json").read_text())["world_size"] == 2
+    la = [r for r in metrics(tmp_path / "one") if r["kind"] != "train"]
+    lb = [r for r in metrics(tmp_path / "two") if r["kind"] != "train"]
+    assert [r["probabilities"] for r in la] == pytest.approx([r["probabilities"] for r in lb], rel=1e-4)
+    ta = [r["loss"] for r in metrics(tmp_path / "one") if r["kind"] == "train"]
+    tb = [r["loss"] for r in metrics(tmp_path / "two") if r["kind"] == "train"]
+    assert ta == pytest.approx(tb, rel=1e-4)
