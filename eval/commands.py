@@ -85,9 +85,14 @@ def eval_compare(
 def demo_command(
     out: Path = typer.Option(Path("uniret-demo"), "--out", help="Folder for the data, model, indexes and reports."),
     steps: int = typer.Option(None, "--steps", help="Training steps (default: the demo's short schedule)."),
+    scale: float = typer.Option(1.0, "--scale", help="Demo collection size (1.0: about 1000 images)."),
     device: str = typer.Option(None, "--device", help="cpu, cuda, ... (default: a GPU when there is one)."),
 ) -> None:
     """Run the whole pipeline on the demo data: make data, train UDON briefly, embed, index, evaluate, search."""
     from .demo import run_demo
 
-    run_demo(out, steps=steps, device=device)
+    if steps is not None and steps < 2:
+        raise UniretError(f"--steps must be at least 2, not {steps}")
+    if not 0 < scale <= 4:
+        raise UniretError(f"--scale must be in (0, 4], not {scale}")
+    run_demo(out, steps=steps, device=device, scale=scale)

@@ -1,0 +1,59 @@
+"""`uniret demo`: every stage at small size (default run) and the real schedule (slow)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from uniret.cli import main
+
+
+def check_demo_dir(out, printed: str) -> None:
+    reports = out / "reports"
+    for name in ("untrained", "udon", "udon+superglobal"):
+        assert {p.name for p in (reports / name).iterdir()} == {"metrics.json", "report.md", "report.html"}
+    udon = json.loads((reports / "udon" / "metrics.json").read_text())
+    sg = json.loads((reports / "udon+superglobal" / "metrics.json").read_text())
+    assert udon["model"]["config_hash"] == sg["model"]["config_hash"]  # one trained model, two rerank settings
+    assert (udon["rerank"], sg["rerank"]) == ("none", "superglobal")
+    assert sg["embeddings"]["reused"] and sg["embeddings"]["store"] == udon["embeddings"]["store"]
+    trained = json.loads((out / "run" / "model" / "config.json").read_text())
+    assert trained["provenance"]["training"]["method"] == "udon"
+    assert trained["config_hash"] == udon["model"]["config_hash"]
+    assert f"HTML report: {(reports / 'udon' / 'report.html').resolve()}" in printed
+    assert "one query, top 5 of the merged index" in printed
+    for name in ("untrained", "udon", "udon+superglobal"):
+        assert name in printed
+
+
+def test_demo_small_then_resume(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--steps", "2", "--scale", "0.25"]) == 0
+    first = capsys.readouterr().out
+    check_demo_dir(out, first)
+    udon = json.loads((out / "reports" / "udon" / "metrics.json").read_text())
+    # the table printed is the reports' numbers
+    assert f"{udon['results']['merged']['mean']['R@1']:.4f}" in first
+    # a second run trains nothing and embeds nothing
+    assert main(["demo", "--out", str(out), "--steps", "2", "--scale", "0.25"]) == 0
+    again = json.loads((out / "reports" / "udon" / "metrics.json").read_text())
+    assert again["embeddings"]["reused"] and again["results"] == udon["results"]
+    assert capsys.readouterr().out.count("HTML report:") == 1
+
+
+def test_demo_bad_options(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "d"), "--steps", "0"]) == 1
+    assert capsys.readouterr().err.strip() == "error: --steps must be at least 2, not 0"
+    assert main(["demo", "--out", str(tmp_path / "d"), "--scale", "-1"]) == 1
+    assert "--scale must be" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_demo_full_schedule_beats_untrained(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out)]) == 0
+    check_demo_dir(out, capsys.readouterr().out)
+    mean = {name: json.loads((out / "reports" / name / "metrics.json").read_text())["results"]["merged"]["mean"]
+            for name in ("untrained", "udon")}
+    assert mean["udon"]["mAP@100"] > mean["untrained"]["mAP@100"] + 0.05
