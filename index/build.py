@@ -53,7 +53,9 @@ def _model_hash_of_dir(model_dir: Path) -> str:
 
 def _add_vectors(index, vectors: np.ndarray, ids: np.ndarray) -> None:
     for start in range(0, len(ids), ADD_CHUNK):
-        chunk = np.ascontiguousarray(vectors[start:start + ADD_CHUNK], dtype=np.float32)
+        # Round through fp16 first: the index then holds exactly the raw vectors kept beside it, so
+        # exact search, reranking and the funnel's rescoring all agree.
+        chunk = np.asarray(vectors[start:start + ADD_CHUNK]).astype(np.float16).astype(np.float32)
         index.add_with_ids(chunk, np.ascontiguousarray(ids[start:start + ADD_CHUNK], dtype=np.int64))
 
 
