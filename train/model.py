@@ -65,7 +65,7 @@ class TrainingModel(nn.Module):
 
     def forward(self, images: torch.Tensor, domain: int) -> dict[str, torch.Tensor]:
         features = self.embedder.features(images)  # e_b, L2-normalised
-        student = F.normalize(self.embedder.head(features), dim=-1)  # e_u
+        student = self.embedder.embed_features(features)  # e_u = normalize(head(e_b))
         classifier = self.student_classifiers[0 if self.method == "ujc" else domain]
         out = {"student": student, "student_cosines": classifier(student)}
         if self.method == "udon":

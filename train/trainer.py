@@ -65,6 +65,28 @@ def backbone_lr_at(step: int, config: TrainConfig) -> float:
     return 0.0 if step < config.freeze_steps else config.backbone_lr
 
 
+def method_losses(model: TrainingModel, config: TrainConfig, images: torch.Tensor, labels: torch.Tensor,
+                  domain: int, ctx: DistContext | None = None, autocast: bool = False) -> dict[str, torch.Tensor]:
+    """Forward one single-domain batch and return the method's losses (``loss`` = what to minimise).
+
+    ``labels`` are already in the classifier's label space (:meth:`TrainingModel.joint_labels`).
+    """
+    ctx = ctx or DistContext()
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if autocast else nullcontext()
+    with amp:
+        out = model(images, domain)
+    if config.method != "udon":
+        return classifier_only_losses(out, labels, cls_scale=config.cls_scale)
+    gathered = None
+    if ctx.enabled:  # the relational loss compares the images of the GLOBAL batch
+        gathered = (gather_with_grad(out["student"], ctx), gather_detached(out["teacher"], ctx))
+    return udon_losses(
+        out, labels, cls_scale=config.cls_scale, temperature=config.distill_temperature,
+        relational_factor=config.relational_factor, gathered=gathered,
+        weights=(config.weight_cls_teacher, config.weight_cls_student, config.weight_logit, config.weight_relational),
+    )
+
+
 class Trainer:
     def __init__(self, config: TrainConfig, resume: bool = False):
         from ..embed.model import build_model
@@ -169,21 +191,7 @@ class Trainer:
         images, labels = self.data.load(domain, positions[lo : lo + local], seeds)
         images, labels = images.to(self.device, non_blocking=True), labels.to(self.device)
         labels = self.model.joint_labels(domain, labels)
-        amp = torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else nullcontext()
-        with amp:
-            out = self.model(images, domain)
-        if config.method == "udon":
-            gathered = None
-            if ctx.enabled:
-                gathered = (gather_with_grad(out["student"], ctx), gather_detached(out["teacher"], ctx))
-            losses = udon_losses(
-                out, labels, cls_scale=config.cls_scale, temperature=config.distill_temperature,
-                relational_factor=config.relational_factor, gathered=gathered,
-                weights=(config.weight_cls_teacher, config.weight_cls_student,
-                         config.weight_logit, config.weight_relational),
-            )
-        else:
-            losses = classifier_only_losses(out, labels, cls_scale=config.cls_scale)
+        losses = method_losses(self.model, config, images, labels, domain, ctx, self.autocast)
         self.optimizer.zero_grad(set_to_none=config.absent_heads == "skip")
         losses["loss"].backward()
         average_gradients(list(self.model.parameters()), ctx)
