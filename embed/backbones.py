@@ -132,14 +132,23 @@ def _timm_backbone(name: str, model_name: str, pretrained: bool, weights: str | 
     if weights is not None:
         kwargs["pretrained_cfg_overlay"] = {"file": str(weights)}
     use_pretrained = bool(pretrained or weights)
+
+    def create(**extra):
+        return timm.create_model(model_name, pretrained=use_pretrained, **extra, **kwargs)
+
     try:
-        model = timm.create_model(model_name, pretrained=use_pretrained,
-                                  **({"img_size": image_size} if image_size else {}), **kwargs)
-    except TypeError:
-        # CNNs take any input size and have no img_size argument: only the preprocessing changes.
-        model = timm.create_model(model_name, pretrained=use_pretrained, **kwargs)
-    except RuntimeError as exc:
-        raise UniretError(f"{name}: cannot load pretrained weights ({exc}); pass --weights FILE or drop --pretrained") from None
+        try:
+            model = create(**({"img_size": image_size} if image_size else {}))
+        except TypeError:
+            # CNNs take any input size and have no img_size argument: only the preprocessing changes.
+            model = create()
+    except Exception as exc:  # noqa: BLE001 - hub, network and checkpoint errors all mean "no weights"
+        if not use_pretrained:
+            raise
+        raise UniretError(
+            f"{name}: cannot load pretrained weights ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+            "put them in the hub cache, pass --weights FILE, or drop --pretrained"
+        ) from None
     cfg = resolve_model_data_config(model)
     data_config = {
         "input_size": list(cfg["input_size"]),
@@ -181,8 +190,13 @@ def _open_clip_backbone(name: str, spec: str, pretrained: bool, weights: str | N
             arch, pretrained=source, force_quick_gelu=bool(tag_cfg.get("quick_gelu", False)),
             force_image_size=image_size, require_pretrained=source is not None,
         )
-    except (RuntimeError, FileNotFoundError) as exc:
-        raise UniretError(f"{name}: cannot load open_clip weights ({exc})") from None
+    except Exception as exc:  # noqa: BLE001 - hub, network and checkpoint errors all mean "no weights"
+        if source is None:
+            raise
+        raise UniretError(
+            f"{name}: cannot load open_clip weights ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+            "put them in the hub cache, pass --weights FILE, or drop --pretrained"
+        ) from None
     visual = clip.visual
     pre = dict(open_clip.get_model_preprocess_cfg(clip))
     for key in ("mean", "std", "interpolation", "resize_mode"):

@@ -218,3 +218,28 @@ def test_train_transform_random_crop_and_flip():
     outs = [tf(Image.new("RGB", (50, 30), (255, 255, 255))) for _ in range(3)]
     assert all(o.shape == (3, 14, 14) for o in outs)
     assert torch.allclose(outs[0], torch.ones(3, 14, 14))
+
+
+def test_weights_file_loads_into_the_backbone(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(1)
+    source = timm.create_model("vit_tiny_patch16_224", img_size=32)  # with its classifier, as published
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    model = build_model(TINY, dim=8, image_size=32, weights=tmp_path / "w.safetensors")
+    assert torch.equal(model.backbone.model.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight)
+    assert model.config.provenance["init"]["weights"].endswith("w.safetensors")
+    with pytest.raises(UniretError, match="no such file"):
+        build_model(TINY, weights=tmp_path / "missing.pth")
+
+
+@pytest.mark.gpu
+def test_gpu_made_model_gives_the_same_embeddings_on_cpu(tmp_path):
+    torch.manual_seed(0)
+    model = build_model(TINY, dim=8, image_size=32).to("cuda")
+    x = ramp()
+    on_gpu = model.encode(x).cpu()
+    model.save(tmp_path / "m")
+    on_cpu = load_model(tmp_path / "m", device="cpu").encode(x)
+    assert torch.allclose(on_cpu, on_gpu, atol=1e-4)
