@@ -94,12 +94,17 @@ def drop_self_results(scores: np.ndarray, ids: np.ndarray, query_ids: np.ndarray
 
 
 def search_and_rank(xq, xb, k: int, rerank: str | None = None, device: str | None = None,
-                    query_ids: np.ndarray | None = None):
+                    query_ids: np.ndarray | None = None, search_fn=None):
     """Top-k, with each query's own id (``query_ids``, -1 = none) dropped BEFORE reranking, so that
-    a query never expands itself; a reranker sees a deeper candidate list than k."""
+    a query never expands itself; a reranker sees a deeper candidate list than k. ``search_fn(xq, k)
+    -> (scores, ids)`` replaces exact search (e.g. an approximate index over ``xb``)."""
     depth = max(k, RERANK_DEPTH.get(rerank or "none", k))
     extra = 1 if query_ids is not None and (query_ids >= 0).any() else 0
-    scores, ids = search(xq, xb, depth + extra, device=device)
+    if search_fn is None:
+        scores, ids = search(xq, xb, depth + extra, device=device)
+    else:
+        scores, ids = search_fn(xq, depth + extra)
+        scores, ids = np.array(scores, dtype=np.float32), np.array(ids, dtype=np.int64)
     if extra:
         scores, ids = drop_self_results(scores, ids, query_ids)
     scores, ids = rerank_results(rerank, xq, xb, scores[:, :depth], ids[:, :depth])
@@ -117,6 +122,7 @@ def evaluate_embeddings(
     rerank: str | None = None,
     device: str | None = None,
     k_mp: int = 5,
+    search_fn=None,
 ) -> dict:
     """Search ``query_vectors`` against ``index_vectors`` and compute the UnED metrics.
 
@@ -125,6 +131,8 @@ def evaluate_embeddings(
     their own id is dropped. Returns :func:`retrieval_metrics`'s dict (``mean``, ``per_domain``,
     ``queries``, ``excluded``, ``per_query``) plus ``protocol``, ``k``, ``rerank`` and the ranked
     ``scores`` / ``ids`` (nq, k) (index row numbers, best first, self match already dropped).
+    ``search_fn(xq, k) -> (scores, ids)``: search an index over ``index_vectors`` instead of exact
+    search (merged protocol only).
     """
     if protocol not in PROTOCOLS:
         raise UniretError(f"unknown protocol {protocol!r}; choose merged or separate")
@@ -134,8 +142,11 @@ def evaluate_embeddings(
         raise ValueError("vectors and items differ in length")
     query_ids = self_match_ids(query_items, index_items) if self_match else None
     if protocol == "merged":
-        scores, ids = search_and_rank(xq, xb, k, rerank=rerank, device=device, query_ids=query_ids)
+        scores, ids = search_and_rank(xq, xb, k, rerank=rerank, device=device, query_ids=query_ids,
+                                      search_fn=search_fn)
     else:
+        if search_fn is not None:
+            raise UniretError("an index kind other than flat is evaluated on the merged protocol only")
         scores = np.full((len(xq), k), -np.inf, dtype=np.float32)
         ids = np.full((len(xq), k), -1, dtype=np.int64)
         q_dom = np.array([label_of(it)[0] for it in query_items], dtype=object)

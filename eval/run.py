@@ -97,8 +97,8 @@ def protocol_rows(items: list[Item], pairs: dict[str, tuple[str, str]], valid: n
 
 def summary_of(result: dict) -> dict:
     """The JSON-able part of an :func:`evaluate_embeddings` result."""
-    keys = ("mean", "per_domain", "queries", "evaluated", "excluded", "protocol", "k", "rerank")
-    return {k: result[k] for k in keys}
+    keys = ("mean", "per_domain", "queries", "evaluated", "excluded", "protocol", "k", "rerank", "index")
+    return {k: result[k] for k in keys if k in result}
 
 
 def evaluate(
@@ -130,6 +130,11 @@ def evaluate(
         raise UniretError(f"--protocol must be merged, separate or both, not {protocol!r}")
     if (rerank or "none") not in RERANKERS:
         raise UniretError(f"--rerank must be one of {', '.join(RERANKERS)}, not {rerank!r}")
+    if index_kind != "flat":
+        from ..index.keys import KINDS
+
+        if index_kind not in KINDS:
+            raise UniretError(f"--index-kind must be one of {', '.join(KINDS)}, not {index_kind!r}")
     started = time.time()
     collection = open_collection(data)
     if model is None:
@@ -153,13 +158,14 @@ def evaluate(
 
             results[p] = evaluate_with_index(vectors[q_rows], q_items, vectors[x_rows], x_items, self_match, k=k,
                                              rerank=rerank, index_kind=index_kind, device=device,
-                                             work_dir=Path(cache_dir) / "indexes")
+                                             work_dir=Path(cache_dir) / "indexes", key=Path(store.path).name,
+                                             model_hash=store.model_hash)
         else:
             results[p] = evaluate_embeddings(vectors[q_rows], q_items, vectors[x_rows], x_items, self_match, k=k,
                                              protocol=p, rerank=rerank, device=device)
     report = {
         "format": "uniret-eval-report/1",
-        "model": {"dir": str(model_dir) if model_dir else None, "config_hash": model.config_hash(),
+        "model": {"dir": str(model_dir) if model_dir else None, "config_hash": store.model_hash,
                   **_model_info(model)},
         "data": {"path": str(Path(data).resolve()), "split": split, "key": data_key(collection, items),
                  "domains": {d: {"query_split": qs, "index_split": xs} for d, (qs, xs) in pairs.items()},
