@@ -71,37 +71,41 @@ def faiss_cpu_search(xq: np.ndarray, xb: np.ndarray, k: int) -> tuple[np.ndarray
     return scores.astype(np.float32, copy=False), ids.astype(np.int64, copy=False)
 
 
-def torch_search(xq, xb, k: int, device: str = "cuda", block: int | None = None,
-                 matmul_dtype=None) -> tuple[np.ndarray, np.ndarray]:
-    """Chunked matmul + top-k with torch on ``device``; exact fp32 scores.
+def _to_device(x, dev):
+    import torch
 
-    ``matmul_dtype`` defaults to fp16 on CUDA (tensor cores) and fp32 elsewhere. With a reduced
-    precision matmul, the top ``2k + 16`` are taken first and rescored in fp32.
+    if isinstance(x, torch.Tensor):
+        return x.detach().to(dev, torch.float32)
+    return torch.as_tensor(_as_float32(x)).to(dev)
+
+
+def torch_topk(xq_t, xb_t, k: int, block: int | None = None, matmul_dtype=None, xb_mm=None):
+    """Top-k of ``xq_t @ xb_t.T`` as device tensors ``(scores (nq, min(k, nb)) float32, rows int64)``.
+
+    ``xq_t``, ``xb_t``: float32 tensors on one device. ``xb_mm`` is ``xb_t`` already cast to the
+    matmul dtype (pass it to reuse it across calls). Queries go in blocks whose (block, nb) score
+    matrix stays near 1 GiB on CUDA (256 MiB on CPU).
     """
     import torch
 
-    dev = torch.device(device)
+    dev = xb_t.device
     if matmul_dtype is None:
         matmul_dtype = torch.float16 if dev.type == "cuda" else torch.float32
-    xq_t = torch.as_tensor(_as_float32(xq)).to(dev)
-    xb_t = torch.as_tensor(_as_float32(xb)).to(dev)
     nq, nb = xq_t.shape[0], xb_t.shape[0]
     kk = min(k, nb)
-    if nq == 0 or kk == 0:
-        return _pad(np.zeros((nq, 0), np.float32), np.zeros((nq, 0), np.int64), k)
-    xb_m = xb_t.to(matmul_dtype)
+    xb_m = xb_mm if xb_mm is not None else xb_t.to(matmul_dtype)
     exact = matmul_dtype == torch.float32
     shortlist = kk if exact else min(nb, 2 * kk + 16)
     if block is None:
-        # Keep one (block, nb) score matrix around ~1 GiB on CUDA, ~256 MiB on CPU.
         budget = (1 << 30) if dev.type == "cuda" else (1 << 28)
-        block = int(max(1, min(8192, budget // max(1, nb * xb_m.element_size()))))
+        block = int(max(1, min(16384, budget // max(1, nb * xb_m.element_size()))))
     out_s = torch.empty((nq, kk), dtype=torch.float32, device=dev)
     out_i = torch.empty((nq, kk), dtype=torch.int64, device=dev)
     for start in range(0, nq, block):
         q = xq_t[start:start + block]
         sims = q.to(matmul_dtype) @ xb_m.T
         top_s, top_i = torch.topk(sims, shortlist, dim=1)
+        del sims
         if not exact:
             # fp32 rescoring of the shortlist: (b, s, d) x (b, d) -> (b, s)
             top_s = torch.einsum("bsd,bd->bs", xb_t[top_i], q)
@@ -109,6 +113,25 @@ def torch_search(xq, xb, k: int, device: str = "cuda", block: int | None = None,
             top_i = torch.gather(top_i, 1, order)
         out_s[start:start + block] = top_s.float()
         out_i[start:start + block] = top_i
+    return out_s, out_i
+
+
+def torch_search(xq, xb, k: int, device: str = "cuda", block: int | None = None,
+                 matmul_dtype=None) -> tuple[np.ndarray, np.ndarray]:
+    """Chunked matmul + top-k with torch on ``device``; exact fp32 scores, numpy results.
+
+    ``matmul_dtype`` defaults to fp16 on CUDA (tensor cores) and fp32 elsewhere. With a reduced
+    precision matmul, the top ``2k + 16`` are taken first and rescored in fp32. Tensors already on
+    ``device`` are used without a copy.
+    """
+    import torch
+
+    dev = torch.device(device)
+    xq_t, xb_t = _to_device(xq, dev), _to_device(xb, dev)
+    nq, nb = xq_t.shape[0], xb_t.shape[0]
+    if nq == 0 or nb == 0:
+        return _pad(np.zeros((nq, 0), np.float32), np.zeros((nq, 0), np.int64), k)
+    out_s, out_i = torch_topk(xq_t, xb_t, k, block=block, matmul_dtype=matmul_dtype)
     return _pad(out_s.cpu().numpy(), out_i.cpu().numpy(), k)
 
 

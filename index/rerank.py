@@ -82,8 +82,8 @@ def _rerank_batched(xq, xb, ids, scores, M: int, batch_size: int, device, score_
         new = score_fn(q, D, valid)
         new = torch.where(valid, new, torch.full_like(new, -torch.inf))
         new_s, order = torch.sort(new, dim=1, descending=True, stable=True)
-        out_s[sl, :m] = new_s.cpu()
-        out_i[sl, :m] = torch.gather(cand, 1, order).cpu()
+        out_s[sl, :m] = new_s.to(out_s.device)
+        out_i[sl, :m] = torch.gather(cand, 1, order).to(out_i.device)
     return _to_outputs(out_s, out_i, ids)
 
 
