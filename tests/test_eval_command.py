@@ -134,3 +134,16 @@ def test_errors_are_one_line(args, message, tiny_model, demo_root, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and message in err[-1]
     assert not any("Traceback" in line for line in err)
+
+
+def test_eval_on_packed_lmdb(tiny_model, demo_lmdb, report_dir, tmp_path):
+    out = tmp_path / "lmdb"
+    assert main(["eval", "--model", str(tiny_model), "--data", str(demo_lmdb), "--out", str(out),
+                 "--split", "val", "--samples", "1"]) == 0
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["data"]["split"] == "val" and report["data"]["path"] == str(demo_lmdb.resolve())
+    # val searches itself in every domain: one merged index of all val items, self match dropped
+    assert all(v == {"query_split": "val", "index_split": "val"} for v in report["data"]["domains"].values())
+    merged = report["results"]["merged"]
+    assert merged["queries"] == report["embeddings"]["count"]
+    assert (out / "report.html").read_text().count("data:image/jpeg;base64,") == 4 * 6
