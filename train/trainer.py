@@ -211,6 +211,8 @@ class Trainer:
             result = validate(self.model.embedder, self.val, self.config.val_batch_size, self.device, self.autocast)
             record = {"kind": "val", "step": self.step, **result}
             self.run.log(record)
+            logger.info("step %d: merged val R@1 %.4f (%s)", self.step, result["R@1"] or 0.0,
+                        " ".join(f"{d} {v:.3f}" for d, v in result["per_domain_R@1"].items() if v is not None))
             r1 = result["R@1"]
             if r1 is not None and (self.best["R@1"] is None or r1 > self.best["R@1"]):
                 self.best = {"R@1": r1, "step": self.step}
