@@ -174,3 +174,11 @@ def evaluate_embeddings(
     )
     result.update(protocol=protocol, k=k, rerank=rerank or "none", scores=scores, ids=ids)
     return result
+
+
+def evaluate(model_dir, data, **kwargs) -> dict:
+    """A model directory + a collection -> report dict; see :func:`uniret.eval.run.evaluate` (kept
+    there so that this module stays free of the embedding machinery)."""
+    from .run import evaluate as run_evaluate
+
+    return run_evaluate(model_dir, data, **kwargs)

@@ -147,3 +147,13 @@ def test_eval_on_packed_lmdb(tiny_model, demo_lmdb, report_dir, tmp_path):
     merged = report["results"]["merged"]
     assert merged["queries"] == report["embeddings"]["count"]
     assert (out / "report.html").read_text().count("data:image/jpeg;base64,") == 4 * 6
+
+
+def test_python_api_matches_cli_report(report_dir, tiny_model, demo_root):
+    from uniret.eval import evaluate
+
+    report = evaluate(tiny_model, demo_root, protocol="separate",
+                      cache_dir=report_dir.parent / ".cache" / "embeddings")
+    assert report["embeddings"]["reused"] and "out" not in report
+    want = json.loads((report_dir / "metrics.json").read_text())["results"]["separate"]
+    assert report["results"]["separate"]["mean"] == pytest.approx(want["mean"])
