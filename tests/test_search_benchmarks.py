@@ -34,3 +34,10 @@ def test_cpu_benchmark_small():
     res = load("index_cpu").main(["--n", "3000", "--dim", "16", "--queries", "200", "--clusters", "30",
                                   "--k", "10"])
     assert res["auto_key"] == "Flat" and res["recall@10"] == 1.0  # small: exact
+
+
+def test_funnel_benchmark_small():
+    res = load("search_funnel").main(["--n", "2000", "--dim", "16", "--queries", "50", "--clusters", "40",
+                                      "--shortlist-dim", "4", "16", "--shortlist-k", "2000"])
+    full_dim = [r for r in res["funnel"] if r["shortlist_dim"] == 16][0]
+    assert full_dim["recall@10"] == 1.0  # the full dim with a shortlist of everything is exact
