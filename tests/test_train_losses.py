@@ -88,8 +88,11 @@ class StubEmbedder(nn.Module):
     def features(self, x):
         return F.normalize(self.backbone(x), dim=-1)
 
+    def embed_features(self, e_b):
+        return F.normalize(self.head(e_b), dim=-1)
+
     def forward(self, x):
-        return F.normalize(self.head(self.features(x)), dim=-1)
+        return self.embed_features(self.features(x))
 
 
 def grads_after(model, loss):

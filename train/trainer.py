@@ -100,6 +100,9 @@ class Trainer:
             )
         self.device = pick_device(config.device, self.ctx)
         self.run = RunDir(config.out)
+        if not resume and self.run.config_file.is_file():  # fail before building anything
+            raise UniretError(f"{self.run.path} already holds a run; pass --resume to continue it or choose another --out")
+        self.ctx.barrier()  # every rank has looked before rank 0 writes the run directory
         torch.manual_seed(config.seed)
         embedder = build_model(config.backbone, dim=config.dim, pretrained=config.pretrained,
                                weights=config.weights, image_size=config.image_size)
@@ -132,8 +135,6 @@ class Trainer:
 
     def _prepare_run(self, resume: bool) -> None:
         saved = self.run.read_config()
-        if saved is not None and not resume:
-            raise UniretError(f"{self.run.path} already holds a run; pass --resume to continue it or choose another --out")
         if resume and self.run.last.is_file():
             diff = config_differences(saved or {}, self.config.to_json())
             if diff:
