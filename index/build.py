@@ -171,11 +171,20 @@ def build_index(store, out, kind: str = "auto", gpu: str = "auto", gpus: int | N
             raise UsageError(f"index {key} cannot be built on a GPU (Faiss has no GPU HNSW); use --gpu auto|off")
         logger.info("index: %s is CPU only; building on the CPU", key)
     if on_gpu:
-        index = gpu_util.to_gpus(index, ngpu, shard=shard)
-    _train(index, vectors, key, seed)
-    _add_vectors(index, vectors, ids)
-    if on_gpu:
-        index = gpu_util.to_cpu(index)  # persisted and tuned on the CPU copy (tuning is 1k queries)
+        try:
+            gpu_index = gpu_util.to_gpus(index, ngpu, shard=shard)
+            _train(gpu_index, vectors, key, seed)
+            _add_vectors(gpu_index, vectors, ids)
+            index = gpu_util.to_cpu(gpu_index)  # persisted and tuned on the CPU copy (tuning is 1k queries)
+        except RuntimeError as exc:
+            if gpu == "on":
+                raise UniretError(f"building {key} on the GPU failed ({str(exc).strip().splitlines()[-1]})") from None
+            logger.warning("index: GPU build of %s failed (%s); building on the CPU", key, exc)
+            on_gpu = False
+            index = new_index(key, store.dim)
+    if not on_gpu:
+        _train(index, vectors, key, seed)
+        _add_vectors(index, vectors, ids)
     build_s = time.perf_counter() - t0
     recall = _measure_recall(index, key, vectors, ids, recall_k, target_recall, tune_sample, seed)
     with writer_lock(root):

@@ -107,11 +107,16 @@ class Searcher:
                 and nprobe <= gpu_util.GPU_MAX_K):
             return self.index
         if self._gpu_index is None:
-            self._gpu_index = gpu_util.to_gpus(self.index, self.ngpu)
-            if nprobe:
-                import faiss
+            try:
+                self._gpu_index = gpu_util.to_gpus(self.index, self.ngpu)
+                if nprobe:
+                    import faiss
 
-                faiss.GpuParameterSpace().set_index_parameter(self._gpu_index, "nprobe", int(nprobe))
+                    faiss.GpuParameterSpace().set_index_parameter(self._gpu_index, "nprobe", int(nprobe))
+            except RuntimeError as exc:  # an index Faiss cannot clone to the GPU: stay on the CPU
+                logger.warning("index: cannot move %s to the GPU (%s); searching on the CPU", self.key, exc)
+                self.use_gpu = False
+                return self.index
         return self._gpu_index
 
     def _exact_rows(self, xq: np.ndarray, rows: np.ndarray | None, k: int, xb: np.ndarray | None = None):

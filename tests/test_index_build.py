@@ -185,3 +185,24 @@ def test_cli_build_info_and_bad_options(tmp_path, capsys):
         assert main(argv) in (1, 2)
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and msg in err[0], err
+
+
+def _faiss_gpus() -> int:
+    import faiss
+
+    return faiss.get_num_gpus()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_faiss_gpus() == 0, reason="Faiss sees no GPU")
+@pytest.mark.parametrize("kind", ["flat", "ivf-flat"])
+def test_faiss_gpu_build_and_search_equal_cpu(tmp_path, kind):
+    x = clustered(5000, d=32, seed=7)
+    store = make_store(tmp_path / "s", x, items_for(5000))
+    build_index(store, tmp_path / "gpu", kind=kind, gpu="on", recall_k=20)
+    build_index(store, tmp_path / "cpu", kind=kind, gpu="off", recall_k=20)
+    g, c = Searcher.open(tmp_path / "gpu"), Searcher.open(tmp_path / "cpu", gpu="off")
+    assert g.manifest["built_on"].endswith("GPU(s)")
+    _, gi = g.search(x[:200], 20)
+    _, ci = c.search(x[:200], 20)
+    assert recall_at_k(gi, ci) > 0.95 if kind != "flat" else (gi == ci).mean() > 0.999
