@@ -135,6 +135,11 @@ def _copy_model(root: Path, model_dir: Path | None) -> str | None:
     return MODEL_DIR
 
 
+def _is_leftover(path: Path) -> bool:
+    """Files an interrupted first build leaves behind (a re-run may reuse the directory)."""
+    return path.name in (".lock", MODEL_DIR, f".{MODEL_DIR}.tmp", f"{MODEL_DIR}.old") or path.name.endswith(".partial")
+
+
 def build_index(store, out, kind: str = "auto", gpu: str = "auto", gpus: int | None = None,
                 max_memory: int | None = None, target_recall: float = 0.95, recall_k: int = 100,
                 model_dir=None, tune_sample: int = 1000, shard: bool = False, seed: int = 0) -> Path:
@@ -144,7 +149,7 @@ def build_index(store, out, kind: str = "auto", gpu: str = "auto", gpus: int | N
     """
     store = _open_store(store)
     root = Path(out)
-    if root.exists() and not (root / "CURRENT").is_file() and any(root.iterdir()):
+    if root.exists() and not (root / "CURRENT").is_file() and not all(_is_leftover(p) for p in root.iterdir()):
         raise UniretError(f"{root} exists and is not an index directory; pick another --out")
     if not 0 < target_recall <= 1:
         raise UsageError(f"--target-recall must be in (0, 1], got {target_recall}")

@@ -153,6 +153,19 @@ def test_killed_add_leaves_previous_index_usable(tmp_path):
     assert not list(idx.glob("*.partial")) and Searcher.open(idx).count == 400
 
 
+def test_rerun_after_an_interrupted_first_build(tmp_path):
+    x = clustered(100, seed=8)
+    make_store(tmp_path / "s", x, items_for(100))
+    (tmp_path / "idx" / "v000001.partial").mkdir(parents=True)  # what a killed first build leaves
+    (tmp_path / "idx" / ".lock").touch()
+    build_index(tmp_path / "s", tmp_path / "idx")
+    assert Searcher.open(tmp_path / "idx").count == 100 and not list((tmp_path / "idx").glob("*.partial"))
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").touch()
+    with pytest.raises(UniretError, match="not an index directory"):
+        build_index(tmp_path / "s", tmp_path / "other")
+
+
 def test_model_mismatch_is_a_clear_error(tmp_path, capsys):
     x = clustered(100, seed=5)
     build_index(make_store(tmp_path / "a", x, items_for(100)), tmp_path / "idx")
