@@ -81,8 +81,12 @@ def _barrier(world: int) -> None:
 
 
 def model_info(model: UniversalEmbedder) -> dict:
-    return {"config_hash": model.config_hash(), "backbone": model.config.backbone, "dim": model.config.dim,
+    info = {"config_hash": model.config_hash(), "backbone": model.config.backbone, "dim": model.config.dim,
             "nested_dims": model.config.nested_dims}
+    source_dir = getattr(model, "source_dir", None)
+    if source_dir is not None:
+        info["path"] = str(source_dir)
+    return info
 
 
 def _chunk_dir(writer_partial: Path) -> Path:

@@ -81,6 +81,7 @@ class UniversalEmbedder(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.config = config
+        self.source_dir: Path | None = None  # where it was loaded from, if it was
         self.head = nn.Linear(backbone.feature_dim, config.dim)
         self._transform = None
 
@@ -212,6 +213,7 @@ class UniversalEmbedder(nn.Module):
             )
         model.backbone.load_state_dict({k[9:]: v for k, v in state.items() if k.startswith("backbone.")})
         model.head.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("head.")})
+        model.source_dir = path.resolve()  # recorded in stores, so an index can find its model
         return model.to(device).eval()
 
 
