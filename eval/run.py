@@ -62,26 +62,11 @@ def cached_store(model, collection, items: list[Item], split: str, cache_dir: Pa
             logger.info("reusing embeddings in %s", path)
             return store, True
     logger.info("embedding %d images into %s", len(items), path)
-    try:
-        from ..embed.extract import embed_items
-    except ImportError:  # the embed package's extractor not there yet: embed in this process
-        return _embed_simple(model, collection, items, path, model_hash, batch_size), False
+    from ..embed.extract import embed_items
+
     store = embed_items(model, ItemList(items, source=collection), path, batch_size=batch_size,
                         workers=workers, device=device, dtype="float16", resume=True)
     return store, False
-
-
-def _embed_simple(model, collection, items: list[Item], path: Path, model_hash: str, batch_size: int):
-    from ..data.images import decode_image
-    from ..embed.store import write_store
-
-    chunks = []
-    for s in range(0, len(items), batch_size):
-        batch = items[s:s + batch_size]
-        images = [decode_image(collection.get_image_bytes(it.domain, it.split, it.position)) for it in batch]
-        chunks.append(model.encode(images).cpu().numpy())
-    vectors = np.concatenate(chunks) if chunks else np.zeros((0, model.config.dim), np.float32)
-    return write_store(path, vectors, items, model={"config_hash": model_hash}, dtype="float16")
 
 
 def protocol_rows(items: list[Item], pairs: dict[str, tuple[str, str]], valid: np.ndarray):
