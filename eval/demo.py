@@ -24,34 +24,29 @@ logger = logging.getLogger("uniret")
 
 @dataclass(frozen=True)
 class DemoSettings:
-    """The demo's short schedule: small enough for 2 CPU cores, long enough to beat the untrained model."""
+    """The demo's schedule: the training recipe tuned for the demo data on a CPU
+    (``uniret.train.DEMO_RECIPE``: timm's tiny test ResNet at 64 px from scratch, 300 steps)."""
 
-    backbone: str = "timm:test_resnet"  # timm's tiny test ResNet (0.4M parameters), from scratch
-    image_size: int = 64
-    steps: int = 200  # val R@1 peaks near 200 steps on the demo (0.63 at 100, 0.71 at 200, 0.69 at 300)
-    batch_size: int = 32
-    backbone_lr: float = 1e-3  # from scratch, so the backbone learns from the first step
+    steps: int | None = None  # None: the recipe's
     scale: float = 1.0  # demo collection size (about 1000 images)
 
 
 def train_demo_model(data: Path, run: Path, settings: DemoSettings, device: str | None) -> Path:
     """Train UDON on the demo data (resuming an interrupted run); return the exported model dir."""
-    from ..train.config import TrainConfig
+    from ..train.config import demo_config
     from ..train.trainer import train
 
+    overrides = {"device": device or "auto"}
+    if settings.steps is not None:
+        overrides.update(steps=settings.steps, val_every=max(1, settings.steps // 3),
+                         ckpt_every=max(1, settings.steps // 3), dynamic_interval=max(1, settings.steps // 6),
+                         dynamic_window=max(1, settings.steps // 6))
+    config = demo_config(data, run, **overrides)
     if (run / "summary.json").is_file() and (run / "model" / "config.json").is_file():
-        if read_json(run / "summary.json").get("steps") == settings.steps:
+        if read_json(run / "summary.json").get("steps") == config.steps:
             logger.info("training already done: %s", run / "model")
             return run / "model"
-    interval = max(1, settings.steps // 6)  # dynamic sampling re-weighs domains 5 times
-    config = TrainConfig(
-        data=str(data), out=str(run), method="udon", sampler="dynamic", backbone=settings.backbone,
-        image_size=settings.image_size, steps=settings.steps, batch_size=settings.batch_size,
-        backbone_lr=settings.backbone_lr, backbone_freeze_fraction=0.0,
-        dynamic_interval=interval, dynamic_window=interval, val_every=settings.steps // 2,
-        ckpt_every=interval, log_every=interval, device=device or "auto",
-    )
-    logger.info("training UDON for %d steps (%s at %d px)", settings.steps, settings.backbone, settings.image_size)
+    logger.info("training UDON for %d steps (%s at %d px)", config.steps, config.backbone, config.image_size)
     resume = (run / "train_config.json").is_file()
     return Path(train(config, resume=resume)) / "model"
 
@@ -69,15 +64,10 @@ def search_one_query(report: dict, data: Path, index_dir: Path, kind: str = "fla
     q_row = next(i for i, it in enumerate(items) if it.split == "test" and splits[it.domain][1] == "index")
     index_store = write_store(index_dir.parent / "index-store", vectors[x_rows], [items[i] for i in x_rows],
                               model={"config_hash": store.model_hash})
-    try:
-        from ..index import Searcher, build_index
-    except ImportError:  # the index package without index directories yet: exact search
-        from ..index.exact import exact_search
+    from ..index import Searcher, build_index
 
-        scores, ids = exact_search(vectors[q_row:q_row + 1], vectors[x_rows], 5)
-    else:
-        build_index(index_store, index_dir, kind=kind)
-        scores, ids = Searcher.open(index_dir).search(vectors[q_row:q_row + 1], 5)
+    build_index(index_store, index_dir, kind=kind)
+    scores, ids = Searcher.open(index_dir).search(vectors[q_row:q_row + 1], 5)
     query = items[q_row]
     rows = [{"rank": 0, "domain": query.domain, "class_ids": list(query.class_ids), "score": None,
              "match": "query", "path": query.path}]
@@ -100,8 +90,8 @@ def run_demo(out: str | Path = "uniret-demo", steps: int | None = None, device: 
 
     settings = settings or DemoSettings()
     if steps is not None or scale is not None:
-        settings = DemoSettings(**{**settings.__dict__, "steps": int(steps or settings.steps),
-                                   "scale": float(scale or settings.scale)})
+        settings = DemoSettings(steps=steps if steps is not None else settings.steps,
+                                scale=float(scale or settings.scale))
     out = Path(out)
     data, reports = out / "data", out / "reports"
     if not (data / "info").is_dir():
@@ -110,8 +100,9 @@ def run_demo(out: str | Path = "uniret-demo", steps: int | None = None, device: 
     model_dir = train_demo_model(data, out / "run", settings, device)
 
     from ..embed.model import build_model
+    from ..train.config import DEMO_RECIPE
 
-    untrained = build_model(settings.backbone, image_size=settings.image_size)
+    untrained = build_model(DEMO_RECIPE["backbone"], image_size=DEMO_RECIPE["image_size"])
     cache = reports / ".cache" / "embeddings"
     runs = {
         "untrained": dict(model_dir=None, model=untrained, rerank="none"),
