@@ -18,7 +18,9 @@ eval_app = typer.Typer(
 @eval_app.callback()
 def eval_main(
     ctx: typer.Context,
-    model: Path = typer.Option(None, "--model", help="Model directory (or a training run directory)."),
+    model: list[str] = typer.Option(None, "--model",
+                                    help="Model directory (or training run). Repeat as DOMAIN=DIR to embed each "
+                                         "domain with its own model (Specialist + Oracle)."),
     data: Path = typer.Option(None, "--data", help="Collection root or packed LMDB store."),
     split: str = typer.Option("test", "--split", help="test or val."),
     protocol: str = typer.Option("merged", "--protocol", help="merged, separate or both."),
@@ -38,17 +40,35 @@ def eval_main(
     """Embed the query and index splits (reusing cached embeddings), search, score and write a report."""
     if ctx.invoked_subcommand is not None:
         return
-    if model is None or data is None:
+    if not model or data is None:
         raise UniretError("uniret eval needs --model DIR and --data ROOT|LMDB (or a subcommand: compare)")
     if k < 1:
         raise UniretError(f"--k must be at least 1, not {k}")
     from .run import evaluate
 
-    report = evaluate(model, data, split=split, protocol=protocol, rerank=rerank, index_kind=index_kind, out=out,
+    report = evaluate(parse_models(model), data, split=split, protocol=protocol, rerank=rerank, index_kind=index_kind, out=out,
                       cache_dir=cache_dir, k=k, device=device, batch_size=batch_size, workers=workers,
                       samples=samples)
     print_report(report, fmt)
     typer.echo(f"report: {Path(out) / 'report.html'}", err=True)
+
+
+def parse_models(values: list[str]) -> Path | dict[str, Path]:
+    """One model directory, or DOMAIN=DIR pairs (one model per domain)."""
+    pairs = [v for v in values if "=" in v]
+    if not pairs:
+        if len(values) > 1:
+            raise UniretError("give one --model DIR, or --model DOMAIN=DIR once per domain")
+        return Path(values[0])
+    if len(pairs) != len(values):
+        raise UniretError("mix of --model DIR and --model DOMAIN=DIR: use one form")
+    out: dict[str, Path] = {}
+    for v in pairs:
+        domain, _, path = v.partition("=")
+        if not domain or not path or domain in out:
+            raise UniretError(f"--model {v!r}: expected DOMAIN=DIR, each domain once")
+        out[domain] = Path(path)
+    return out
 
 
 def print_report(report: dict, fmt: OutputFormat | str = "table") -> None:

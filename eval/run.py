@@ -122,17 +122,37 @@ def evaluate(
             raise UniretError(f"--index-kind must be one of {', '.join(KINDS)}, not {index_kind!r}")
     started = time.time()
     collection = open_collection(data)
-    if model is None:
-        from ..embed.model import load_model
-
-        model = load_model(model_dir)
     items, pairs = plan_items(collection, split)
     if cache_dir is None:
         cache_dir = (Path(out).resolve().parent if out else Path.cwd()) / ".cache" / "embeddings"
-    store, reused = cached_store(model, collection, items, split, Path(cache_dir), device=device,
-                                 batch_size=batch_size, workers=workers)
-    vectors = np.asarray(store.embeddings, dtype=np.float32)
-    q_rows, x_rows = protocol_rows(items, pairs, store.valid_mask)
+    per_domain = isinstance(model_dir, dict)
+    if per_domain:
+        # "Specialist + Oracle": each domain's queries and index embedded by that domain's own model.
+        if index_kind != "flat":
+            raise UniretError("per-domain models (DOMAIN=DIR) are evaluated with exact search: drop --index-kind")
+        missing = sorted(set(pairs) - set(model_dir))
+        if missing:
+            raise UniretError(f"no model for domain(s) {', '.join(missing)}: pass --model DOMAIN=DIR for each")
+    from ..embed.model import load_model
+
+    models = ({d: load_model(model_dir[d]) for d in pairs} if per_domain
+              else {None: model if model is not None else load_model(model_dir)})
+    vectors, valid, stores, reused = None, np.ones(len(items), dtype=bool), {}, True
+    for key, m in models.items():
+        rows = [i for i, it in enumerate(items) if key is None or it.domain == key]
+        part, was_cached = cached_store(m, collection, [items[i] for i in rows], split, Path(cache_dir),
+                                        device=device, batch_size=batch_size, workers=workers)
+        if vectors is None:
+            vectors = np.zeros((len(items), part.dim), dtype=np.float32)
+        if part.dim != vectors.shape[1]:
+            raise UniretError(f"per-domain models must share one embedding size ({part.dim} vs {vectors.shape[1]})")
+        vectors[rows] = np.asarray(part.embeddings, dtype=np.float32)
+        valid[rows] = part.valid_mask
+        stores[key] = part
+        reused = reused and was_cached
+    model_hash = (stores[None].model_hash if not per_domain
+                  else stable_hash({d: s.model_hash for d, s in stores.items()}))
+    q_rows, x_rows = protocol_rows(items, pairs, valid)
     q_items, x_items = [items[i] for i in q_rows], [items[i] for i in x_rows]
     self_match = any(qs == xs for qs, xs in pairs.values())
     protocols = list(PROTOCOLS) if protocol == "both" else [protocol]
@@ -143,24 +163,30 @@ def evaluate(
 
             results[p] = evaluate_with_index(vectors[q_rows], q_items, vectors[x_rows], x_items, self_match, k=k,
                                              rerank=rerank, index_kind=index_kind, device=device,
-                                             work_dir=Path(cache_dir) / "indexes", key=Path(store.path).name,
-                                             model_hash=store.model_hash)
+                                             work_dir=Path(cache_dir) / "indexes", key=Path(stores[None].path).name,
+                                             model_hash=model_hash)
         else:
             results[p] = evaluate_embeddings(vectors[q_rows], q_items, vectors[x_rows], x_items, self_match, k=k,
                                              protocol=p, rerank=rerank, device=device)
     report = {
         "format": "uniret-eval-report/1",
-        "model": {"dir": str(model_dir) if model_dir else None, "config_hash": store.model_hash,
-                  **_model_info(model)},
+        "model": ({"per_domain": {d: {"dir": str(model_dir[d]), "config_hash": stores[d].model_hash,
+                                      **_model_info(models[d])} for d in models},
+                   "dir": ", ".join(f"{d}={model_dir[d]}" for d in models),
+                   "config_hash": model_hash} if per_domain else
+                  {"dir": str(model_dir) if model_dir else None, "config_hash": model_hash,
+                   **_model_info(models[None])}),
         "data": {"path": str(Path(data).resolve()), "split": split, "key": data_key(collection, items),
                  "domains": {d: {"query_split": qs, "index_split": xs} for d, (qs, xs) in pairs.items()},
-                 "failed_images": int((~store.valid_mask).sum())},
+                 "failed_images": int((~valid).sum())},
         "protocol": protocol,
         "rerank": rerank or "none",
         "index_kind": index_kind,
         "k": k,
         "results": {p: summary_of(r) for p, r in results.items()},
-        "embeddings": {"store": str(store.path), "reused": reused, "count": store.count, "dim": store.dim},
+        "embeddings": ({"stores": {d: str(st.path) for d, st in stores.items()}} if per_domain else
+                       {"store": str(stores[None].path)}) | {"reused": reused, "count": len(items),
+                                                              "dim": int(vectors.shape[1])},
         "uniret_commit": git_commit(),
         "seconds": round(time.time() - started, 2),
     }

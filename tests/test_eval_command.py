@@ -157,3 +157,43 @@ def test_python_api_matches_cli_report(report_dir, tiny_model, demo_root):
     assert report["embeddings"]["reused"] and "out" not in report
     want = json.loads((report_dir / "metrics.json").read_text())["results"]["separate"]
     assert report["results"]["separate"]["mean"] == pytest.approx(want["mean"])
+
+
+def test_per_domain_models_oracle(tiny_model, report_dir, demo_root, tmp_path, capsys):
+    """--model DOMAIN=DIR (Specialist + Oracle): one model per domain. With the same model for every
+    domain the numbers equal the single-model report; a different model changes only its domain."""
+    import torch
+
+    from uniret.data import open_collection
+    from uniret.embed.model import build_model
+
+    domains = open_collection(demo_root).domains
+    same = tmp_path / "same"
+    args = [a for d in domains for a in ("--model", f"{d}={tiny_model}")]
+    assert main(["eval", *args, "--data", str(demo_root), "--out", str(same), "--protocol", "both",
+                 "--cache-dir", str(tmp_path / "cache")]) == 0
+    single = json.loads((report_dir / "metrics.json").read_text())["results"]
+    oracle = json.loads((same / "metrics.json").read_text())
+    assert set(oracle["model"]["per_domain"]) == set(domains)
+    for protocol in ("merged", "separate"):
+        for d in domains:
+            assert oracle["results"][protocol]["per_domain"][d] == pytest.approx(single[protocol]["per_domain"][d])
+
+    torch.manual_seed(1)
+    other = tmp_path / "other"
+    build_model("timm:test_vit", dim=16, image_size=32).save(other)
+    mixed = tmp_path / "mixed"
+    args = [a for d in domains for a in ("--model", f"{d}={other if d == domains[0] else tiny_model}")]
+    assert main(["eval", *args, "--data", str(demo_root), "--out", str(mixed), "--protocol", "separate",
+                 "--cache-dir", str(tmp_path / "cache")]) == 0
+    res = json.loads((mixed / "metrics.json").read_text())["results"]["separate"]["per_domain"]
+    for d in domains[1:]:
+        assert res[d] == pytest.approx(single["separate"]["per_domain"][d])
+    assert res[domains[0]]["mAP@100"] != pytest.approx(single["separate"]["per_domain"][domains[0]]["mAP@100"])
+
+    capsys.readouterr()
+    assert main(["eval", "--model", f"{domains[0]}={tiny_model}", "--data", str(demo_root),
+                 "--out", str(tmp_path / "x")]) == 1
+    assert "no model for domain(s)" in capsys.readouterr().err
+    assert main(["eval", "--model", f"{domains[0]}={tiny_model}", "--model", str(tiny_model),
+                 "--data", str(demo_root), "--out", str(tmp_path / "y")]) == 1
