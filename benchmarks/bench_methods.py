@@ -1,0 +1,198 @@
+"""UDON against its baselines on one collection, end to end, with several seeds.
+
+Rows (METHOD.md §3; only method and sampler differ, everything else is shared):
+
+    untrained            the backbone + head at random init (no training)
+    uscrr                universal head, separate per-domain classifiers, round-robin sampling
+    ujc-size             universal head, one joint classifier, sampling proportional to dataset size
+    udon-round_robin     UDON distillation, round-robin sampling
+    udon-dynamic         UDON distillation, dynamic sampling (the method)
+    udon-dynamic+sg      the udon-dynamic models with SuperGlobal reranking at query time
+    specialist-oracle    one specialist per domain; each domain's queries and index embedded by its
+                         own specialist (the domain label known at query time): an upper reference
+
+Every model is selected on the VALIDATION split during training (``RUN/model`` holds the best
+validated weights); the test split is evaluated once per final model, merged protocol (one index
+for all domains), plus the separate protocol for the oracle. Everything goes through the ``uniret``
+CLI, so the reports are the ones ``uniret eval`` writes and the table is also printed by
+``uniret eval compare``. Re-running continues: finished trainings and reports are kept.
+
+    python benchmarks/bench_methods.py --data bench64.lmdb --out bench-runs \\
+        --backbone timm:test_resnet --image-size 64 --steps 1000 --batch-size 64 \\
+        --config benchmarks/bench_methods_cpu.json --seeds 0,1
+
+On a GPU machine the same command runs unchanged (add ``--device cuda``, raise ``--steps``,
+``--batch-size`` and ``--image-size``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+METRICS = ("mAP@100", "mMP@5", "R@1")
+TRAINED = {  # row -> (method, sampler)
+    "uscrr": ("uscrr", "round_robin"),
+    "ujc-size": ("ujc", "size"),
+    "udon-round_robin": ("udon", "round_robin"),
+    "udon-dynamic": ("udon", "dynamic"),
+}
+ROWS = ("untrained", "uscrr", "ujc-size", "udon-round_robin", "udon-dynamic", "udon-dynamic+sg", "specialist-oracle")
+
+
+def uniret(*args: str, log: Path) -> float:
+    """Run one ``uniret`` command (output appended to ``log``); return its wall time in seconds."""
+    started = time.time()
+    with open(log, "a") as f:
+        f.write(f"\n$ uniret {' '.join(args)}\n")
+        f.flush()
+        r = subprocess.run([sys.executable, "-m", "uniret.cli", *args], stdout=f, stderr=subprocess.STDOUT)
+    if r.returncode != 0:
+        sys.exit(f"uniret {' '.join(args[:2])} failed (exit {r.returncode}); see {log}")
+    return time.time() - started
+
+
+def domains_of(data: str) -> list[str]:
+    from uniret.data import open_collection
+
+    return open_collection(data).domains
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.out = Path(args.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.log = self.out / "commands.log"
+        self.timings_file = self.out / "timings.json"
+        self.timings = json.loads(self.timings_file.read_text()) if self.timings_file.exists() else {}
+
+    def record(self, name: str, seconds: float) -> None:
+        self.timings[name] = round(seconds, 1)
+        tmp = self.timings_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.timings, indent=2, sort_keys=True))
+        os.replace(tmp, self.timings_file)
+
+    def common(self) -> list[str]:
+        a = self.args
+        opts = ["--data", a.data, "--backbone", a.backbone, "--steps", str(a.steps), "--batch-size", str(a.batch_size),
+                "--val-every", str(a.val_every), "--ckpt-every", str(a.val_every), "--device", a.device]
+        if a.image_size:
+            opts += ["--image-size", str(a.image_size)]
+        if a.config:
+            opts += ["--config", a.config]
+        return opts
+
+    def train(self, name: str, seed: int, method: str, sampler: str, domain: str | None = None) -> Path:
+        run = self.out / "runs" / f"{name}-s{seed}"
+        if (run / "summary.json").is_file() and (run / "model" / "config.json").is_file():
+            return run / "model"
+        extra = ["--domain", domain] if domain else []
+        resume = ["--resume"] if (run / "train_config.json").is_file() else []
+        seconds = uniret("train", *self.common(), "--method", method, "--sampler", sampler, "--seed", str(seed),
+                         "--out", str(run), *extra, *resume, log=self.log)
+        self.record(f"train {name}-s{seed}", seconds)
+        return run / "model"
+
+    def evaluate(self, name: str, seed: int, models: list[str], *extra: str) -> Path:
+        report = self.out / "reports" / f"{name}-s{seed}"
+        if not (report / "metrics.json").is_file():
+            model_args = [a for m in models for a in ("--model", m)]
+            seconds = uniret("eval", *model_args, "--data", self.args.data, "--split", "test", "--out", str(report),
+                             "--cache-dir", str(self.out / "cache"), "--device", self.args.device,
+                             "--batch-size", "256", *extra, log=self.log)
+            self.record(f"eval {name}-s{seed}", seconds)
+        return report
+
+    def run_seed(self, seed: int) -> None:
+        a = self.args
+        untrained = self.out / "models" / f"untrained-s{seed}"
+        if not (untrained / "config.json").is_file():
+            init = ["model", "init", "--backbone", a.backbone, "--seed", str(seed), "--out", str(untrained)]
+            if a.image_size:
+                init += ["--image-size", str(a.image_size)]
+            uniret(*init, log=self.log)
+        self.evaluate("untrained", seed, [str(untrained)])
+        for name, (method, sampler) in TRAINED.items():
+            model = self.train(name, seed, method, sampler)
+            self.evaluate(name, seed, [str(model)])
+            if name == "udon-dynamic":
+                self.evaluate("udon-dynamic+sg", seed, [str(model)], "--rerank", "superglobal")
+        specialists = [f"{d}={self.train(f'specialist-{d}', seed, 'specialist', 'round_robin', domain=d)}"
+                       for d in domains_of(a.data)]
+        self.evaluate("specialist-oracle", seed, specialists, "--protocol", "both")
+
+
+def spread(values: list[float]) -> str:
+    mean = sum(values) / len(values)
+    half = (max(values) - min(values)) / 2
+    return f"{mean:.3f} ± {half:.3f}"
+
+
+def summarize(out: Path, seeds: list[int], domains: list[str]) -> tuple[str, dict]:
+    """A markdown table per protocol: mean ± half-range over seeds, per domain and the mean."""
+    timings = json.loads((out / "timings.json").read_text()) if (out / "timings.json").exists() else {}
+    data: dict = {}
+    for row in ROWS:
+        for seed in seeds:
+            f = out / "reports" / f"{row}-s{seed}" / "metrics.json"
+            if not f.is_file():
+                continue
+            for protocol, res in json.loads(f.read_text())["results"].items():
+                entry = data.setdefault(protocol, {}).setdefault(row, {})
+                for d, vals in [*res["per_domain"].items(), ("mean", res["mean"])]:
+                    for m in METRICS:
+                        entry.setdefault((d, m), []).append(vals[m])
+    lines = []
+    for protocol, rows in data.items():
+        lines.append(f"\n**{protocol} protocol**, test split, mean ± half-range over seeds {seeds}\n")
+        head = ["row", *[f"mean {m}" for m in METRICS], *[f"{d} mAP@100" for d in domains], "train wall s"]
+        lines.append("| " + " | ".join(head) + " |")
+        lines.append("|" + "---|" * len(head))
+        for row, entry in rows.items():
+            train_s = [v for k, v in timings.items() if k.startswith("train ") and
+                       (k[6:].rsplit("-s", 1)[0] == row or (row == "specialist-oracle" and "specialist-" in k))]
+            per_seed = sum(train_s) / max(1, len(seeds)) if train_s else None
+            cells = [row, *[spread(entry[("mean", m)]) for m in METRICS],
+                     *[spread(entry[(d, "mAP@100")]) if (d, "mAP@100") in entry else "-" for d in domains],
+                     f"{per_seed:.0f}" if per_seed else "-"]
+            lines.append("| " + " | ".join(cells) + " |")
+    flat = {p: {r: {f"{d}/{m}": v for (d, m), v in e.items()} for r, e in rows.items()} for p, rows in data.items()}
+    return "\n".join(lines), {"seeds": seeds, "results": flat, "timings": timings}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", required=True, help="packed LMDB store (or collection root)")
+    p.add_argument("--out", required=True, help="folder for runs, reports, cache and results")
+    p.add_argument("--seeds", default="0,1")
+    p.add_argument("--backbone", default="timm:test_resnet")
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--val-every", type=int, default=250)
+    p.add_argument("--config", default=None, help="JSON of further TrainConfig fields shared by every run")
+    p.add_argument("--device", default="auto")
+    args = p.parse_args(argv)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    bench = Bench(args)
+    started = time.time()
+    for seed in seeds:
+        bench.run_seed(seed)
+    reports = sorted(str(r) for r in (bench.out / "reports").iterdir() if (r / "metrics.json").is_file())
+    subprocess.run([sys.executable, "-m", "uniret.cli", "eval", "compare", *reports], check=True)
+    table, payload = summarize(bench.out, seeds, domains_of(args.data))
+    payload.update(settings=vars(args), wall_seconds=round(time.time() - started, 1))
+    (bench.out / "results.md").write_text(table + "\n")
+    (bench.out / "results.json").write_text(json.dumps(payload, indent=2) + "\n")
+    print(table)
+    print(f"\nresults: {bench.out / 'results.md'}; this invocation took {time.time() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
