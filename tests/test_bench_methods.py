@@ -1,0 +1,57 @@
+"""benchmarks/bench_methods.py end to end on the demo collection at toy size: every row trains and
+is evaluated through the CLI, the summary averages the seeds' reports, and a re-run reuses them."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_methods.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("bench_methods", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_bench_methods_toy_run(demo_lmdb, tmp_path, capsys):
+    bench = load_script()
+    out = tmp_path / "bench"
+    args = ["--data", str(demo_lmdb), "--out", str(out), "--seeds", "0", "--backbone", "timm:test_resnet",
+            "--image-size", "32", "--steps", "2", "--batch-size", "8", "--val-every", "2", "--device", "cpu"]
+    bench.main(args)
+    results = json.loads((out / "results.json").read_text())
+    merged = results["results"]["merged"]
+    assert set(merged) == set(bench.ROWS)
+    assert set(results["results"]["separate"]) == {"specialist-oracle"}
+    report = json.loads((out / "reports" / "udon-dynamic-s0" / "metrics.json").read_text())
+    assert merged["udon-dynamic"]["mean/mAP@100"] == [report["results"]["merged"]["mean"]["mAP@100"]]
+    assert "| udon-dynamic |" in (out / "results.md").read_text()
+    timings = json.loads((out / "timings.json").read_text())
+    assert "train udon-dynamic-s0" in timings and "eval specialist-oracle-s0" in timings
+    before = (out / "timings.json").read_text()
+    bench.main(args)  # everything is there: nothing is trained or evaluated again
+    assert (out / "timings.json").read_text() == before
+
+
+def test_spread_and_summary_format(tmp_path):
+    bench = load_script()
+    assert bench.spread([0.5, 0.7]) == "0.600 ± 0.100"
+    report = {"results": {"merged": {"mean": {"mAP@100": 0.4, "mMP@5": 0.5, "R@1": 0.6},
+                                     "per_domain": {"a": {"mAP@100": 0.3, "mMP@5": 0.4, "R@1": 0.5}}}}}
+    for seed, shift in ((0, 0.0), (1, 0.1)):
+        d = tmp_path / "reports" / f"uscrr-s{seed}"
+        d.mkdir(parents=True)
+        r = json.loads(json.dumps(report))
+        r["results"]["merged"]["mean"]["mAP@100"] += shift
+        (d / "metrics.json").write_text(json.dumps(r))
+    (tmp_path / "timings.json").write_text(json.dumps({"train uscrr-s0": 10.0, "train uscrr-s1": 14.0}))
+    table, payload = bench.summarize(tmp_path, [0, 1], ["a"])
+    assert "| uscrr | 0.450 ± 0.050 | 0.500 ± 0.000 | 0.600 ± 0.000 | 0.300 ± 0.000 | 12 |" in table
+    assert payload["results"]["merged"]["uscrr"]["mean/mAP@100"] == pytest.approx([0.4, 0.5])
