@@ -111,6 +111,26 @@ class Bench:
 
     def run_seed(self, seed: int) -> None:
         a = self.args
+        rows = set(a.rows.split(",")) if a.rows else set(ROWS)
+        unknown = rows - set(ROWS)
+        if unknown:
+            sys.exit(f"unknown --rows {sorted(unknown)}; choose from {', '.join(ROWS)}")
+        if "untrained" in rows:
+            self.run_untrained(seed)
+        for name, (method, sampler) in TRAINED.items():
+            if name in rows or (name == "udon-dynamic" and "udon-dynamic+sg" in rows):
+                model = self.train(name, seed, method, sampler)
+                if name in rows:
+                    self.evaluate(name, seed, [str(model)])
+                if name == "udon-dynamic" and "udon-dynamic+sg" in rows:
+                    self.evaluate("udon-dynamic+sg", seed, [str(model)], "--rerank", "superglobal")
+        if "specialist-oracle" in rows:
+            specialists = [f"{d}={self.train(f'specialist-{d}', seed, 'specialist', 'round_robin', domain=d)}"
+                           for d in domains_of(a.data)]
+            self.evaluate("specialist-oracle", seed, specialists, "--protocol", "both")
+
+    def run_untrained(self, seed: int) -> None:
+        a = self.args
         untrained = self.out / "models" / f"untrained-s{seed}"
         if not (untrained / "config.json").is_file():
             init = ["model", "init", "--backbone", a.backbone, "--seed", str(seed), "--out", str(untrained)]
@@ -118,14 +138,6 @@ class Bench:
                 init += ["--image-size", str(a.image_size)]
             uniret(*init, log=self.log)
         self.evaluate("untrained", seed, [str(untrained)])
-        for name, (method, sampler) in TRAINED.items():
-            model = self.train(name, seed, method, sampler)
-            self.evaluate(name, seed, [str(model)])
-            if name == "udon-dynamic":
-                self.evaluate("udon-dynamic+sg", seed, [str(model)], "--rerank", "superglobal")
-        specialists = [f"{d}={self.train(f'specialist-{d}', seed, 'specialist', 'round_robin', domain=d)}"
-                       for d in domains_of(a.data)]
-        self.evaluate("specialist-oracle", seed, specialists, "--protocol", "both")
 
 
 def spread(values: list[float]) -> str:
@@ -178,6 +190,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--val-every", type=int, default=250)
     p.add_argument("--config", default=None, help="JSON of further TrainConfig fields shared by every run")
     p.add_argument("--device", default="auto")
+    p.add_argument("--rows", default=None, help=f"comma-separated subset of: {', '.join(ROWS)} (default all)")
     args = p.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
     bench = Bench(args)
