@@ -145,3 +145,34 @@ def test_ujc_offsets_labels_into_joint_classifier():
     assert model.student_classifiers[0].weight.shape[0] == 10
     assert model.joint_labels(2, torch.tensor([0, 1])).tolist() == [8, 9]
     assert model(torch.randn(2, 6), 1)["student_cosines"].shape == (2, 10)
+
+
+def test_matryoshka_prefix_classifier_and_loss_hand_computed():
+    """Nested dims: each prefix of e_u, re-normalised, against the prototypes' prefix (tied weights);
+    the student loss is the mean of the full and the prefix losses."""
+    from types import SimpleNamespace
+
+    from uniret.train.losses import classifier_only_losses, student_classification_loss
+
+    clf = CosineClassifier(4, 2)
+    with torch.no_grad():
+        clf.weight.copy_(torch.tensor([[1.0, 0.0, 1.0, 0.0], [0.0, 2.0, 0.0, 0.0]]))
+    x = F.normalize(torch.tensor([[1.0, 1.0, 0.0, 2.0]]), dim=1)
+    # prefix 2: x -> (1, 1)/sqrt2, prototypes -> (1, 0) and (0, 1)
+    assert clf.prefix(x, 2).tolist()[0] == pytest.approx([1 / math.sqrt(2), 1 / math.sqrt(2)], rel=1e-6)
+    assert clf.prefix(x, 4).tolist()[0] == pytest.approx(clf(x).tolist()[0])
+    y = torch.tensor([0])
+    out = {"student_cosines": clf(x), "student_prefix_cosines": [clf.prefix(x, 2)]}
+    expected = (classification_loss(clf(x), y) + classification_loss(clf.prefix(x, 2), y)) / 2
+    assert student_classification_loss(out, y).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert classifier_only_losses(out, y)["loss"].item() == pytest.approx(expected.item(), rel=1e-6)
+
+    torch.manual_seed(0)
+    embedder = StubEmbedder(dim=4)
+    embedder.config = SimpleNamespace(nested_dims=[2, 4])
+    model = TrainingModel(embedder, num_classes=[3], method="udon", teacher_dim=6)
+    out = model(torch.randn(5, 6), 0)
+    assert len(out["student_prefix_cosines"]) == 1 and out["student_prefix_cosines"][0].shape == (5, 3)
+    full_only = classification_loss(out["student_cosines"], torch.tensor([0, 1, 2, 0, 1]))
+    with_prefix = udon_losses(out, torch.tensor([0, 1, 2, 0, 1]))["cls_student"]
+    assert with_prefix.item() != pytest.approx(full_only.item())

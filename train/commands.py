@@ -31,18 +31,29 @@ def train_command(
     workers: int = typer.Option(None, "--workers", help="Image-decoding processes (default 0)."),
     pretrained: bool = typer.Option(None, "--pretrained/--no-pretrained", help="Start from the backbone's pretrained weights (needs them cached)."),
     weights: str = typer.Option(None, "--weights", help="Backbone weights file."),
+    dim: int = typer.Option(None, "--dim", help="Universal embedding size (default 64)."),
+    nested_dims: str = typer.Option(None, "--nested-dims",
+                                    help="Matryoshka prefix sizes trained to work alone, e.g. 8,16,32,64."),
 ) -> None:
     """Train a universal embedding (UDON or a baseline); writes RUN/ with the exported RUN/model."""
     import logging
 
+    from ..errors import UniretError
     from .config import resolve_config
     from .trainer import train
+
+    nested = None
+    if nested_dims:
+        try:
+            nested = [int(v) for v in nested_dims.split(",") if v.strip()]
+        except ValueError:
+            raise UniretError(f"--nested-dims takes comma-separated integers, not {nested_dims!r}") from None
 
     cfg = resolve_config(
         config, data=data, method=method, domain=domain, sampler=sampler, backbone=backbone,
         image_size=image_size, steps=steps, batch_size=batch_size, out=out, seed=seed,
         val_every=val_every, ckpt_every=ckpt_every, device=device, workers=workers,
-        pretrained=pretrained, weights=weights,
+        pretrained=pretrained, weights=weights, dim=dim, nested_dims=nested,
     )
     run = train(cfg, resume=resume)
     summary = (run / "summary.json")

@@ -35,6 +35,9 @@ class TrainConfig:
     weights: str | None = None
     image_size: int | None = None
     dim: int = 64  # universal (student) embedding
+    # Matryoshka (METHOD.md §6): prefix sizes of the student embedding that are trained to be usable
+    # on their own, e.g. [8, 16, 32, 64]; None = no nesting.
+    nested_dims: list[int] | None = None
     teacher_dim: int = 256
     # -- schedule ---------------------------------------------------------------------------------
     steps: int = 1000
@@ -116,6 +119,11 @@ class TrainConfig:
         for name in ("val_every", "ckpt_every", "workers"):
             if getattr(self, name) < 0:
                 raise UniretError(f"{name} must be 0 or more, got {getattr(self, name)}")
+        if self.nested_dims is not None:
+            dims = sorted({int(d) for d in self.nested_dims})
+            if not dims or dims[0] < 1 or dims[-1] > self.dim:
+                raise UniretError(f"nested_dims {self.nested_dims} must lie in 1..{self.dim} (--dim)")
+            self.nested_dims = dims if dims[-1] == self.dim else [*dims, self.dim]
         if self.batch_size < 2:
             raise UniretError("batch_size must be at least 2 (the relational loss compares images)")
         if not 0.0 <= self.backbone_freeze_fraction <= 1.0:

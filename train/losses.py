@@ -15,6 +15,14 @@ def classification_loss(cosines: torch.Tensor, labels: torch.Tensor, scale: floa
     return F.cross_entropy(scale * cosines.float(), labels)
 
 
+def student_classification_loss(out: dict, labels: torch.Tensor, scale: float = 16.0) -> torch.Tensor:
+    """The student's normalised-softmax loss; with Matryoshka prefixes (``student_prefix_cosines``)
+    the mean of that loss over the full embedding and every nested prefix (METHOD.md §6)."""
+    losses = [classification_loss(out["student_cosines"], labels, scale)]
+    losses += [classification_loss(c, labels, scale) for c in out.get("student_prefix_cosines", ())]
+    return torch.stack(losses).mean() if len(losses) > 1 else losses[0]
+
+
 def logit_distillation(
     teacher_cosines: torch.Tensor, student_cosines: torch.Tensor, temperature: float = 0.1
 ) -> torch.Tensor:
@@ -58,7 +66,7 @@ def udon_losses(
     """
     w_ct, w_cu, w_log, w_rel = weights
     cls_t = classification_loss(out["teacher_cosines"], labels, cls_scale)
-    cls_u = classification_loss(out["student_cosines"], labels, cls_scale)
+    cls_u = student_classification_loss(out, labels, cls_scale)
     log = logit_distillation(out["teacher_cosines"], out["student_cosines"], temperature)
     student, teacher = gathered if gathered is not None else (out["student"], out["teacher"])
     rel = relational_distillation(student, teacher, relational_factor)
@@ -68,5 +76,5 @@ def udon_losses(
 
 def classifier_only_losses(out: dict, labels: torch.Tensor, *, cls_scale: float = 16.0) -> dict[str, torch.Tensor]:
     """USCRR / UJC / specialist: the student's normalised-softmax loss alone."""
-    cls_u = classification_loss(out["student_cosines"], labels, cls_scale)
+    cls_u = student_classification_loss(out, labels, cls_scale)
     return {"loss": cls_u, "cls_student": cls_u}

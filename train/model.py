@@ -31,6 +31,11 @@ class CosineClassifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, F.normalize(self.weight, dim=1))
 
+    def prefix(self, x: torch.Tensor, size: int) -> torch.Tensor:
+        """Cosines of the re-normalised first ``size`` dimensions of x to the prototypes' first
+        ``size`` dimensions (Matryoshka with tied weights, MRL-E): one classifier serves every prefix."""
+        return F.linear(F.normalize(x[:, :size], dim=1), F.normalize(self.weight[:, :size], dim=1))
+
 
 class TrainingModel(nn.Module):
     """Backbone + student head (the embedder) + method-specific teachers and classifiers."""
@@ -68,6 +73,9 @@ class TrainingModel(nn.Module):
         student = self.embedder.embed_features(features)  # e_u = normalize(head(e_b))
         classifier = self.student_classifiers[0 if self.method == "ujc" else domain]
         out = {"student": student, "student_cosines": classifier(student)}
+        nested = getattr(getattr(self.embedder, "config", None), "nested_dims", None) or []
+        if len(nested) > 1:  # the last nested size is the full embedding, already above
+            out["student_prefix_cosines"] = [classifier.prefix(student, m) for m in nested[:-1]]
         if self.method == "udon":
             teacher = F.normalize(self.teacher_heads[domain](features), dim=-1)  # e_t
             out["teacher"] = teacher

@@ -104,8 +104,8 @@ class Trainer:
             raise UniretError(f"{self.run.path} already holds a run; pass --resume to continue it or choose another --out")
         self.ctx.barrier()  # every rank has looked before rank 0 writes the run directory
         torch.manual_seed(config.seed)
-        embedder = build_model(config.backbone, dim=config.dim, pretrained=config.pretrained,
-                               weights=config.weights, image_size=config.image_size)
+        embedder = build_model(config.backbone, dim=config.dim, nested_dims=config.nested_dims,
+                               pretrained=config.pretrained, weights=config.weights, image_size=config.image_size)
         domains = [config.domain] if config.method == "specialist" else None
         self.data = TrainData(config.data, domains, train_transform(embedder.config.preprocess), config.workers)
         self.domains = self.data.domains
