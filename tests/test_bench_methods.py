@@ -3,25 +3,14 @@ is evaluated through the CLI, the summary averages the seeds' reports, and a re-
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_methods.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("bench_methods", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 @pytest.mark.slow
-def test_bench_methods_toy_run(demo_lmdb, tmp_path, capsys):
-    bench = load_script()
+def test_bench_methods_toy_run(benchmark_script, demo_lmdb, tmp_path, capsys):
+    bench = benchmark_script("bench_methods")
     out = tmp_path / "bench"
     args = ["--data", str(demo_lmdb), "--out", str(out), "--seeds", "0", "--backbone", "timm:test_resnet",
             "--image-size", "32", "--steps", "2", "--batch-size", "8", "--val-every", "2", "--device", "cpu"]
@@ -40,8 +29,8 @@ def test_bench_methods_toy_run(demo_lmdb, tmp_path, capsys):
     assert (out / "timings.json").read_text() == before
 
 
-def test_spread_and_summary_format(tmp_path):
-    bench = load_script()
+def test_spread_and_summary_format(benchmark_script, tmp_path):
+    bench = benchmark_script("bench_methods")
     assert bench.spread([0.5, 0.7]) == "0.600 ± 0.100"
     report = {"results": {"merged": {"mean": {"mAP@100": 0.4, "mMP@5": 0.5, "R@1": 0.6},
                                      "per_domain": {"a": {"mAP@100": 0.3, "mMP@5": 0.4, "R@1": 0.5}}}}}

@@ -2,19 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "embed_throughput.py"
-
-
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("embed_throughput", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def check_rows(rows, device_type: str, tmp_path) -> None:
@@ -26,8 +14,8 @@ def check_rows(rows, device_type: str, tmp_path) -> None:
     assert (tmp_path / "rows.json").is_file()
 
 
-def test_benchmark_cpu_branch(demo_lmdb, tmp_path, capsys):
-    bench = load_benchmark()
+def test_benchmark_cpu_branch(benchmark_script, demo_lmdb, tmp_path, capsys):
+    bench = benchmark_script("embed_throughput")
     rows = bench.main(["--backbone", "timm:vit_tiny_patch16_224", "--image-size", "32", "--images", "24",
                        "--batch-size", "8", "--workers", "0", "--device", "cpu", "--data", str(demo_lmdb),
                        "--json", str(tmp_path / "rows.json")])
@@ -36,8 +24,8 @@ def test_benchmark_cpu_branch(demo_lmdb, tmp_path, capsys):
 
 
 @pytest.mark.gpu
-def test_benchmark_cuda_branch(demo_lmdb, tmp_path):
-    bench = load_benchmark()
+def test_benchmark_cuda_branch(benchmark_script, demo_lmdb, tmp_path):
+    bench = benchmark_script("embed_throughput")
     rows = bench.main(["--backbone", "timm:vit_tiny_patch16_224", "--image-size", "32", "--images", "24",
                        "--batch-size", "8", "--workers", "2", "--device", "cuda", "--data", str(demo_lmdb),
                        "--json", str(tmp_path / "rows.json")])
