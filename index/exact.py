@@ -15,6 +15,8 @@ Results where the database has fewer than k rows are padded with id -1 and score
 from __future__ import annotations
 
 import logging
+import os
+import sys
 
 import numpy as np
 
@@ -26,13 +28,9 @@ REFINE_FACTOR = 4
 
 
 def _as_float32(x) -> np.ndarray:
-    try:
-        import torch
-
-        if isinstance(x, torch.Tensor):
-            x = x.detach().float().cpu().numpy()
-    except ImportError:  # pragma: no cover - torch is a dependency
-        pass
+    torch = sys.modules.get("torch")  # a tensor can only exist once torch is imported
+    if torch is not None and isinstance(x, torch.Tensor):
+        x = x.detach().float().cpu().numpy()
     return np.ascontiguousarray(np.asarray(x, dtype=np.float32))
 
 
@@ -56,9 +54,17 @@ def resolve_device(device: str | None) -> str:
 
     if faiss.get_num_gpus() > 0:
         return "cuda"
+    if sys.platform.startswith("linux") and not _nvidia_device_nodes():
+        return "cpu"  # no NVIDIA driver: CUDA is impossible, and importing torch costs seconds
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _nvidia_device_nodes() -> bool:
+    """Whether the Linux kernel exposes an NVIDIA driver (native, container or WSL)."""
+    return os.path.exists("/proc/driver/nvidia/version") or os.path.exists("/dev/nvidiactl") or \
+        os.path.exists("/dev/dxg")
 
 
 def faiss_cpu_search(xq: np.ndarray, xb: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
