@@ -24,8 +24,9 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UniretError
+from ..utils import resolve_device
 from . import gpu as gpu_util
-from .exact import REFINE_FACTOR, exact_search, rescore, resolve_device, torch_search
+from .exact import REFINE_FACTOR, exact_search, rescore, torch_search
 from .keys import is_lossy, search_param_name, set_search_param
 from .layout import MODEL_DIR, MetadataDB, current_version, read_manifest
 from .rerank import rerank as apply_rerank
@@ -65,7 +66,7 @@ class Searcher:
     def device(self) -> str:
         """Where exact search and the model run; resolved on first use, so that opening an index
         (and id or vector queries on a CPU machine) never imports torch."""
-        return resolve_device(self._device_request)
+        return resolve_device(self._device_request, faiss=True)
 
     @property
     def count(self) -> int:
