@@ -11,6 +11,7 @@ import typer
 
 from ..display import OutputFormat, emit
 from ..errors import UniretError, UsageError
+from .rerank import reranker_names
 
 logger = logging.getLogger("uniret")
 # faiss announces which SIMD build it loads at INFO level; that is noise on the command line.
@@ -25,11 +26,8 @@ class GpuMode(str, Enum):
     off = "off"
 
 
-class Rerank(str, Enum):
-    none = "none"
-    superglobal = "superglobal"
-    aqe = "aqe"
-    alpha_qe = "alpha-qe"
+#: ``--rerank`` choices: ``none`` and the registered rerankers (read from the registry, never listed here).
+RerankChoice = Enum("RerankChoice", {name: name for name in reranker_names()}, type=str)
 
 
 FormatOpt = typer.Option(OutputFormat.table, "--format", help="table or json.")
@@ -179,7 +177,7 @@ def search_command(
     index: Path = typer.Argument(..., help="Index directory."),
     queries: list[str] = typer.Argument(..., help="Image files, folders of images, id:N or .npy embeddings.", metavar="QUERY..."),
     k: int = typer.Option(10, "--k", help="Results per query."),
-    rerank: Rerank = typer.Option(Rerank.none, "--rerank", help="Global-feature reranking of the top candidates."),
+    rerank: RerankChoice = typer.Option("none", "--rerank", help="Global-feature reranking of the top candidates."),
     domain: str = typer.Option(None, "--domain", help="Only results from this domain."),
     shortlist_dim: int = typer.Option(None, "--shortlist-dim", help="Matryoshka funnel: shortlist with this prefix size."),
     shortlist_k: int = typer.Option(None, "--shortlist-k", help="Funnel shortlist length (default max(10k, 1000))."),
