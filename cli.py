@@ -15,9 +15,10 @@ import sys
 import typer
 
 from .data.commands import app as data_app
+from .demo import demo_command
 from .embed.commands import embed_command, model_app
 from .errors import UniretError
-from .eval.commands import demo_command, eval_app
+from .eval.commands import eval_app
 from .index.commands import dedup_command, index_app, search_command
 from .train.commands import train_command
 

@@ -1,4 +1,4 @@
-"""evaluate_embeddings: merged and separate protocols, self match, search fallback."""
+"""evaluate_embeddings: merged and separate protocols, self match, rerankers from the registry."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from uniret.data import Item
 from uniret.errors import UniretError
 from uniret.eval.metrics import retrieval_metrics
-from uniret.eval.protocol import evaluate_embeddings, numpy_exact_search, search
+from uniret.eval.protocol import evaluate_embeddings
 
 
 def unit(rows):
@@ -68,15 +68,6 @@ def test_matches_brute_force_metrics_on_random_data():
         sims = xq[qi] @ xb.T
         same = np.flatnonzero(dom == q.domain)
         assert row.tolist() == same[np.argsort(-sims[same], kind="stable")][:10].tolist()
-
-
-def test_numpy_fallback_matches_index_exact_search():
-    rng = np.random.default_rng(2)
-    xb, xq = unit(rng.normal(size=(40, 8))), unit(rng.normal(size=(7, 8)))
-    s1, i1 = numpy_exact_search(xq, xb, 45)
-    s2, i2 = search(xq, xb, 45)
-    assert (i1 == i2).all() and np.allclose(s1, s2, atol=1e-5, equal_nan=True)
-    assert (i1[:, 40:] == -1).all()
 
 
 def test_bad_protocol_and_reranker():
