@@ -289,10 +289,3 @@ def test_no_top_level_modules_installed():
         tops = {Path(str(f)).parts[0] for f in dist.files or [] if not str(f).startswith("..")}
         assert tops <= {"uniret", f"uniret-{dist.version}.dist-info"}, tops
 
-
-def test_library_imports_without_train():
-    code = ("import sys, uniret.data, uniret.embed, uniret.index, uniret.eval, uniret.cli; "
-            "print(any(m.startswith('uniret.train.') for m in sys.modules if m != 'uniret.train.commands'))")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == "False"
