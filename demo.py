@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import typer
 
-from .display import emit
+from .display import display_score, emit
 from .errors import UniretError
 from .utils import read_json
 
@@ -71,7 +71,7 @@ def search_one_query(report: dict, data: Path, index_dir: Path, kind: str = "fla
             continue
         hit = index_store.items[j]
         same = hit.domain == query.domain and bool(set(hit.class_ids) & set(query.class_ids))
-        rows.append({"rank": r + 1, "domain": hit.domain, "class_ids": list(hit.class_ids), "score": float(s),
+        rows.append({"rank": r + 1, "domain": hit.domain, "class_ids": list(hit.class_ids), "score": display_score(s),
                      "match": "yes" if same else "no", "path": hit.path})
     return rows
 
@@ -81,7 +81,7 @@ def run_demo(out: str | Path = "uniret-demo", steps: int | None = None, device: 
     """Run every stage (``scale`` 1.0: about 1000 images); returns the paths and the mean metrics of
     each evaluation."""
     from .data.demo import make_demo
-    from .eval.report import compare_rows
+    from .eval.report import COMPARE_LABELS, compare_rows
     from .eval.run import evaluate
 
     out = Path(out)
@@ -108,9 +108,11 @@ def run_demo(out: str | Path = "uniret-demo", steps: int | None = None, device: 
     rows, columns = compare_rows([str(reports / name) for name in runs])
     for row in rows:
         row["report"] = Path(row["report"]).name
-    emit(rows, columns, title="merged test protocol (mean over domains, unweighted)")
+    emit(rows, columns, title="merged test protocol (mean over domains, unweighted)",
+         metrics=columns[len(COMPARE_LABELS):])
     hits = search_one_query(results["udon"], data, out / "index")
-    emit(hits, ["rank", "domain", "class_ids", "score", "match", "path"], title="\none query, top 5 of the merged index")
+    emit(hits, ["rank", "domain", "class_ids", "score", "match", "path"], title="\none query, top 5 of the merged index",
+         metrics=["score"])
     html = (reports / "udon" / "report.html").resolve()
     typer.echo(f"\nHTML report: {html}\nopen it in a browser (file://{html})")
     return {"out": str(out), "model": str(model_dir), "report": str(html),

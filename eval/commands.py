@@ -106,7 +106,7 @@ def print_report(report: dict, fmt: OutputFormat | str = "table") -> None:
                      "queries": summary["queries"], "excluded": summary["excluded"]})
     emit(rows, columns + ["queries", "excluded"], fmt,
          title=f"{report['data']['split']} split, rerank {report['rerank']}",
-         extra={"report": {k: v for k, v in report.items() if k != "results"}})
+         extra={"report": {k: v for k, v in report.items() if k != "results"}}, metrics=columns[2:])
 
 
 @eval_app.command("compare")
@@ -116,8 +116,8 @@ def eval_compare(
     fmt: OutputFormat = typer.Option(OutputFormat.table, "--format", help="table or json."),
 ) -> None:
     """Print several reports side by side: mean metrics, then one metric per domain."""
-    from .report import compare_rows
+    from .report import COMPARE_LABELS, compare_rows
 
     rows, columns = compare_rows([str(r) for r in reports], metric=metric)
-    emit(rows, columns, fmt)
+    emit(rows, columns, fmt, metrics=columns[len(COMPARE_LABELS):])
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import typer
 
-from ..display import OutputFormat, emit
+from ..display import OutputFormat, display_score, emit
 from ..errors import UniretError, UsageError
 from .rerank import reranker_names
 
@@ -203,9 +203,9 @@ def search_command(
             m = meta[qi * ids.shape[1] + rank] or {}
             cid = m.get("class_ids") or []
             rows.append({"query": label, "rank": rank + 1, "id": int(ids[qi, rank]),
-                         "score": round(float(scores[qi, rank]), 6), "path": m.get("path"),
+                         "score": display_score(scores[qi, rank]), "path": m.get("path"),
                          "domain": m.get("domain"), "class_id": cid[0] if len(cid) == 1 else cid or None})
-    emit(rows, ["query", "rank", "id", "score", "path", "domain", "class_id"], fmt)
+    emit(rows, ["query", "rank", "id", "score", "path", "domain", "class_id"], fmt, metrics=["score"])
 
 
 def dedup_command(
