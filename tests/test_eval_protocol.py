@@ -9,6 +9,7 @@ from uniret.data import Item
 from uniret.errors import UniretError
 from uniret.eval.metrics import retrieval_metrics
 from uniret.eval.protocol import evaluate_embeddings
+from uniret.index.rerank import RERANKERS
 
 
 def unit(rows):
@@ -78,10 +79,8 @@ def test_bad_protocol_and_reranker():
         evaluate_embeddings(x, [("a", 0)], x, [("a", 0)], self_match=False, rerank="magic")
 
 
-@pytest.mark.parametrize("name", ["aqe", "alpha-qe", "superglobal"])
+@pytest.mark.parametrize("name", list(RERANKERS))
 def test_rerank_runs_on_candidates_without_self(name):
-    from uniret.index.rerank import alpha_qe, aqe, superglobal
-
     rng = np.random.default_rng(3)
     items = [Item(f"p{i}", "x", "val", i, (i // 3,)) for i in range(30)]
     vectors = unit(rng.normal(size=(30, 8)))
@@ -91,7 +90,6 @@ def test_rerank_runs_on_candidates_without_self(name):
     sims = vectors @ vectors.T
     np.fill_diagonal(sims, -np.inf)
     cand = np.argsort(-sims, axis=1, kind="stable")[:, :29]
-    fn = {"aqe": aqe, "alpha-qe": alpha_qe, "superglobal": superglobal}[name]
-    _, ref_ids = fn(vectors, vectors, cand, np.take_along_axis(sims, cand, axis=1).astype(np.float32))
+    _, ref_ids = RERANKERS[name].fn(vectors, vectors, cand, np.take_along_axis(sims, cand, axis=1).astype(np.float32))
     assert (r["ids"] == ref_ids[:, :5]).all()
     assert r["rerank"] == name
