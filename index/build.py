@@ -7,13 +7,13 @@ Every operation writes a complete new version beside the live one and swaps ``CU
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 
+from .. import testing
 from ..embed.store import EmbeddingStore
 from ..errors import UniretError, UsageError
 from ..utils import atomic_write_json, git_commit, publish_dir, read_json
@@ -34,8 +34,6 @@ from .layout import (
 logger = logging.getLogger("uniret")
 
 ADD_CHUNK = 262_144
-# Seconds to sleep before publishing a new version; lets tests kill a real update mid-way.
-_DEBUG_SLEEP = "UNIRET_DEBUG_INDEX_SLEEP"
 
 
 def _open_store(store) -> EmbeddingStore:
@@ -43,12 +41,9 @@ def _open_store(store) -> EmbeddingStore:
 
 
 def _model_hash_of_dir(model_dir: Path) -> str:
-    cfg = Path(model_dir) / "config.json"
-    if not cfg.is_file() and (Path(model_dir) / "model" / "config.json").is_file():
-        cfg = Path(model_dir) / "model" / "config.json"
-    if not cfg.is_file():
-        raise UniretError(f"{model_dir}: not a model directory (no config.json)")
-    return read_json(cfg).get("config_hash")
+    from ..embed.model import CONFIG_NAME, resolve_model_dir
+
+    return read_json(resolve_model_dir(model_dir) / CONFIG_NAME).get("config_hash")
 
 
 def _add_vectors(index, vectors: np.ndarray, ids: np.ndarray) -> None:
@@ -116,18 +111,16 @@ def _write_version(root: Path, manifest: dict, index, ids: np.ndarray, vectors: 
     finally:
         db.close()
     atomic_write_json(partial / "manifest.json", manifest)
-    sleep = float(os.environ.get(_DEBUG_SLEEP, "0") or 0)
-    if sleep:
-        time.sleep(sleep)
+    testing.sleep_point("index")  # lets tests kill a real update before it is published
     return publish_version(root, partial)
 
 
 def _copy_model(root: Path, model_dir: Path | None) -> str | None:
     if model_dir is None:
         return MODEL_DIR if (root / MODEL_DIR / "config.json").is_file() else None
-    src = Path(model_dir)
-    if not (src / "config.json").is_file() and (src / "model" / "config.json").is_file():
-        src = src / "model"
+    from ..embed.model import resolve_model_dir
+
+    src = resolve_model_dir(model_dir)
     tmp = root / f".{MODEL_DIR}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(src, tmp)

@@ -24,8 +24,9 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UniretError
+from ..utils import resolve_device
 from . import gpu as gpu_util
-from .exact import REFINE_FACTOR, exact_search, rescore, resolve_device, torch_search
+from .exact import REFINE_FACTOR, exact_search, rescore, torch_search
 from .keys import is_lossy, search_param_name, set_search_param
 from .layout import MODEL_DIR, MetadataDB, current_version, read_manifest
 from .rerank import candidate_depth
@@ -52,7 +53,7 @@ class Searcher:
         self.search_params = dict(self.manifest.get("search_params") or {})
         set_search_param(self.index, next(iter(self.search_params.values()), None))
         self.use_gpu, self.ngpu = gpu_util.resolve(gpu)
-        self.device = resolve_device(device) if gpu != "off" else "cpu"
+        self.device = resolve_device(device, faiss=True) if gpu != "off" else "cpu"
         self._gpu_index = None
         self._model = None
 

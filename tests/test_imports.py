@@ -139,15 +139,8 @@ def test_cycle_finder_sees_function_level_circles():
     assert cycles(graph) == [["uniret.a", "uniret.b", "uniret.c"]]
 
 
-# Circles that issue #10's data/embed half (engineer `embedcore`) removes; drop this once it lands.
-PENDING = [{"uniret.data.collection", "uniret.data.store"}, {"uniret.embed.backbones", "uniret.embed.model"}]
-
-
 def test_no_import_circles():
     graph = import_graph()
     assert "uniret.eval.run" in graph["uniret.eval"]  # edges are resolved
     found = cycles(graph)
-    message = "import circles:\n" + "\n".join(" <-> ".join(c) for c in found)
-    if found and all(any(p <= set(c) for p in PENDING) for c in found):
-        pytest.xfail("circles in data/ and embed/ are removed by the data/embed half of issue #10; " + message)
-    assert not found, message
+    assert not found, "import circles:\n" + "\n".join(" <-> ".join(c) for c in found)

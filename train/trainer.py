@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ..errors import UniretError
-from ..utils import atomic_write_json, git_commit, progress_bar
+from ..utils import atomic_write_json, git_commit, progress_bar, resolve_device
 from .config import TrainConfig
 from .data import TrainData, ValData, sample_seed
 from .distributed import DistContext, average_gradients, average_scalars, gather_detached, gather_with_grad
@@ -37,20 +37,6 @@ from .samplers import InfiniteIndexSampler, make_domain_sampler
 from .validate import validate
 
 logger = logging.getLogger("uniret")
-
-
-def pick_device(name: str, ctx: DistContext) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UniretError(f"--device {name}: no CUDA device is visible; use --device cpu")
-        if ctx.enabled and name == "cuda":
-            name = f"cuda:{ctx.local_rank}"
-        torch.cuda.set_device(torch.device(name))
-    elif name != "cpu":
-        raise UniretError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N")
-    return torch.device(name)
 
 
 def make_optimizer(model: TrainingModel, config: TrainConfig) -> torch.optim.AdamW:
@@ -98,7 +84,9 @@ class Trainer:
             raise UniretError(
                 f"--batch-size {config.batch_size} must divide evenly over {self.ctx.world_size} processes"
             )
-        self.device = pick_device(config.device, self.ctx)
+        self.device = torch.device(resolve_device(config.device, local_rank=self.ctx.local_rank))
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
         self.run = RunDir(config.out)
         if not resume and self.run.config_file.is_file():  # fail before building anything
             raise UniretError(f"{self.run.path} already holds a run; pass --resume to continue it or choose another --out")
