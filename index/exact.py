@@ -29,7 +29,7 @@ REFINE_FACTOR = 4
 
 
 def _as_float32(x) -> np.ndarray:
-    torch = sys.modules.get("torch")  # a tensor implies torch is imported: never import it just to check
+    torch = sys.modules.get("torch")  # a tensor can only exist once torch is imported
     if torch is not None and isinstance(x, torch.Tensor):
         x = x.detach().float().cpu().numpy()
     return np.ascontiguousarray(np.asarray(x, dtype=np.float32))
