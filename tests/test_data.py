@@ -304,3 +304,14 @@ def test_no_top_level_modules_installed():
         tops = {Path(str(f)).parts[0] for f in dist.files or [] if not str(f).startswith("..")}
         assert tops <= {"uniret", f"uniret-{dist.version}.dist-info"}, tops
 
+
+def test_library_imports_without_train():
+    # The CLI lists train's choices from the method and sampler registries (torch-free modules);
+    # nothing else of training loads, and neither does torch.
+    light = {"uniret.train.commands", "uniret.train.methods", "uniret.train.samplers"}
+    code = ("import sys, uniret.data, uniret.embed, uniret.index, uniret.eval, uniret.cli; "
+            f"print(sorted(m for m in sys.modules if m.startswith('uniret.train.') and m not in {light!r}), "
+            "'torch' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[] False"

@@ -30,14 +30,36 @@ def module_files() -> dict[str, Path]:
     return out
 
 
-def imported_names(name: str, path: Path, source: str | None = None) -> list[tuple[str, list[str], int]]:
+def is_type_checking(node: ast.AST) -> bool:
+    """``if TYPE_CHECKING:`` (or ``typing.TYPE_CHECKING``): a block that never runs."""
+    test = getattr(node, "test", None)
+    return isinstance(node, ast.If) and (getattr(test, "id", None) == "TYPE_CHECKING"
+                                         or getattr(test, "attr", None) == "TYPE_CHECKING")
+
+
+def runtime_nodes(tree: ast.AST, typing_only: bool) -> list[ast.AST]:
+    """Every node of ``tree``; without ``typing_only``, less the bodies of ``if TYPE_CHECKING:``."""
+    out, todo = [], [tree]
+    while todo:
+        node = todo.pop()
+        out.append(node)
+        if not typing_only and is_type_checking(node):
+            todo.extend(node.orelse)
+        else:
+            todo.extend(ast.iter_child_nodes(node))
+    return out
+
+
+def imported_names(name: str, path: Path, source: str | None = None,
+                   typing_only: bool = True) -> list[tuple[str, list[str], int]]:
     """``(base module, imported names, line)`` of every import statement in the module, at any depth
-    (functions, methods, ``if`` blocks), and of ``importlib.import_module("literal")`` calls.
-    Relative imports are resolved against the module's package."""
+    (functions, methods, ``if`` blocks; ``if TYPE_CHECKING:`` blocks only with ``typing_only``), and
+    of ``importlib.import_module("literal")`` calls. Relative imports are resolved against the
+    module's package."""
     tree = ast.parse(source if source is not None else path.read_text(), filename=str(path))
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found = []
-    for node in ast.walk(tree):
+    for node in runtime_nodes(tree, typing_only):
         if isinstance(node, ast.Import):
             found.extend((alias.name, [], node.lineno) for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -54,10 +76,10 @@ def imported_names(name: str, path: Path, source: str | None = None) -> list[tup
 
 
 def import_edges(name: str, path: Path, modules, source: str | None = None) -> set[str]:
-    """The uniret modules that ``name`` imports: ``from P import x`` counts as an import of the
-    submodule ``P.x`` when there is one, else of ``P``."""
+    """The uniret modules that ``name`` imports when it runs (type-checking-only imports left out):
+    ``from P import x`` counts as an import of the submodule ``P.x`` when there is one, else of ``P``."""
     edges = set()
-    for base, names, _ in imported_names(name, path, source):
+    for base, names, _ in imported_names(name, path, source, typing_only=False):
         subs = [f"{base}.{n}" for n in names if f"{base}.{n}" in modules]
         edges.update(subs)
         if base in modules and len(subs) < len(names) or (not names and base in modules):
@@ -133,10 +155,15 @@ def import_graph() -> dict[str, set[str]]:
 
 def test_cycle_finder_sees_function_level_circles():
     modules = {"uniret.a": ROOT / "a.py", "uniret.b": ROOT / "b.py", "uniret.c": ROOT / "c.py"}
-    graph = {"uniret.a": import_edges("uniret.a", modules["uniret.a"], modules, "from .b import f\n"),
+    graph = {"uniret.a": import_edges("uniret.a", modules["uniret.a"], modules,
+                                      "from typing import TYPE_CHECKING\nfrom .b import f\n"
+                                      "if TYPE_CHECKING:\n    from .c import T\n"),
              "uniret.b": import_edges("uniret.b", modules["uniret.b"], modules, "def g():\n    from . import c\n"),
              "uniret.c": import_edges("uniret.c", modules["uniret.c"], modules, "def h():\n    import uniret.a\n")}
     assert cycles(graph) == [["uniret.a", "uniret.b", "uniret.c"]]
+    assert graph["uniret.a"] == {"uniret.b"}  # an import for type checking only never runs
+    graph["uniret.b"] = set()
+    assert cycles(graph) == []
 
 
 def test_no_import_circles():
