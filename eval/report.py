@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..display import format_metric
 from ..errors import UniretError
 from ..utils import atomic_write_json, atomic_write_text, publish_dir, read_json
 
@@ -77,9 +78,9 @@ def render_markdown(report: dict) -> str:
         lines += [f"## {name} protocol", "", "| domain | " + " | ".join(keys) + " | queries | excluded |",
                   "|---|" + "---:|" * (len(keys) + 2)]
         for d, row in summary["per_domain"].items():
-            lines.append(f"| {_md(d)} | " + " | ".join(_fmt(row[m]) for m in keys)
+            lines.append(f"| {_md(d)} | " + " | ".join(format_metric(row[m]) for m in keys)
                          + f" | {row['queries']} | {row['excluded']} |")
-        lines.append("| **mean (unweighted)** | " + " | ".join(f"**{_fmt(summary['mean'][m])}**" for m in keys)
+        lines.append("| **mean (unweighted)** | " + " | ".join(f"**{format_metric(summary['mean'][m])}**" for m in keys)
                      + f" | {summary['queries']} | {summary['excluded']} |")
         lines.append("")
     lines.append("Queries with no relevant index item (n_q = 0) are excluded and counted.")
@@ -89,10 +90,6 @@ def render_markdown(report: dict) -> str:
 def _md(value) -> str:
     """Text for a Markdown table cell: no raw HTML (a viewer may render it) and no cell breaks."""
     return html.escape(str(value)).replace("|", "\\|").replace("`", "'")
-
-
-def _fmt(value) -> str:
-    return "-" if value is None else f"{100 * value:.2f}"
 
 
 def render_html(report: dict, grid: list[dict]) -> str:
@@ -107,7 +104,7 @@ def render_html(report: dict, grid: list[dict]) -> str:
                                                        "queries": summary["queries"], "excluded": summary["excluded"]})]
         tables.append({"name": name, "metrics": keys, "rows": [
             {"domain": d, "queries": row["queries"], "excluded": row["excluded"],
-             "cells": [{"bar": 0 if row[m] is None else round(100 * row[m]), "text": _fmt(row[m])} for m in keys]}
+             "cells": [{"bar": 0 if row[m] is None else round(100 * row[m]), "text": format_metric(row[m])} for m in keys]}
             for d, row in rows]})
     return render("report.html", title=f"uniret evaluation: {report['data']['split']}", report=report,
                   tables=tables, grid=grid, top=TOP)
@@ -139,8 +136,13 @@ def load_report(path: str | Path) -> dict:
     return report
 
 
+#: The label columns of :func:`compare_rows`; every other column holds a metric.
+COMPARE_LABELS = ("report", "protocol", "rerank")
+
+
 def compare_rows(paths: list[str], metric: str = "mAP@100") -> tuple[list[dict], list[str]]:
-    """One row per (report, protocol): the mean metrics, then ``metric`` per domain."""
+    """One row per (report, protocol): :data:`COMPARE_LABELS`, the mean metrics, then ``metric`` per
+    domain."""
     rows, domains, means = [], [], []
     for path in paths:
         report = load_report(path)
@@ -154,4 +156,4 @@ def compare_rows(paths: list[str], metric: str = "mAP@100") -> tuple[list[dict],
                 if d not in domains:
                     domains.append(d)
             rows.append(row)
-    return rows, ["report", "protocol", "rerank", *means, *(f"{d} {metric}" for d in domains)]
+    return rows, [*COMPARE_LABELS, *means, *(f"{d} {metric}" for d in domains)]
