@@ -75,6 +75,8 @@ def describe(exc: BaseException) -> tuple[str, int] | None:
         if module == "PIL" or type(exc).__name__ == "UnidentifiedImageError":
             return f"cannot decode an image ({text[:160]}); check the image file", 1
         return _os_line(exc), 1
+    if "No space left on device" in text:
+        return f"no space left on device ({text[:120]}); {_ERRNO_ADVICE[errno.ENOSPC]}", 1
     if module == "lmdb":
         return f"LMDB error ({text[:160]}); the store or index may be damaged: re-create it", 1
     if module == "safetensors" or type(exc).__name__ == "SafetensorError":

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import json
 import os
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -65,6 +66,19 @@ def check_writable(out: str | Path, option: str = "--out") -> None:
         raise UniretError(f"{option} {out}: {parent} {why}; choose an output path where you can write")
 
 
+def has_format(path: str | Path, marker: str, prefix: str) -> bool:
+    """Whether ``path/marker`` is a small JSON object whose ``format`` starts with ``prefix``: how an
+    output of uniret's is recognised (a store's manifest, a model's config, a report's metrics)."""
+    file = Path(path) / marker
+    try:
+        if not file.is_file() or file.stat().st_size > 1 << 26:
+            return False
+        obj = json.loads(file.read_bytes())
+    except (OSError, ValueError):
+        return False
+    return isinstance(obj, dict) and str(obj.get("format", "")).startswith(prefix)
+
+
 def prepare_output(out: str | Path, what: str, is_own: Callable[[Path], bool], inputs: Iterable = (),
                    overwrite: bool = False, option: str = "--out", flag: str = "--overwrite") -> bool:
     """Check that writing the directory ``out`` destroys nothing uniret did not make.
@@ -94,6 +108,18 @@ def prepare_output(out: str | Path, what: str, is_own: Callable[[Path], bool], i
     return False
 
 
+@contextlib.contextmanager
+def claim_output(out: str | Path, what: str, is_own: Callable[[Path], bool], inputs: Iterable = (),
+                 overwrite: bool = False, option: str = "--out", flag: str = "--overwrite") -> Iterator[bool]:
+    """The one guard of a writing command: :func:`prepare_output`, then :func:`output_lock` held for
+    the block (and the checks again under the lock: another command may have written meanwhile).
+    Yields whether ``out`` holds a previous output of this kind (to be replaced)."""
+    inputs = list(inputs)
+    prepare_output(out, what, is_own, inputs, overwrite, option, flag)  # refuse before creating anything
+    with output_lock(out, what):
+        yield prepare_output(out, what, is_own, inputs, overwrite, option, flag)
+
+
 def check_output_file(out: str | Path, inputs: Iterable = (), option: str = "--out",
                       suffixes: tuple[str, ...] = ()) -> None:
     """Checks for a single output file (a page, a JSON list): not a directory, not an input, its
@@ -105,6 +131,17 @@ def check_output_file(out: str | Path, inputs: Iterable = (), option: str = "--o
         raise UsageError(f"{option} {out} is a directory; give a file name")
     check_apart(out, inputs, option)
     check_writable(out, option)
+
+
+#: OSError numbers that mean the disk (or a size limit) is full.
+FULL_DISK = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """A full disk, whichever library reported it (OSError, or LMDB/Faiss errors quoting it)."""
+    if isinstance(exc, OSError) and exc.errno in FULL_DISK:
+        return True
+    return any(text in str(exc) for text in ("No space left on device", "Disk quota exceeded", "File too large"))
 
 
 @contextlib.contextmanager

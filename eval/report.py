@@ -11,14 +11,14 @@ reports for ``uniret eval compare``.
 from __future__ import annotations
 
 import html
-import json
 from pathlib import Path
 
 import numpy as np
 
 from ..display import format_metric
 from ..errors import UniretError
-from ..utils import atomic_write_json, atomic_write_text, publish_dir, read_json
+from ..guards import has_format
+from ..utils import atomic_write_json, atomic_write_text, publish_dir, read_json, scratch_dir
 
 THUMB = 64  # pixels of the longer side of a thumbnail
 TOP = 5  # results shown per sample query
@@ -110,15 +110,22 @@ def render_html(report: dict, grid: list[dict]) -> str:
                   tables=tables, grid=grid, top=TOP)
 
 
+FORMAT = "uniret-eval-report/1"
+
+
+def is_report(path: Path) -> bool:
+    """A report directory of ``uniret eval`` (its metrics.json says so)."""
+    return has_format(path, "metrics.json", FORMAT.split("/")[0])
+
+
 def write_report(out: str | Path, report: dict, grid: list[dict]) -> None:
-    """Write the three files into a temporary directory and publish it as ``out`` in one rename."""
-    out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(tmp / "metrics.json", report)
-    atomic_write_text(tmp / "report.md", render_markdown(report))
-    atomic_write_text(tmp / "report.html", render_html(report, grid))
-    publish_dir(tmp, out)
+    """Write the three files into a new temporary directory and publish it as ``out`` in one rename
+    (a failure, e.g. a full disk, removes the temporary directory and leaves ``out`` as it was)."""
+    with scratch_dir(out) as tmp:
+        atomic_write_json(tmp / "metrics.json", report)
+        atomic_write_text(tmp / "report.md", render_markdown(report))
+        atomic_write_text(tmp / "report.html", render_html(report, grid))
+        publish_dir(tmp, out)
 
 
 def load_report(path: str | Path) -> dict:
@@ -129,11 +136,31 @@ def load_report(path: str | Path) -> dict:
         raise UniretError(f"{path}: no metrics.json; give report directories written by `uniret eval --out`")
     try:
         report = read_json(p)
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UniretError(f"{p}: unreadable report ({exc})") from None
-    if report.get("format") != "uniret-eval-report/1":
+    except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise UniretError(f"{p}: unreadable report ({' '.join(str(exc).split())[:160]})") from None
+    if not isinstance(report, dict) or report.get("format") != FORMAT:
         raise UniretError(f"{p}: not a uniret evaluation report")
+    if not _well_formed(report):
+        raise UniretError(f"{p}: a damaged evaluation report (results are not per-protocol tables of numbers); "
+                          "re-run `uniret eval`")
     return report
+
+
+def _is_metrics(values) -> bool:
+    return isinstance(values, dict) and all(
+        isinstance(k, str) and (v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)))
+        for k, v in values.items())
+
+
+def _well_formed(report: dict) -> bool:
+    """The parts of metrics.json that ``eval compare`` reads, with the types it expects."""
+    results = report.get("results")
+    if not isinstance(results, dict) or not isinstance(report.get("rerank"), str):
+        return False
+    return all(isinstance(summary, dict) and _is_metrics(summary.get("mean"))
+               and isinstance(summary.get("per_domain"), dict)
+               and all(_is_metrics(row) for row in summary["per_domain"].values())
+               for summary in results.values())
 
 
 #: The label columns of :func:`compare_rows`; every other column holds a metric.
@@ -152,7 +179,7 @@ def compare_rows(paths: list[str], metric: str = "mAP@100") -> tuple[list[dict],
                 raise UniretError(f"{path}: no {metric!r} in the report; metrics there: {', '.join(summary['mean'])}")
             row = {"report": str(path), "protocol": name, "rerank": report["rerank"], **summary["mean"]}
             for d, values in summary["per_domain"].items():
-                row[f"{d} {metric}"] = values[metric]
+                row[f"{d} {metric}"] = values.get(metric)
                 if d not in domains:
                     domains.append(d)
             rows.append(row)
