@@ -25,8 +25,10 @@ from .layout import (
     MODEL_DIR,
     MetadataDB,
     current_version,
+    load_ids_vectors,
     next_version_name,
     publish_version,
+    read_index,
     read_manifest,
     writer_lock,
 )
@@ -97,21 +99,26 @@ def _write_version(root: Path, manifest: dict, index, ids: np.ndarray, vectors: 
 
     partial = root / (next_version_name(root) + ".partial")
     partial.mkdir(parents=True)
-    faiss.write_index(gpu_util.to_cpu(index), str(partial / "index.faiss"))
-    np.save(partial / "ids.npy", ids.astype(np.int64))
-    np.save(partial / "vectors.npy", vectors.astype(np.float16, copy=False))
-    if meta_from is not None:
-        MetadataDB(meta_from).copy_to(partial / "meta")
-    db = MetadataDB(partial / "meta", write=True)
     try:
-        if new_items is not None:
-            db.put_items(*new_items)
-        if removed is not None and len(removed):
-            db.delete_ids(removed.tolist())
-    finally:
-        db.close()
-    atomic_write_json(partial / "manifest.json", manifest)
-    testing.sleep_point("index")  # lets tests kill a real update before it is published
+        faiss.write_index(gpu_util.to_cpu(index), str(partial / "index.faiss"))
+        np.save(partial / "ids.npy", ids.astype(np.int64))
+        np.save(partial / "vectors.npy", vectors.astype(np.float16, copy=False))
+        if meta_from is not None:
+            MetadataDB(meta_from).copy_to(partial / "meta")
+        db = MetadataDB(partial / "meta", write=True)
+        try:
+            if new_items is not None:
+                db.put_items(*new_items)
+            if removed is not None and len(removed):
+                db.delete_ids(removed.tolist())
+        finally:
+            db.close()
+        atomic_write_json(partial / "manifest.json", manifest)
+        testing.sleep_point("index")  # lets tests kill a real update before it is published
+    except BaseException:
+        # A failed write (a full disk, Ctrl-C) leaves the live version as it was and no half version.
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     return publish_version(root, partial)
 
 
@@ -185,7 +192,7 @@ def build_index(store, out, kind: str = "auto", gpu: str = "auto", gpus: int | N
         _add_vectors(index, vectors, ids)
     build_s = time.perf_counter() - t0
     recall = _measure_recall(index, key, vectors, ids, recall_k, target_recall, tune_sample, seed)
-    with writer_lock(root):
+    with writer_lock(root, create=True):
         model_ref = _copy_model(root, Path(model_dir) if model_dir is not None else None)
         manifest = {
             "format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "git_commit": git_commit(),
@@ -202,13 +209,10 @@ def build_index(store, out, kind: str = "auto", gpu: str = "auto", gpus: int | N
 
 
 def _load_current(root: Path):
-    import faiss
-
     cur = current_version(root)
     manifest = read_manifest(cur)
-    index = faiss.read_index(str(cur / "index.faiss"))
-    ids = np.load(cur / "ids.npy")
-    vectors = np.load(cur / "vectors.npy", mmap_mode="r")
+    index = read_index(cur / "index.faiss")
+    ids, vectors = load_ids_vectors(cur, manifest)
     return cur, manifest, index, ids, vectors
 
 
