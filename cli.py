@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     options (exit 2), bad input or a bad machine state such as a full disk (exit 1), Ctrl-C (130,
     saying whether re-running resumes). ``UNIRET_DEBUG=1`` re-raises them with their traceback.
     """
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = [os.fspath(a) for a in (sys.argv[1:] if argv is None else argv)]
     logging.basicConfig(level=logging.DEBUG if debug_enabled() else logging.INFO, format="%(message)s",
                         handlers=[_StderrHandler()])
     command = typer.main.get_command(app)

@@ -41,11 +41,11 @@ def check_apart(out: str | Path, inputs: Iterable[str | Path | None], option: st
             continue
         source = resolved(given)
         if target == source or source in target.parents:
-            raise UsageError(f"{option} {out} is inside the input {given}; writing there could destroy it: "
-                             "choose an output outside the input")
+            raise UniretError(f"{option} {out} is inside the input {given}; writing there could destroy it: "
+                              "choose an output outside the input")
         if target in source.parents:
-            raise UsageError(f"{option} {out} contains the input {given}; replacing it would destroy the input: "
-                             "choose another output")
+            raise UniretError(f"{option} {out} contains the input {given}; replacing it would destroy the input: "
+                              "choose another output")
 
 
 def check_writable(out: str | Path, option: str = "--out") -> None:

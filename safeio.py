@@ -32,6 +32,10 @@ class UnsafePath(UniretError):
     """A record path that would read outside its root, or something that is not a regular file."""
 
 
+class MissingImage(UnsafePath):
+    """A record path with no file behind it."""
+
+
 def contained_path(root: str | Path, rel: str) -> Path:
     """The real path of record ``rel`` under ``root``, or :class:`UnsafePath` saying why not."""
     if not isinstance(rel, str) or not rel or "\x00" in rel:
@@ -63,7 +67,7 @@ def check_contained(root: str | Path, rel: str, max_bytes: int = MAX_IMAGE_BYTES
     try:
         st = os.stat(full)
     except FileNotFoundError:
-        raise UnsafePath(f"{rel}: no such file under {root}") from None
+        raise MissingImage(f"{rel}: no such file under {root}") from None
     except OSError as exc:
         raise UnsafePath(f"{rel}: cannot read ({exc.strerror})") from None
     _check_regular(st, rel, max_bytes)
