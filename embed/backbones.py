@@ -243,9 +243,6 @@ def create_backbone(name: str, pretrained: bool = False, weights: str | Path | N
         backbone = _timm_backbone(name, spec, pretrained, weights, image_size, pool)
     else:
         backbone = _open_clip_backbone(name, spec, pretrained, weights, image_size, pool)
-    # What it takes to rebuild the same architecture (a model directory stores these).
-    backbone.image_size = int(image_size) if image_size else None
-    backbone.pool_name = pool
     return backbone
 
 

@@ -150,7 +150,7 @@ def test_save_load_round_trip(tiny_model, tmp_path):
         del tiny_model.teacher_heads
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     assert cfg["backbone"] == TINY and cfg["dim"] == 8 and cfg["nested_dims"] == [2, 4, 8]
-    assert cfg["preprocess"]["input_size"] == [3, 32, 32] and cfg["image_size"] == 32
+    assert cfg["preprocess"]["input_size"] == [3, 32, 32] and "image_size" not in cfg  # one home: preprocess
     assert cfg["provenance"] == {"run": "test"} and cfg["config_hash"] == tiny_model.config_hash()
     with safe_open(str(tmp_path / "m" / "model.safetensors"), "pt") as f:
         keys = set(f.keys())
