@@ -243,3 +243,24 @@ def test_gpu_made_model_gives_the_same_embeddings_on_cpu(tmp_path):
     model.save(tmp_path / "m")
     on_cpu = load_model(tmp_path / "m", device="cpu").encode(x)
     assert torch.allclose(on_cpu, on_gpu, atol=1e-4)
+
+
+# -- the head's initialisation ----------------------------------------------------------------------
+def test_head_starts_lecun_normal_with_zero_bias():
+    torch.manual_seed(0)
+    model = build_model("timm:resnet18", dim=256)  # feature_dim 512: enough weights for the statistics
+    w, fan_in = model.head.weight.detach(), model.head.weight.shape[1]
+    assert torch.count_nonzero(model.head.bias) == 0
+    assert abs(w.std().item() * fan_in ** 0.5 - 1) < 0.02  # variance 1/fan_in
+    limit = 2 * fan_in ** -0.5 / 0.87962566103423978
+    assert w.abs().max().item() <= limit and w.abs().max().item() > 0.95 * limit  # truncated at 2 std
+    # Unrelated features stay unrelated: no offset shared by every embedding (PyTorch's default
+    # uniform bias gives a mean pairwise cosine near 0.5).
+    e_b = F.normalize(torch.randn(400, fan_in), dim=-1)
+    with torch.no_grad():
+        z = model.embed_features(e_b)
+        cos = (z @ z.T)[~torch.eye(400, dtype=torch.bool)].mean().item()
+        default = torch.nn.Linear(fan_in, 256)
+        biased = F.normalize(default(e_b), dim=-1)
+        cos_default = (biased @ biased.T)[~torch.eye(400, dtype=torch.bool)].mean().item()
+    assert abs(cos) < 0.02 and cos_default > 0.3, (cos, cos_default)
