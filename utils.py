@@ -144,6 +144,8 @@ def resolve_device(device: str | None = "auto", local_rank: int | None = None, f
 
 
 def _visible_gpus(with_faiss: bool) -> int:
+    if sys.platform.startswith("linux") and not _nvidia_driver_present():
+        return 0  # no NVIDIA driver, so no CUDA device: answer without importing torch (seconds)
     import torch
 
     n = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -152,6 +154,11 @@ def _visible_gpus(with_faiss: bool) -> int:
 
         n = int(faiss.get_num_gpus())
     return n
+
+
+def _nvidia_driver_present() -> bool:
+    """Whether the Linux kernel exposes an NVIDIA driver (native, in a container, or WSL's /dev/dxg)."""
+    return any(os.path.exists(p) for p in ("/proc/driver/nvidia/version", "/dev/nvidiactl", "/dev/dxg"))
 
 
 def stable_hash(obj) -> str:

@@ -242,24 +242,6 @@ def add_to_index(index_dir, store) -> dict:
         return dict(counts, count=manifest["count"], version=final.name)
 
 
-def read_id_file(path) -> np.ndarray:
-    """Ids from a ``.npy``, a JSON list, or a text file (one id per line; ``#`` comments)."""
-    p = Path(path)
-    if not p.is_file():
-        raise UniretError(f"--ids {p}: no such file")
-    try:
-        if p.suffix == ".npy":
-            values = np.load(p).ravel().tolist()
-        elif p.suffix == ".json":
-            values = read_json(p)
-        else:
-            values = [line.split("#")[0].strip() for line in p.read_text().splitlines()]
-            values = [v for v in values if v]
-        return np.unique(np.asarray([int(v) for v in values], dtype=np.int64))
-    except (ValueError, TypeError) as exc:
-        raise UniretError(f"--ids {p}: expected integer ids, one per line ({exc})") from None
-
-
 def remove_from_index(index_dir, remove_ids) -> dict:
     """Remove ids (unknown ids are counted, not an error). Returns counts."""
     import faiss

@@ -15,6 +15,7 @@ Results where the database has fewer than k rows are padded with id -1 and score
 from __future__ import annotations
 
 import logging
+import sys
 
 import numpy as np
 
@@ -28,13 +29,9 @@ REFINE_FACTOR = 4
 
 
 def _as_float32(x) -> np.ndarray:
-    try:
-        import torch
-
-        if isinstance(x, torch.Tensor):
-            x = x.detach().float().cpu().numpy()
-    except ImportError:  # pragma: no cover - torch is a dependency
-        pass
+    torch = sys.modules.get("torch")  # a tensor can only exist once torch is imported
+    if torch is not None and isinstance(x, torch.Tensor):
+        x = x.detach().float().cpu().numpy()
     return np.ascontiguousarray(np.asarray(x, dtype=np.float32))
 
 
