@@ -79,10 +79,12 @@ RESUMABLE = {
 
 
 class _StderrHandler(logging.StreamHandler):
-    """Writes to whatever ``sys.stderr`` is at the time of the record (tests swap it per call)."""
+    """Writes to whatever ``sys.stderr`` is at the time of the record (tests swap it per call); of
+    other libraries' records (timm, faiss, the hub client) only warnings and errors."""
 
     def __init__(self) -> None:
         super().__init__(sys.stderr)
+        self.addFilter(lambda r: r.name.split(".")[0] == "uniret" or r.levelno >= logging.WARNING)
 
     @property
     def stream(self):

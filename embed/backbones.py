@@ -14,6 +14,9 @@ map (timm's pooling, or GeM with ``pool="gem"`` (p learnable, starts at 3) / ``p
 from __future__ import annotations
 
 import difflib
+import os
+import socket
+import urllib.parse
 from pathlib import Path
 
 import torch
@@ -111,6 +114,27 @@ def split_name(name: str) -> tuple[str, str]:
     )
 
 
+def offline_unless_reachable(timeout: float = 3.0) -> None:
+    """Switch the Hugging Face hub client to its offline mode (the local cache still works) when its
+    server cannot be reached: otherwise it retries for a minute, printing every retry, before the
+    same error. A user's own ``HF_HUB_OFFLINE`` is left alone."""
+    if os.environ.get("HF_HUB_OFFLINE"):
+        return
+    host = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return
+    except OSError:
+        pass
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        import huggingface_hub.constants
+
+        huggingface_hub.constants.HF_HUB_OFFLINE = True  # read once at import: set it there too
+    except ImportError:
+        pass
+
+
 def _timm_backbone(name: str, model_name: str, pretrained: bool, weights: str | None, image_size: int | None,
                    pool: str | None) -> Backbone:
     import timm
@@ -128,6 +152,8 @@ def _timm_backbone(name: str, model_name: str, pretrained: bool, weights: str | 
     if weights is not None:
         kwargs["pretrained_cfg_overlay"] = {"file": str(weights)}
     use_pretrained = bool(pretrained or weights)
+    if pretrained and weights is None:
+        offline_unless_reachable()
 
     def create(**extra):
         return timm.create_model(model_name, pretrained=use_pretrained, **extra, **kwargs)
@@ -181,6 +207,8 @@ def _open_clip_backbone(name: str, spec: str, pretrained: bool, weights: str | N
     source = str(weights) if weights else (tag if pretrained and tag else None)
     if pretrained and not source:
         raise UniretError(f"{name}: --pretrained needs a tag (open_clip:{arch}/<tag>) or --weights FILE")
+    if source is not None and weights is None:
+        offline_unless_reachable()
     try:
         clip = open_clip.create_model(
             arch, pretrained=source, force_quick_gelu=bool(tag_cfg.get("quick_gelu", False)),
