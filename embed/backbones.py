@@ -17,6 +17,7 @@ import difflib
 import os
 import socket
 import urllib.parse
+import warnings
 from pathlib import Path
 
 import torch
@@ -159,16 +160,23 @@ def _timm_backbone(name: str, model_name: str, pretrained: bool, weights: str | 
         return timm.create_model(model_name, pretrained=use_pretrained, **extra, **kwargs)
 
     try:
-        try:
-            model = create(**({"img_size": image_size} if image_size else {}))
-        except TypeError:
-            # CNNs take any input size and have no img_size argument: only the preprocessing changes.
-            model = create()
+        with warnings.catch_warnings():
+            # torch.load's remarks about a refused checkpoint would come before our one-line error.
+            warnings.simplefilter("ignore")
+            try:
+                model = create(**({"img_size": image_size} if image_size else {}))
+            except TypeError:
+                # CNNs take any input size and have no img_size argument: only the preprocessing changes.
+                model = create()
     except Exception as exc:  # noqa: BLE001 - hub, network and checkpoint errors all mean "no weights"
         if not use_pretrained:
             raise
+        why = f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+        if weights is not None:  # a torch checkpoint is read with weights_only=True: a pickle is refused
+            raise UniretError(f"{name}: cannot load --weights {weights} ({why}); give a safetensors file or a "
+                              "plain state-dict checkpoint for this architecture") from None
         raise UniretError(
-            f"{name}: cannot load pretrained weights ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+            f"{name}: cannot load pretrained weights ({why}); "
             "put them in the hub cache, pass --weights FILE, or drop --pretrained"
         ) from None
     cfg = resolve_model_data_config(model)

@@ -190,7 +190,20 @@ def writer_args(w, name: str, out: Path, cache: Path) -> list:
     }[name]
 
 
-WRITERS = ["data demo", "data pack", "model init", "embed", "index build", "eval", "train", "demo"]
+# Cases that belong to another engineer's half of issue #11 and fail on main until it lands (strict=False:
+# an XPASS just means it landed; then delete the entry).
+PENDING = {
+    "train": "train/ half of issue #11 (the --out guard for runs, pickle-free checkpoints) not on main yet",
+}
+
+
+def pending(*names: str):
+    """Parameters with an xfail mark for the names in PENDING."""
+    return [pytest.param(n, marks=pytest.mark.xfail(reason=PENDING[n.split()[0]], strict=False))
+            if n.split()[0] in PENDING else n for n in names]
+
+
+WRITERS = pending("data demo", "data pack", "model init", "embed", "index build", "eval", "train", "demo")
 
 
 @pytest.mark.parametrize("name", WRITERS)
@@ -233,7 +246,7 @@ INSIDE = {  # (name, output given the world): an output equal to or inside one o
 }
 
 
-@pytest.mark.parametrize("case", INSIDE)
+@pytest.mark.parametrize("case", pending(*INSIDE))
 def test_output_equal_to_or_inside_an_input(world, case, tmp_path, capfd):
     name, out = INSIDE[case]
     refused(capfd, writer_args(world, name, out(world), tmp_path / "cache"), *world.trees, tmp_path,
@@ -272,3 +285,183 @@ def test_second_writer_of_one_output_is_refused(world, name, tmp_path, capfd):
         refused(capfd, writer_args(world, name, out, tmp_path / "cache"), *world.trees,
                 match="another uniret command")
     assert not out.exists()
+
+
+# -- nothing is unpickled: a payload planted in every file uniret reads --------------------------
+
+def plant(kind: str, target: Path, marker: Path) -> None:
+    """Replace ``target`` with a pickle payload: an object .npy, raw pickle bytes, or a pickle as an
+    LMDB value (``target`` = env dir, key after ``:``)."""
+    if kind == "npy":
+        target.unlink()
+        object_npy(target, marker)
+    elif kind == "raw":
+        target.write_bytes(pickle_bytes(marker))
+    else:
+        import lmdb
+
+        env = lmdb.open(str(target), map_size=1 << 26)
+        with env.begin(write=True) as txn:
+            txn.put(kind.encode(), pickle_bytes(marker))
+        env.close()
+
+
+PICKLES = {  # case: (artefact copied, file planted (relative), how, command given the copy)
+    "store embeddings (object npy) -> index build": ("store", "embeddings.npy", "npy",
+                                                     lambda w, c, t: ["index", "build", c, "--out", t / "i"]),
+    "store embeddings (raw pickle) -> index build": ("store", "embeddings.npy", "raw",
+                                                     lambda w, c, t: ["index", "build", c, "--out", t / "i"]),
+    "store manifest (raw pickle) -> index build": ("store", "manifest.json", "raw",
+                                                   lambda w, c, t: ["index", "build", c, "--out", t / "i"]),
+    "index ids -> index add": ("index", "v000001/ids.npy", "npy", lambda w, c, t: ["index", "add", c, w.store]),
+    "index vectors -> index remove": ("index", "v000001/vectors.npy", "npy",
+                                      lambda w, c, t: ["index", "remove", c, "--ids", t / "ids.txt"]),
+    "index ids -> search": ("index", "v000001/ids.npy", "npy", lambda w, c, t: ["search", c, "id:0"]),
+    "index vectors -> dedup": ("index", "v000001/vectors.npy", "npy", lambda w, c, t: ["dedup", c]),
+    "index.faiss -> index add": ("index", "v000001/index.faiss", "raw", lambda w, c, t: ["index", "add", c, w.store]),
+    "index manifest -> index info": ("index", "v000001/manifest.json", "raw", lambda w, c, t: ["index", "info", c]),
+    "index metadata value -> search": ("index", "v000001/meta:id/0000000000000000", "lmdb",
+                                       lambda w, c, t: ["search", c, "id:0"]),
+    "model weights -> model info": ("model", "model.safetensors", "raw", lambda w, c, t: ["model", "info", c]),
+    "model config -> embed": ("model", "config.json", "raw",
+                              lambda w, c, t: ["embed", "--model", c, "--data", w.coll, "--out", t / "s"]),
+    "packed store meta -> data check": ("lmdb", ":meta", "lmdb", lambda w, c, t: ["data", "check", c]),
+    "packed store records -> embed": ("lmdb", ":rec/alpha/test", "lmdb",
+                                      lambda w, c, t: ["embed", "--model", w.model, "--data", c, "--out", t / "s",
+                                                       "--workers", "0", "--device", "cpu"]),
+    "report metrics -> eval compare": ("report", "metrics.json", "raw", lambda w, c, t: ["eval", "compare", c]),
+}
+
+
+@pytest.mark.parametrize("case", PICKLES)
+def test_planted_pickle_is_refused_and_never_run(world, case, tmp_path, capfd):
+    artefact, rel, how, command = PICKLES[case]
+    copy = copy_of(getattr(world, artefact), tmp_path)
+    marker = tmp_path / "PWNED"
+    (tmp_path / "ids.txt").write_text("0\n")
+    if how == "lmdb":
+        env_rel, key = rel.split(":")
+        plant(key, copy / env_rel, marker)
+    else:
+        plant(how, copy / rel, marker)
+    refused(capfd, command(world, copy, tmp_path), *world.trees, copy)
+    assert not marker.exists(), "a planted pickle ran"
+
+
+def test_pickled_query_npy_and_ids_npy_are_refused(world, tmp_path, capfd):
+    marker = tmp_path / "PWNED"
+    object_npy(tmp_path / "q.npy", marker)
+    refused(capfd, ["search", world.index, tmp_path / "q.npy"], *world.trees)
+    index = copy_of(world.index, tmp_path)
+    refused(capfd, ["index", "remove", index, "--ids", tmp_path / "q.npy"], *world.trees, index)
+    (tmp_path / "w.pth").write_bytes(pickle_bytes(marker))  # a torch checkpoint is a pickle
+    refused(capfd, ["model", "init", "--backbone", "timm:test_resnet", "--weights", tmp_path / "w.pth",
+                    "--out", tmp_path / "m", "--image-size", "32"], *world.trees, match="weights")
+    assert not marker.exists() and not (tmp_path / "m").exists()
+
+
+def test_pickled_eval_cache_is_refused(world, tmp_path, capfd):
+    cache = copy_of(world.base / "cache", tmp_path)
+    marker = tmp_path / "PWNED"
+    for npy in cache.rglob("embeddings.npy"):
+        plant("npy", npy, marker)
+    refused(capfd, ["eval", "--model", world.model, "--data", world.coll, "--out", tmp_path / "r", "--device", "cpu",
+                    "--cache-dir", cache], *world.trees, cache)
+    assert not marker.exists() and not (tmp_path / "r").exists()
+
+
+@pytest.mark.xfail(reason=PENDING["train"], strict=False)
+def test_pickled_training_checkpoint_is_refused(world, tmp_path, capfd, monkeypatch):
+    run = tmp_path / "run"
+    args = ["train", "--data", world.coll, "--out", run, "--backbone", "timm:test_resnet", "--image-size", "32",
+            "--steps", "3", "--batch-size", "4", "--device", "cpu", "--val-every", "0", "--ckpt-every", "1"]
+    monkeypatch.setenv("UNIRET_TEST_INTERRUPT_TRAIN", "2")  # a Ctrl-C before step 2: an unfinished run
+    assert main([str(a) for a in args]) == 130
+    monkeypatch.delenv("UNIRET_TEST_INTERRUPT_TRAIN")
+    marker = tmp_path / "PWNED"
+    planted = [f for f in (run / "checkpoints").rglob("*") if f.is_file()]
+    assert planted
+    for ckpt in planted:
+        ckpt.write_bytes(pickle_bytes(marker))
+    refused(capfd, [*args, "--resume"], *world.trees, run)
+    assert not marker.exists(), "a planted checkpoint ran"
+
+
+# -- tampered JSON and damaged binary files ---------------------------------------------------------
+
+def edit_json(path: Path, change) -> None:
+    obj = json.loads(path.read_text())
+    change(obj)
+    path.write_text(json.dumps(obj))
+
+
+def truncate(path: Path, keep: float = 0.5) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+DAMAGED = {  # case: (artefact, damage(copy, tmp), command(world, copy, tmp))
+    "model config dim is text": ("model", lambda c, t: edit_json(c / "config.json", lambda o: o.update(dim="abc")),
+                                 lambda w, c, t: ["model", "info", c]),
+    "model config input size negative": ("model", lambda c, t: edit_json(
+        c / "config.json", lambda o: o["preprocess"].update(input_size=[3, -5, 32])), lambda w, c, t: ["model", "info", c]),
+    "model config not json": ("model", lambda c, t: truncate(c / "config.json", 0.3),
+                              lambda w, c, t: ["embed", "--model", c, "--data", w.coll, "--out", t / "s"]),
+    "model weights truncated": ("model", lambda c, t: truncate(c / "model.safetensors"),
+                                lambda w, c, t: ["model", "info", c]),
+    "model weights of another shape": ("model", lambda c, t: shutil.copy(t / "wide" / "model.safetensors", c),
+                                       lambda w, c, t: ["model", "info", c]),
+    "store embeddings truncated": ("store", lambda c, t: truncate(c / "embeddings.npy"),
+                                   lambda w, c, t: ["index", "build", c, "--out", t / "i"]),
+    "store manifest count wrong": ("store", lambda c, t: edit_json(c / "manifest.json", lambda o: o.update(count=10**6)),
+                                   lambda w, c, t: ["index", "build", c, "--out", t / "i"]),
+    "store manifest dim text": ("store", lambda c, t: edit_json(c / "manifest.json", lambda o: o.update(dim="8")),
+                                lambda w, c, t: ["index", "add", w.index, c]),
+    "store metadata not json": ("store", lambda c, t: (c / "metadata.jsonl").write_text("{not json\n"),
+                                lambda w, c, t: ["index", "build", c, "--out", t / "i"]),
+    "index ids truncated": ("index", lambda c, t: truncate(c / "v000001" / "ids.npy"),
+                            lambda w, c, t: ["index", "add", c, w.store]),
+    "index vectors truncated": ("index", lambda c, t: truncate(c / "v000001" / "vectors.npy"),
+                                lambda w, c, t: ["search", c, "id:0"]),
+    "index.faiss truncated": ("index", lambda c, t: truncate(c / "v000001" / "index.faiss"),
+                              lambda w, c, t: ["search", c, "id:0"]),
+    "index manifest dim text": ("index", lambda c, t: edit_json(c / "v000001" / "manifest.json",
+                                                                lambda o: o.update(dim="8")),
+                                lambda w, c, t: ["index", "info", c]),
+    "index CURRENT points outside": ("index", lambda c, t: (c / "CURRENT").write_text("../../../etc\n"),
+                                     lambda w, c, t: ["index", "info", c]),
+    "index CURRENT absolute": ("index", lambda c, t: (c / "CURRENT").write_text(str(w_model_dir(t)) + "\n"),
+                               lambda w, c, t: ["search", c, "id:0"]),
+    "index CURRENT binary": ("index", lambda c, t: (c / "CURRENT").write_bytes(b"\xff\xfe\x00v1"),
+                             lambda w, c, t: ["index", "remove", c, "--ids", t / "ids.txt"]),
+    "split file wrong types": ("coll", lambda c, t: (c / "info" / "alpha" / "test.json").write_text(
+        json.dumps([{"path": 5, "class_id": "a"}])), lambda w, c, t: ["embed", "--model", w.model, "--data", c,
+                                                                     "--out", t / "s"]),
+    "split file binary": ("coll", lambda c, t: (c / "info" / "alpha" / "val.json").write_bytes(b"\x80\x81\x82"),
+                          lambda w, c, t: ["eval", "--model", w.model, "--data", c, "--out", t / "r", "--split", "val",
+                                           "--cache-dir", t / "cache"]),
+    "packed store data.mdb garbage": ("lmdb", lambda c, t: (c / "data.mdb").write_bytes(os.urandom(20000)),
+                                      lambda w, c, t: ["data", "check", c]),
+    "report results not a table": ("report", lambda c, t: edit_json(c / "metrics.json",
+                                                                    lambda o: o.update(results={"merged": [1, 2]})),
+                                   lambda w, c, t: ["eval", "compare", c]),
+    "report metric is text": ("report", lambda c, t: edit_json(
+        c / "metrics.json", lambda o: o["results"]["merged"]["mean"].update({"mAP@100": "high"})),
+        lambda w, c, t: ["eval", "compare", c]),
+}
+
+
+def w_model_dir(tmp: Path) -> Path:
+    return tmp / "wide"
+
+
+@pytest.mark.parametrize("case", DAMAGED)
+def test_tampered_or_damaged_file_is_one_line(world, case, tmp_path, capfd):
+    artefact, damage, command = DAMAGED[case]
+    if "another shape" in case or "absolute" in case:
+        assert main(["model", "init", "--backbone", "timm:test_resnet", "--out", str(tmp_path / "wide"),
+                     "--dim", "16", "--image-size", "32"]) == 0
+    (tmp_path / "ids.txt").write_text("0\n")
+    copy = copy_of(getattr(world, artefact), tmp_path)
+    damage(copy, tmp_path)
+    refused(capfd, command(world, copy, tmp_path), *world.trees, copy)
