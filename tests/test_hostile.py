@@ -465,3 +465,128 @@ def test_tampered_or_damaged_file_is_one_line(world, case, tmp_path, capfd):
     copy = copy_of(getattr(world, artefact), tmp_path)
     damage(copy, tmp_path)
     refused(capfd, command(world, copy, tmp_path), *world.trees, copy)
+
+
+# -- record paths stay inside their root; only regular files are read ------------------------------
+
+@pytest.fixture(scope="module")
+def escaping(world, tmp_path_factory):
+    """A collection whose records point outside the image root (.., absolute, symlinks), at a FIFO,
+    at /dev/zero (through a symlink, and as a device node when we may make one) and at an oversized
+    sparse file; plus one good image per split so that the commands have work to do."""
+    base = tmp_path_factory.mktemp("escape")
+    coll = write_collection(base / "coll", domains=("alpha",))
+    secret = base / "secret.png"
+    Image.new("RGB", (16, 16), (1, 2, 3)).save(secret)
+    images = coll / "images"
+    (images / "link.png").symlink_to(secret)
+    (images / "linkdir").symlink_to(base)
+    (images / "zero.png").symlink_to("/dev/zero")
+    os.mkfifo(images / "fifo.png")
+    with open(images / "huge.png", "wb") as f:
+        f.truncate(65 << 20)  # over the 64 MB image limit (sparse: no disk used)
+    bad = ["../../secret.png", str(secret), "link.png", "linkdir/secret.png", "zero.png", "fifo.png", "huge.png"]
+    try:
+        os.mknod(images / "dev.png", 0o600 | stat_chr(), os.makedev(1, 5))  # /dev/zero's numbers
+        bad.append("dev.png")
+    except (PermissionError, AttributeError):
+        pass
+    for split in ("train", "val", "test"):
+        path = coll / "info" / "alpha" / f"{split}.json"
+        records = json.loads(path.read_text())
+        records += [{"path": p, "class_id": 0} for p in bad]
+        path.write_text(json.dumps(records))
+    return SimpleNamespace(base=base, coll=coll, secret=secret, bad=bad)
+
+
+def stat_chr() -> int:
+    import stat
+
+    return stat.S_IFCHR
+
+
+def test_data_check_reports_escaping_records(escaping, capfd):
+    before = snapshot(escaping.base)
+    assert main(["data", "check", str(escaping.coll)]) == 1
+    _, err = capfd.readouterr()
+    assert "Traceback" not in err and f"{len(escaping.bad)} record paths are refused" in err, err
+    assert "outside the image root" in err
+    assert snapshot(escaping.base) == before
+
+
+def test_pack_skips_and_lists_escaping_records_without_hanging(escaping, tmp_path):
+    # a subprocess with a timeout: a FIFO opened for reading would hang forever
+    done = subprocess_cli(["data", "pack", escaping.coll, tmp_path / "p.lmdb", "--max-side", "16"], timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+    skipped = json.loads(subprocess_cli(["data", "pack", escaping.coll, tmp_path / "q.lmdb", "--format", "json",
+                                         "--max-side", "16"]).stdout)["skipped"]
+    assert sorted({s["path"] for s in skipped}) == sorted(escaping.bad)
+    import lmdb
+
+    env = lmdb.open(str(tmp_path / "p.lmdb"), readonly=True, lock=False)
+    with env.begin() as txn:
+        stored = [bytes(v) for k, v in txn.cursor() if bytes(k).startswith(b"img/")]
+    env.close()
+    assert len(stored) == 3 * 4  # only the good images
+    assert all(v[:2] == b"\xff\xd8" for v in stored)  # JPEGs we encoded, none of the secret's bytes
+
+
+def test_embed_and_eval_skip_escaping_records(escaping, world, tmp_path, capfd):
+    import signal
+
+    def hung(*_):
+        raise TimeoutError("a FIFO or device was opened")
+
+    old = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(120)
+    try:
+        assert main(["embed", "--model", str(world.model), "--data", str(escaping.coll), "--out",
+                     str(tmp_path / "s"), "--workers", "0", "--device", "cpu"]) == 0
+        from uniret.embed.store import EmbeddingStore
+
+        store = EmbeddingStore(tmp_path / "s")
+        failed = {store.items[int(i)].path for i in store.failed_ids}
+        assert failed == set(escaping.bad)
+        assert main(["eval", "--model", str(world.model), "--data", str(escaping.coll), "--out", str(tmp_path / "r"),
+                     "--device", "cpu", "--cache-dir", str(tmp_path / "cache"), "--samples", "8"]) == 0
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    html = (tmp_path / "r" / "report.html").read_text()
+    assert "secret" not in html  # never shown, even as a thumbnail of an escaping record
+
+
+# -- HTML is escaped by construction ----------------------------------------------------------------
+
+XSS = "<img src=x onerror=document.title='PWNED'>"
+
+
+@pytest.fixture(scope="module")
+def xss_report(world, tmp_path_factory):
+    base = tmp_path_factory.mktemp("xss")
+    coll = write_collection(base / "coll", domains=(XSS, "beta"))
+    assert main(["eval", "--model", str(world.model), "--data", str(coll), "--out", str(base / "r"),
+                 "--device", "cpu", "--cache-dir", str(base / "cache"), "--samples", "2"]) == 0
+    return base / "r"
+
+
+def test_markup_in_a_domain_name_is_text_in_the_report(xss_report):
+    html = (xss_report / "report.html").read_text()
+    assert XSS not in html and "&lt;img src=x onerror=" in html
+    assert "<img src=x" not in (xss_report / "report.md").read_text()
+    srcs = re.findall(r"<img [^>]*src=\"([^\"]*)\"", html)
+    assert srcs and all(src.startswith("data:image/jpeg;base64,") for src in srcs)  # thumbnails inline only
+
+
+@pytest.mark.browser
+def test_markup_in_a_domain_name_does_not_run_in_chromium(xss_report, tmp_path):
+    browser = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
+    if browser is None:
+        pytest.skip("no headless Chromium installed")
+    done = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                           f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=3000", "--dump-dom",
+                           (xss_report / "report.html").as_uri()], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "<title>uniret evaluation" in done.stdout and "PWNED" not in done.stdout.split("</title>")[0]
+    assert 'src="x"' not in done.stdout and "&lt;img src=x onerror=" in done.stdout
