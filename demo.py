@@ -61,7 +61,7 @@ def search_one_query(report: dict, data: Path, index_dir: Path, kind: str = "fla
                               model={"config_hash": store.model_hash})
     from .index import Searcher, build_index
 
-    build_index(index_store, index_dir, kind=kind)
+    build_index(index_store, index_dir, kind=kind, overwrite=True)
     scores, ids = Searcher.open(index_dir).search(vectors[q_row:q_row + 1], 5)
     query = items[q_row]
     rows = [{"rank": 0, "domain": query.domain, "class_ids": list(query.class_ids), "score": None,

@@ -96,14 +96,14 @@ def prepare_output(out: str | Path, what: str, is_own: Callable[[Path], bool], i
     if not out.exists():
         return False
     if not out.is_dir():
-        raise UniretError(f"{option} {out} is a file, not a {what}; uniret will not replace it: choose another path")
+        raise UniretError(f"{option} {out} is a file, not {_a(what)}; uniret will not replace it: choose another path")
     if is_own(out):
         if not overwrite:
-            raise UniretError(f"{option} {out} already holds a {what}; pass {flag} to replace it, "
+            raise UniretError(f"{option} {out} already holds {_a(what)}; pass {flag} to replace it, "
                               "or choose another path")
         return True
     if any(out.iterdir()):
-        raise UniretError(f"{option} {out} is a non-empty directory that is not a {what}; uniret never replaces "
+        raise UniretError(f"{option} {out} is a non-empty directory that is not {_a(what)}; uniret never replaces "
                           "what it did not make: choose a new or empty directory")
     return False
 
@@ -118,6 +118,10 @@ def claim_output(out: str | Path, what: str, is_own: Callable[[Path], bool], inp
     prepare_output(out, what, is_own, inputs, overwrite, option, flag)  # refuse before creating anything
     with output_lock(out, what):
         yield prepare_output(out, what, is_own, inputs, overwrite, option, flag)
+
+
+def _a(what: str) -> str:
+    return f"{'an' if what[:1] in 'aeiou' else 'a'} {what}"
 
 
 def check_output_file(out: str | Path, inputs: Iterable = (), option: str = "--out",
