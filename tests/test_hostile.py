@@ -34,9 +34,6 @@ from PIL import Image
 
 from uniret.cli import main
 
-REPO = Path(__file__).resolve().parents[1]
-
-
 # -- helpers ------------------------------------------------------------------------------------
 
 def snapshot(*roots: Path) -> dict:
@@ -84,10 +81,17 @@ def refused(capfd, args, *trees, codes=(1, 2), match: str | None = None) -> str:
 def subprocess_cli(args, timeout: float = 120, env: dict | None = None, prefix: list[str] | None = None,
                    cwd: Path | None = None) -> subprocess.CompletedProcess:
     """``python -m uniret.cli ARGS`` as a user runs it (crash classes: SIGBUS, hangs, tracebacks)."""
-    full_env = dict(os.environ, **(env or {}))
-    full_env["PYTHONPATH"] = os.pathsep.join([str(REPO.parent)] + [p for p in sys.path if p])
     cmd = [*(prefix or []), sys.executable, "-m", "uniret.cli", *[str(a) for a in args]]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_child_env(env), cwd=cwd)
+
+
+def _child_env(extra: dict | None = None) -> dict:
+    """This environment, with the uniret that these tests import first on the path."""
+    import uniret
+
+    env = dict(os.environ, **(extra or {}))
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(uniret.__file__).parent.parent), env.get("PYTHONPATH", "")])
+    return env
 
 
 def assert_clean_failure(done: subprocess.CompletedProcess, match: str | None = None) -> str:
