@@ -934,3 +934,27 @@ def test_full_read_only_and_truncated(disk_cases, name):
 def test_truncated_store_through_the_real_cli(disk_cases, world, tmp_path):
     done = subprocess_cli(["data", "check", Path(disk_cases.cases["truncated lmdb data check"]["args"][2])])
     assert_clean_failure(done, match="truncated")
+
+
+# -- single output files: pages and JSON ------------------------------------------------------------
+
+FILE_WRITERS = {
+    "search --html": (lambda w, out: ["search", w.index, "id:0", "--html", out], ".html"),
+    "dedup --html": (lambda w, out: ["dedup", w.index, "--html", out], ".html"),
+    "dedup --out": (lambda w, out: ["dedup", w.index, "--out", out], ".json"),
+}
+
+
+@pytest.mark.parametrize("name", FILE_WRITERS)
+def test_output_files_never_replace_what_uniret_did_not_make(world, name, tmp_path, capfd):
+    command, suffix = FILE_WRITERS[name]
+    foreign = tmp_path / f"notes{suffix}"
+    foreign.write_text("mine\n")
+    refused(capfd, command(world, foreign), *world.trees, tmp_path, match="never replaces")
+    refused(capfd, command(world, world.index / f"x{suffix}"), *world.trees, match="inside")
+    refused(capfd, command(world, tmp_path), *world.trees, tmp_path, match="directory|ending")
+    refused(capfd, command(world, world.file / f"x{suffix}"), *world.trees, match="file")
+    own = tmp_path / f"own{suffix}"
+    assert main([str(a) for a in command(world, own)]) == 0 and own.is_file()
+    refused(capfd, command(world, own), *world.trees, tmp_path, match="--overwrite")
+    assert main([str(a) for a in [*command(world, own), "--overwrite"]]) == 0
