@@ -958,3 +958,71 @@ def test_output_files_never_replace_what_uniret_did_not_make(world, name, tmp_pa
     assert main([str(a) for a in command(world, own)]) == 0 and own.is_file()
     refused(capfd, command(world, own), *world.trees, tmp_path, match="--overwrite")
     assert main([str(a) for a in [*command(world, own), "--overwrite"]]) == 0
+
+
+# -- images that are not what they seem -----------------------------------------------------------
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG that declares ``width`` x ``height`` pixels but carries almost no data (a decompression bomb)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+
+
+def test_bombs_wide_and_float_images(world, tmp_path, capfd):
+    from uniret.data.images import decode_image
+    from uniret.errors import ImageDecodeError
+
+    coll = copy_of(world.coll, tmp_path)
+    (coll / "images" / "alpha" / "0_0.png").write_bytes(png_header_only(10_000, 10_000))  # Pillow would warn
+    (coll / "images" / "alpha" / "0_1.png").write_bytes(png_header_only(20_000, 20_000))  # Pillow would raise
+    capfd.readouterr()
+    assert main(["data", "pack", str(coll), str(tmp_path / "p"), "--max-side", "16"]) == 0
+    err = capfd.readouterr().err
+    assert "DecompressionBomb" not in err and "Traceback" not in err, err
+    assert err.count("decompression bomb") == 2, err
+    ramp = np.linspace(0, 65535, 32 * 32).reshape(32, 32).astype(np.uint16)
+    buf = tmp_path / "wide.png"
+    Image.fromarray(ramp).save(buf)
+    assert abs(np.asarray(decode_image(buf.read_bytes())).mean() - 127.5) < 1  # not clipped to white
+    Image.fromarray(np.linspace(0, 1, 32 * 32, dtype=np.float32).reshape(32, 32)).save(tmp_path / "f.tif")
+    assert abs(np.asarray(decode_image((tmp_path / "f.tif").read_bytes())).mean() - 127.5) < 1  # not black
+    with pytest.raises(ImageDecodeError, match="decompression bomb"):
+        decode_image(png_header_only(10_000, 10_000))
+
+
+def test_two_packs_into_one_output(world, tmp_path, capfd):
+    out = tmp_path / "p.lmdb"
+    first = subprocess.Popen([sys.executable, "-m", "uniret.cli", "data", "pack", str(world.coll), str(out)],
+                             env=_child_env({"UNIRET_TEST_SLEEP_PACK": "3", "UNIRET_TEST_PACK_COMMIT_EVERY": "4"}),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        lock = tmp_path / ".p.lmdb.lock"
+        for _ in range(600):  # wait until the first pack holds its lock (it sleeps after each commit)
+            if (tmp_path / "p.lmdb.partial").is_dir():
+                break
+            import time
+
+            time.sleep(0.1)
+        assert lock.exists()
+        refused(capfd, ["data", "pack", world.coll, out], *world.trees, match="another uniret command")
+    finally:
+        first.kill()
+        first.wait()
+
+
+@pytest.mark.skipif(subprocess.run([sys.executable, "-c", "import socket; socket.create_connection(('huggingface.co', "
+                                    "443), timeout=3)"], capture_output=True).returncode == 0,
+                    reason="the hub is reachable from here: this is the offline case")
+def test_pretrained_offline_is_one_line_and_quick(world, tmp_path, capfd):
+    import time
+
+    start = time.monotonic()
+    refused(capfd, ["model", "init", "--backbone", "timm:resnet18", "--pretrained", "--out", tmp_path / "m"],
+            *world.trees, match="cannot load pretrained weights")
+    assert time.monotonic() - start < 30  # the hub client retried for a minute before
