@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from ..errors import UniretError, UsageError
 from .images import open_image_source
@@ -173,9 +174,20 @@ class Index:
             self._model = searcher.load_model(self.model_dir, device=device)
         return self._model
 
+    def preprocess(self, rows: QueryRows) -> None:
+        """Turn the image rows into model input tensors now, in the calling thread: the server does
+        this per request, so that only the forward pass runs in its batch worker."""
+        if rows.image_rows:
+            transform = self.load_model().transform()
+            rows.inputs.update({i: transform(rows.images[i]) for i in rows.image_rows})
+
     def embed_images(self, images: list, batch_size: int = 64) -> np.ndarray:
-        """(n, dim) float32 embeddings of PIL images with the index's model."""
+        """(n, dim) float32 embeddings of PIL images, or of the tensors :meth:`preprocess` made."""
         model = self.load_model()
+        if images and all(not isinstance(im, Image.Image) for im in images):
+            import torch
+
+            images = torch.stack(images)
         vectors = model.encode(images, batch_size=batch_size).float().cpu().numpy()
         if not np.isfinite(vectors).all():
             raise UniretError("the model produced non-finite embeddings for a query image; the model is damaged")
@@ -185,7 +197,7 @@ class Index:
         """The (n, dim) query matrix of prepared rows, embedding the image rows."""
         todo = rows.image_rows
         if todo:
-            embedded = self.embed_images([rows.images[i] for i in todo], batch_size=batch_size)
+            embedded = self.embed_images([rows.model_input(i) for i in todo], batch_size=batch_size)
             for i, vec in zip(todo, embedded):
                 rows.vectors[i] = vec
         return np.stack(rows.vectors).astype(np.float32)
