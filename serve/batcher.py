@@ -2,7 +2,8 @@
 
 Requests put a :class:`Job` (their prepared query rows and search parameters) on an asyncio queue.
 One gatherer task takes the first job, then keeps taking jobs until the batch holds ``max_batch``
-queries or ``max_wait_ms`` have passed, and hands the batch to ONE worker thread. It waits only
+queries or ``max_wait_ms`` have passed, and hands the batch to a worker thread (two batches are in
+flight at most, so one's Python work overlaps the other's forward pass). It waits only
 while more requests are on their way (received, still being decoded: :meth:`MicroBatcher.incoming`),
 so a lone request is never held back for the timer: the images of all
 jobs go through the model in one forward pass, and jobs with the same (k, rerank, domain) are
@@ -84,9 +85,10 @@ def search_jobs(index: Index, jobs: list[Job]) -> list[Results | BaseException]:
 
 
 class MicroBatcher:
-    """The gatherer task and its worker thread (see the module docstring)."""
+    """The gatherer task and its worker threads (see the module docstring)."""
 
-    def __init__(self, index: Index, max_batch: int = 32, max_wait_ms: float = 5.0, on_batch=None):
+    def __init__(self, index: Index, max_batch: int = 32, max_wait_ms: float = 5.0, on_batch=None,
+                 workers: int = 2):
         self.index = index
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000.0
@@ -94,7 +96,9 @@ class MicroBatcher:
         self.queue: asyncio.Queue[Job] | None = None
         self.arrived: asyncio.Event | None = None
         self.on_the_way = 0  # requests received and still being prepared (touched on the event loop only)
-        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="uniret-batch")
+        # Two batches in flight: one worker's Python work (search, metadata) overlaps the other's forward pass.
+        self.workers = workers
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="uniret-batch")
         self.task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -109,7 +113,7 @@ class MicroBatcher:
                 await self.task
             except asyncio.CancelledError:
                 pass
-        self.worker.shutdown(wait=True)
+        self.pool.shutdown(wait=True)
 
     @contextlib.contextmanager
     def incoming(self):
@@ -152,18 +156,28 @@ class MicroBatcher:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
+        slots = asyncio.Semaphore(self.workers)
+        running = set()
         while True:
+            await slots.acquire()  # gather the next batch only when a worker is free to take it
             batch = await self._gather()
             if self.on_batch is not None:
                 self.on_batch(sum(job.size for job in batch))
-            try:
-                outcomes = await loop.run_in_executor(self.worker, search_jobs, self.index, batch)
-            except Exception as exc:  # noqa: BLE001 - the loop must survive anything
-                outcomes = [exc] * len(batch)
-            for job, outcome in zip(batch, outcomes):
-                if job.future.done():  # the client went away
-                    continue
-                if isinstance(outcome, BaseException):
-                    job.future.set_exception(outcome)
-                else:
-                    job.future.set_result(outcome)
+            task = loop.create_task(self._process(batch, slots))
+            running.add(task)
+            task.add_done_callback(running.discard)
+
+    async def _process(self, batch: list[Job], slots: asyncio.Semaphore) -> None:
+        try:
+            outcomes = await asyncio.get_running_loop().run_in_executor(self.pool, search_jobs, self.index, batch)
+        except Exception as exc:  # noqa: BLE001 - the loop must survive anything
+            outcomes = [exc] * len(batch)
+        finally:
+            slots.release()
+        for job, outcome in zip(batch, outcomes):
+            if job.future.done():  # the client went away
+                continue
+            if isinstance(outcome, BaseException):
+                job.future.set_exception(outcome)
+            else:
+                job.future.set_result(outcome)
