@@ -105,6 +105,7 @@ class Index:
         self.images = open_image_source(images)
         self._refresh_lock = threading.Lock()
         self._model = None
+        self._domains: tuple = (None, [])
 
     # -- what is loaded -------------------------------------------------------------------------
     @property
@@ -132,7 +133,11 @@ class Index:
                 "images": repr(self.images) if self.images is not None else None}
 
     def domains(self) -> list[str]:
-        return sorted({d for d in self.searcher.row_domains if d is not None})
+        """The domains of the loaded version (computed once per version: the server checks every request)."""
+        searcher = self.searcher
+        if self._domains[0] is not searcher:
+            self._domains = (searcher, sorted({d for d in searcher.row_domains if d is not None}))
+        return self._domains[1]
 
     def item(self, item_id: int) -> dict | None:
         """The stored metadata of one id, or None."""
