@@ -85,7 +85,7 @@ def check_k(k, count: int) -> int:
 
 
 def check_rerank(rerank: str | None) -> str | None:
-    """A registered reranker's name (None for none); the registry's one-line error for anything else."""
+    """A registered reranker's name, or None for none; a one-line error for any other name."""
     return None if get_reranker(rerank) is None else rerank
 
 
