@@ -180,7 +180,7 @@ class Index:
         """Turn the image rows into model input tensors now, in the calling thread: the server does
         this per request, so that only the forward pass runs in its batch worker."""
         if rows.image_rows:
-            transform = self.load_model().transform()
+            transform = self.load_model().transforms()[1]  # the eval transform
             rows.inputs.update({i: transform(rows.images[i]) for i in rows.image_rows})
 
     def embed_images(self, images: list, batch_size: int = 64) -> np.ndarray:
