@@ -101,6 +101,11 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
     sys.stderr.write(f"warning: {text[:300]}\n")
 
 
+def _flat(text: str) -> str:
+    """A message on one line, whatever the names in it hold (a path with a newline in it)."""
+    return text.replace("\r", "\\r").replace("\n", "\\n")
+
+
 def command_path(command, argv: list[str]) -> str:
     """``"data pack"`` for ``["data", "pack", ...]``: the (sub)command names at the start of ``argv``."""
     names = []
@@ -123,7 +128,7 @@ def _usage_error(exc: Exception, where: str) -> int:
         typer.echo(exc.format_message(), err=True)
     else:
         hint = f"; see `uniret {where + ' ' if where else ''}--help`"
-        typer.echo(f"error: {' '.join(exc.format_message().split()).rstrip('.')}{hint}", err=True)
+        typer.echo(f"error: {_flat(' '.join(exc.format_message().split()).rstrip('.'))}{hint}", err=True)
     return getattr(exc, "exit_code", 2)
 
 
@@ -135,8 +140,14 @@ def main(argv: list[str] | None = None) -> int:
     saying whether re-running resumes). ``UNIRET_DEBUG=1`` re-raises them with their traceback.
     """
     argv = [os.fspath(a) for a in (sys.argv[1:] if argv is None else argv)]
-    logging.basicConfig(level=logging.DEBUG if debug_enabled() else logging.INFO, format="%(message)s",
-                        handlers=[_StderrHandler()])
+    root = logging.getLogger()
+    if not any(isinstance(h, _StderrHandler) for h in root.handlers):
+        # Ours even when a host (a test runner, a notebook) configured logging first: uniret's lines
+        # must reach stderr as a user would see them.
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        root.addHandler(handler)
+    root.setLevel(logging.DEBUG if debug_enabled() else logging.INFO)
     command = typer.main.get_command(app)
     show_warning = warnings.showwarning
     warnings.showwarning = _one_line_warning
@@ -164,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         if known is None or debug_enabled():
             raise
         message, code = known
-        typer.echo(f"error: {message}", err=True)
+        typer.echo(f"error: {_flat(message)}", err=True)
         return code
     finally:
         warnings.showwarning = show_warning

@@ -172,6 +172,22 @@ def check_lmdb(path: str | Path, what: str = "LMDB store") -> None:
                           f"re-create the {what}")
 
 
+def settle_lmdb(path: str | Path) -> None:
+    """Extend a just-written ``data.mdb`` with zeros up to the last page its header names. LMDB counts
+    pages it allocated and freed within one transaction without ever writing them, so a sound file
+    may end before that page, and :func:`check_lmdb` would take it for a truncated one. The added
+    pages are free: LMDB never reads them as data. Every writer calls this after its last commit."""
+    data = Path(path) / "data.mdb"
+    with open(data, "rb") as f:
+        first = _lmdb_meta(f, 0)
+        second = _lmdb_meta(f, first[0]) if first and first[0] >= 512 else None
+    metas = [m for m in (first, second) if m is not None]
+    if metas:
+        psize, last_pg, _ = max(metas, key=lambda m: m[2])
+        if data.stat().st_size < (last_pg + 1) * psize:
+            os.truncate(data, (last_pg + 1) * psize)
+
+
 def check_finite(vectors: np.ndarray, what: str, ids: np.ndarray | None = None, chunk: int = 1 << 16) -> None:
     """Refuse rows with NaN or infinite values, naming how many and which (ids, or row numbers)."""
     bad = []

@@ -31,7 +31,7 @@ from PIL import Image
 from .. import testing
 from ..errors import ImageDecodeError, UniretError
 from ..guards import claim_output, in_range, is_disk_full
-from ..safeio import check_lmdb, read_contained
+from ..safeio import check_lmdb, read_contained, settle_lmdb
 from ..utils import PartialDir, logger, progress_bar, stable_hash
 from .collection import SPLITS, Collection, FolderCollection, Item, Record
 
@@ -259,6 +259,7 @@ def _pack_into(partial: PartialDir, src: FolderCollection, domains: dict, opts: 
         txn.put(b"meta", json.dumps(meta).encode())
     env.sync(True)
     env.close()
+    settle_lmdb(partial.path)
     return {"images": total, "packed": total - len(skipped), "skipped": skipped, "domains": domains}
 
 

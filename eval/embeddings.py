@@ -59,6 +59,7 @@ def cached_store(model, collection, items: list[Item], split: str, cache_dir: Pa
     fingerprint = store_fingerprint(items, model.config.dim, "float16", model_hash, files=item_list.content_key())
     store = open_finished(path, fingerprint)
     if store is not None:
+        _check_vectors(store)  # before anything is said: a damaged or planted entry is a one-line error
         logger.info("reusing embeddings in %s", path)
         return store, True
     logger.info("embedding %d images into %s", len(items), path)
@@ -67,6 +68,7 @@ def cached_store(model, collection, items: list[Item], split: str, cache_dir: Pa
     # The cache is uniret's own: a stale entry (other images) is simply replaced.
     store = embed_items(model, item_list, path, batch_size=batch_size, workers=workers, device=device,
                         dtype="float16", resume=True, overwrite=True)
+    _check_vectors(store)
     return store, False
 
 
@@ -114,7 +116,6 @@ def embed_for_evaluation(models: dict, collection, items: list[Item], split: str
             vectors = np.zeros((len(items), part.dim), dtype=np.float32)
         if part.dim != vectors.shape[1]:
             raise UniretError(f"per-domain models must share one embedding size ({part.dim} vs {vectors.shape[1]})")
-        _check_vectors(part)
         vectors[rows] = np.asarray(part.embeddings, dtype=np.float32)
         valid[rows] = part.valid_mask
         stores[key] = part

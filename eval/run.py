@@ -19,7 +19,7 @@ from ..errors import UniretError
 from ..guards import check_apart, claim_output
 from ..index.keys import KINDS
 from ..index.rerank import get_reranker
-from ..utils import git_commit
+from ..utils import git_commit, resolve_device
 from .embeddings import EvalEmbeddings, data_key, embed_for_evaluation, plan_items
 from .protocol import PROTOCOLS, evaluate_embeddings
 from .report import FORMAT as REPORT_FORMAT
@@ -77,6 +77,7 @@ def evaluate(
     if protocol not in (*PROTOCOLS, "both"):
         raise UniretError(f"--protocol must be merged, separate or both, not {protocol!r}")
     get_reranker(rerank)  # an unknown name fails here, before anything is embedded
+    resolve_device(device)  # so does a bad --device
     if index_kind != "flat" and index_kind not in KINDS:
         raise UniretError(f"--index-kind must be one of {', '.join(KINDS)}, not {index_kind!r}")
     started = time.time()

@@ -17,7 +17,7 @@ from .. import testing
 from ..embed.store import EmbeddingStore
 from ..errors import UniretError, UsageError
 from ..guards import claim_output, in_range
-from ..safeio import check_finite
+from ..safeio import check_finite, settle_lmdb
 from ..utils import atomic_write_json, git_commit, publish_dir, read_json
 from . import gpu as gpu_util
 from .exact import REFINE_FACTOR, exact_search, rescore
@@ -119,6 +119,7 @@ def _write_version(root: Path, manifest: dict, index, ids: np.ndarray, vectors: 
                 db.delete_ids(removed.tolist())
         finally:
             db.close()
+        settle_lmdb(partial / "meta")
         atomic_write_json(partial / "manifest.json", manifest)
         testing.sleep_point("index")  # lets tests kill a real update before it is published
     except BaseException:

@@ -18,6 +18,7 @@ namespaces); without one they fall back to ``RLIMIT_FSIZE`` (EFBIG) in the same 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import pickle
@@ -62,18 +63,20 @@ def one_line(err: str) -> list[str]:
     return [line for line in err.splitlines() if line.strip()]
 
 
-#: uniret's progress lines on a non-terminal stderr ("embedding: 8 done in 0.6 s"): a command that fails
-#: only after real work (a model that gives NaN) has shown them; ``allow_progress`` leaves them out.
-PROGRESS = re.compile(r"^[\w ()]+: \d+(/\d+ \(\d+%\))?( done in [\d.]+ s)?[,(]")
+def refused(capfd, args, *trees, codes=(1, 2), match: str | None = None, after_work: bool = False) -> str:
+    """Run ``uniret ARGS`` in this process; assert a refusal as the user must see it; return the line.
 
-
-def refused(capfd, args, *trees, codes=(1, 2), match: str | None = None, allow_progress: bool = False) -> str:
-    """Run ``uniret ARGS`` in this process; assert a refusal as the user must see it; return the line."""
+    ``after_work``: the command fails only after real work (a model that gives NaN is found out by
+    embedding with it), so its log and progress lines come first; the error must still be one line,
+    the last one, and the only ``error:`` line."""
     capfd.readouterr()
     before = snapshot(*trees)
     code = main([str(a) for a in args])
     _, err = capfd.readouterr()
-    lines = [line for line in one_line(err) if not (allow_progress and PROGRESS.match(line + ","))]
+    lines = one_line(err)
+    if after_work:
+        assert lines and lines[-1].startswith("error: ") and sum(x.startswith("error") for x in lines) == 1, err
+        lines = lines[-1:]
     assert code in codes, f"exit {code}, expected {codes}: {err}"
     assert "Traceback" not in err, err
     assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{err}"
@@ -640,7 +643,7 @@ def test_a_model_that_outputs_nan(world, tmp_path, capfd):
     refused(capfd, ["index", "build", tmp_path / "s", "--out", tmp_path / "i"], *world.trees, match="no usable")
     refused(capfd, ["eval", "--model", tmp_path / "nan-model", "--data", world.coll, "--out", tmp_path / "r",
                     "--device", "cpu", "--cache-dir", tmp_path / "cache"], *world.trees, match="NaN or infinite",
-            allow_progress=True)
+            after_work=True)
     assert not (tmp_path / "r").exists()
 
 
@@ -799,6 +802,8 @@ def test_ctrl_c(world, name, target, resumable, tmp_path, capfd, monkeypatch):
     expected = "uniret: interrupted; re-run the same command to resume" if resumable else "uniret: interrupted"
     assert lines == [expected]
     assert snapshot(*world.trees) == before and not (tmp_path / "o").exists()
+    left = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".o"))
+    assert left == [], f"an interrupted {name} left {left}"  # scratch directories and locks are removed
 
 
 # -- full disks, read-only disks and truncated LMDB files: in a subprocess, as a user sees them -----
@@ -1026,3 +1031,100 @@ def test_pretrained_offline_is_one_line_and_quick(world, tmp_path, capfd):
     refused(capfd, ["model", "init", "--backbone", "timm:resnet18", "--pretrained", "--out", tmp_path / "m"],
             *world.trees, match="cannot load pretrained weights")
     assert time.monotonic() - start < 30  # the hub client retried for a minute before
+
+
+# -- stale resume and caches -------------------------------------------------------------------------
+
+def replace_image(coll: Path, rel: str = "alpha/4_0.png") -> None:
+    """Draw another picture under the same name (another size and modification time)."""
+    path = coll / "images" / rel
+    Image.new("RGB", (20, 20), (250, 10, 10)).save(path)
+    os.utime(path, ns=(path.stat().st_mtime_ns + 10**9, path.stat().st_mtime_ns + 10**9))
+
+
+def test_changed_images_are_never_mixed_with_earlier_work(world, tmp_path, capfd, monkeypatch):
+    coll = copy_of(world.coll, tmp_path)
+    store, report = tmp_path / "store", tmp_path / "r1"
+    cache = tmp_path / "cache"
+    args = ["embed", "--model", world.model, "--data", coll, "--out", store, "--workers", "0", "--device", "cpu"]
+    assert main([str(a) for a in args]) == 0
+    ev = ["eval", "--model", world.model, "--data", coll, "--device", "cpu", "--cache-dir", cache, "--format", "json"]
+    assert main([str(a) for a in [*ev, "--out", report]]) == 0
+    replace_image(coll)
+    capfd.readouterr()
+    # a finished store of other images is not "nothing to do", and is replaced only with --overwrite
+    refused(capfd, args, *world.trees, store, match="other images")
+    assert main([str(a) for a in [*args, "--overwrite"]]) == 0
+    # the evaluation cache is rebuilt: the report says the embeddings were not reused
+    capfd.readouterr()
+    assert main([str(a) for a in [*ev, "--out", tmp_path / "r2"]]) == 0
+    assert json.loads((tmp_path / "r2" / "metrics.json").read_text())["embeddings"]["reused"] is False
+
+
+def test_an_interrupted_pack_starts_over_when_the_images_changed(world, tmp_path, capfd, monkeypatch):
+    import lmdb
+
+    from uniret import testing
+
+    coll = copy_of(world.coll, tmp_path)
+    out = tmp_path / "p.lmdb"
+    calls = []
+
+    def interrupt_after_first_commit(name):
+        calls.append(name)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setenv("UNIRET_TEST_PACK_COMMIT_EVERY", "4")
+    monkeypatch.setattr(testing, "sleep_point", interrupt_after_first_commit)
+    assert main(["data", "pack", str(coll), str(out), "--image-format", "png"]) == 130
+    assert (tmp_path / "p.lmdb.partial").is_dir()
+    replace_image(coll, "alpha/0_0.png")  # the first image: packed before the interruption
+    capfd.readouterr()
+    assert main(["data", "pack", str(coll), str(out), "--image-format", "png"]) == 0
+    assert "starting over" in capfd.readouterr().err
+    env = lmdb.open(str(out), readonly=True, lock=False)
+    with env.begin() as txn:
+        first = bytes(txn.get(b"img/alpha/train/00000000"))
+    env.close()
+    assert np.asarray(Image.open(io.BytesIO(first)))[0, 0].tolist() == [250, 10, 10]  # the new picture
+
+
+def test_a_foreign_partial_directory_is_never_removed(world, tmp_path, capfd):
+    partial = tmp_path / "s.partial"
+    partial.mkdir()
+    (partial / "mine.txt").write_text("not uniret's\n")
+    refused(capfd, ["embed", "--model", world.model, "--data", world.coll, "--out", tmp_path / "s", "--device", "cpu",
+                    "--workers", "0"], *world.trees, tmp_path, match="not made by uniret")
+    refused(capfd, ["data", "pack", world.coll, tmp_path / "s"], *world.trees, tmp_path, match="not made by uniret")
+
+
+def test_outputs_through_symlinks_and_caches_inside_inputs(world, tmp_path, capfd):
+    (tmp_path / "link").symlink_to(world.coll)
+    refused(capfd, ["embed", "--model", world.model, "--data", world.coll, "--out", tmp_path / "link"], *world.trees,
+            match="inside|input")
+    refused(capfd, ["eval", "--model", world.model, "--data", world.coll, "--out", tmp_path / "r",
+                    "--cache-dir", world.coll / "cache"], *world.trees, match="--cache-dir")
+    (tmp_path / "store-link").symlink_to(world.store)
+    refused(capfd, ["index", "build", world.store, "--out", tmp_path / "store-link" / "idx"], *world.trees,
+            match="input")
+
+
+def test_newlines_in_names_stay_on_one_line(world, tmp_path, capfd):
+    refused(capfd, ["embed", "--model", tmp_path / "a\nb", "--data", world.coll, "--out", tmp_path / "s"],
+            *world.trees)
+
+
+def test_settled_lmdb_passes_the_size_check(world, tmp_path):
+    """LMDB may leave pages it allocated and freed in one transaction unwritten at the end of the file;
+    writers extend the file to its header's size (the pages are free) so that readers' check holds."""
+    from uniret.errors import UniretError
+    from uniret.safeio import check_lmdb, settle_lmdb
+
+    short = copy_of(world.lmdb, tmp_path)
+    data = short / "data.mdb"
+    os.truncate(data, data.stat().st_size - 4096)
+    with pytest.raises(UniretError, match="truncated"):
+        check_lmdb(short)
+    settle_lmdb(short)
+    check_lmdb(short)
