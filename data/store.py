@@ -3,7 +3,7 @@
 Layout of the LMDB (keys are ASCII):
 
     meta                         JSON: format, domains -> splits -> counts, pack options, skipped images
-    rec/<domain>/<split>         JSON list of the split's records, exactly as in the folder
+    rec/<domain>/<split>         JSON list of the split's records ``{"path", "class_ids", "extra"?}``
     img/<domain>/<split>/<pos>   encoded image bytes of record ``pos`` (8-digit, zero-padded)
 
 An image that could not be decoded while packing has no ``img/`` key; its record stays, so
@@ -107,7 +107,8 @@ class LmdbCollection(Collection):
             raw = self._get(f"rec/{domain}/{split}".encode())
             if raw is None:
                 raise UniretError(f"{self.root}: no split {domain}/{split} in the store")
-            self._records[key] = [Record(r["path"], tuple(r["class_ids"])) for r in json.loads(raw)]
+            self._records[key] = [Record(r["path"], tuple(r["class_ids"]), r.get("extra") or {})
+                                  for r in json.loads(raw)]
         return self._records[key]
 
     def get_image_bytes(self, domain: str, split: str, position: int) -> bytes:
@@ -234,10 +235,17 @@ def _check_pack_args(src: FolderCollection, out: Path, opts: PackOptions, force:
             raise UniretError(f"{out} exists and is not a packed store; --force replaces only a store, choose another path")
 
 
+def _record_json(r: Record) -> dict:
+    out = {"path": r.path, "class_ids": list(r.class_ids)}
+    if r.extra:
+        out["extra"] = dict(r.extra)  # the record's own fields (url, caption, ...) travel with it
+    return out
+
+
 def _write_records(env: lmdb.Environment, src: FolderCollection, domains: dict) -> list[dict]:
     """Write every split's records (small, rewritten on resume); return the images skipped so far."""
     _put_batch(env, [(f"rec/{d}/{s}".encode(),
-                      json.dumps([{"path": r.path, "class_ids": list(r.class_ids)} for r in src.records(d, s)]).encode())
+                      json.dumps([_record_json(r) for r in src.records(d, s)]).encode())
                      for d in domains for s in domains[d]])
     with env.begin() as txn:
         prev = txn.get(_SKIPPED_SO_FAR)
