@@ -19,8 +19,8 @@ _EXPORTS = {
     "train_transform": "preprocess",
     "embed_items": "extract",
     "EmbeddingStore": "store",
-    "StoreWriter": "store",
-    "write_store": "store",
+    "StoreWriter": "writer",
+    "write_store": "writer",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -126,3 +126,37 @@ def embed_command(
     if int(os.environ.get("RANK", "0")) == 0:
         logger.info("wrote %s: %d x %d %s, %d unreadable", out, store.count, store.dim, store.manifest["dtype"],
                     len(store.failed_ids))
+
+
+store_app = typer.Typer(no_args_is_help=True)
+
+
+@store_app.command("merge")
+def store_merge(
+    parts: list[Path] = typer.Argument(..., help="Part directories (uniret embed --part I/N --out DIR).", metavar="PART_DIR..."),
+    out: Path = typer.Option(..., "--out", help="The store to write."),
+    copy: bool = typer.Option(False, "--copy", help="Copy the part files instead of hard-linking them (another filesystem)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing store at --out."),
+) -> None:
+    """Join part directories into one store (their files are hard-linked, not copied)."""
+    from .merge import merge_parts
+
+    merge_parts(parts, out, copy=copy, overwrite=overwrite)
+
+
+@store_app.command("info")
+def store_info(
+    path: Path = typer.Argument(..., help="An embedding store or part directory."),
+    fmt: OutputFormat = typer.Option(OutputFormat.table, "--format", help="table or json."),
+) -> None:
+    """Show a store's parts: slice, ids, failed images and notes; then its size, model and columns."""
+    from .store import EmbeddingStore
+
+    store = EmbeddingStore(path, whole=False)
+    rows = [{"part": p.name, "slice": "/".join(map(str, p.slice)), "first_id": p.start, "count": p.count,
+             "failed": len(p.failed), "notes": len(p.notes)} for p in store.parts]
+    emit(rows, list(rows[0]) if rows else ["part"], fmt,
+         title=f"{path}: {store.count} x {store.dim} {store.dtype}, ids {store.start}..{store.start + store.count - 1}"
+               f"{'' if store.manifest.get('complete', True) else ' (a part: merge it with the others)'}; "
+               f"model {store.model_hash}; extra columns: {', '.join(store.columns) or '-'}",
+         extra={"manifest": store.manifest})

@@ -1,25 +1,45 @@
 """The embedding store: embeddings aligned with stable ids, their metadata and a manifest.
 
-On disk, a store is a directory::
+A store is a manifest plus parts; each part holds a contiguous range of ids::
 
-    manifest.json     format, dim, count, dtype, normalized, model (config hash, name), source, failed ids
-    embeddings.npy    (count, dim) float16 or float32, row i = id i; np.load(..., mmap_mode="r")
-    metadata.jsonl    line i: {"id": i, "path", "domain", "split", "position", "class_ids"}
+    STORE/
+      manifest.json                 format "uniret-embeddings/2", kind (store | part), dim, dtype, count,
+                                    start, complete, total, model, source, source_key, fingerprint,
+                                    parts: [{name, slice: [k, K], start, count, failed, notes, span}],
+                                    columns (the extra metadata fields), failed_count
+      parts/part-00000-of-00002/
+        embeddings.npy              (count, dim) float16 | float32, row j = id start + j
+        metadata.parquet            id, path, domain, split, position, class_ids + extra columns
+                                    (:mod:`uniret.embed.metadata`)
+        part.json                   the part's slice, ids, model, fingerprint, failed ids, notes
 
-Rows of images that could not be read are zero and listed in ``manifest["failed"]``; they keep
-their id so that ids never shift. Stores are written by :class:`StoreWriter` into ``<out>.partial``
-(:class:`uniret.utils.PartialDir`) and published with one rename, so a reader never sees a
-half-written store.
+Part ``k`` of ``K`` holds slice ``k`` of ``K`` of the source (``ItemList.part``): one process
+writes one part, ``torchrun`` ranks write one part each, ``uniret embed --part I/N`` writes
+its own part directory (``kind: part``, ``complete: false``) and ``uniret store merge`` joins such
+directories by hard-linking their part files under one manifest (:mod:`uniret.embed.merge`). Ids
+are always the global row ids of the whole source.
 
-:func:`store_fingerprint` says what a store's vectors depend on. The partial directory of an
-interrupted run, a finished store (``manifest["fingerprint"]``) and the evaluation cache are reused
-only when their fingerprint equals the one asked for.
+Readers (:class:`EmbeddingStore`) memory-map the parts and see one store in id order:
+``store.embeddings`` is the part's ``np.memmap`` for a one-part store and otherwise a
+:class:`RowsView` (rows gathered from the parts on indexing; ``np.asarray`` concatenates them all,
+which only a small store should do). Code that must scale iterates ``store.parts`` (each a
+:class:`StorePart`: ``start``, ``count``, memory-mapped ``embeddings``, ``iter_items()``,
+``read_rows(a, b)``), or uses ``store.iter_items()`` / ``store.read_rows(a, b)``, and never
+touches ``store.items`` (a list of every item) or ``np.asarray(store.embeddings)``.
+
+Stores of format ``uniret-embeddings/1`` (one ``embeddings.npy`` + ``metadata.jsonl``, failed
+ids in the manifest) open as a store of one part. Rows of images that could not be read are zero
+and listed as failed (``store.failed``); they keep their id so that ids never shift.
+
+:func:`store_fingerprint` says what a store's vectors depend on. Partial directories, a finished
+store (``manifest["fingerprint"]``) and the evaluation cache are reused only when it is equal.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from fractions import Fraction
 from functools import cached_property
 from pathlib import Path
 
@@ -27,37 +47,157 @@ import numpy as np
 
 from ..data.collection import Item
 from ..errors import UniretError
-from ..utils import PartialDir, atomic_write_json, read_json, stable_hash
+from ..utils import read_json, stable_hash
+from . import metadata
+from .rows import RowsView
 
-FORMAT = "uniret-embeddings/1"
+FORMAT = "uniret-embeddings/2"
+FORMAT_V1 = "uniret-embeddings/1"
+PART_FORMAT = "uniret-embeddings-part/1"
 DTYPES = ("float16", "float32")
+PART_FILES = ("embeddings.npy", "metadata.parquet", "part.json")
+
+
+def part_name(k: int, parts: int) -> str:
+    width = max(5, len(str(parts)))
+    return f"part-{k:0{width}d}-of-{parts:0{width}d}"
+
+
+def source_key(items) -> str:
+    """Identity of a whole input's items, the same on every machine that holds a copy of it: a hash
+    of every item's metadata, or the input's own ``key()`` (tar shards: names and sizes)."""
+    key = getattr(items, "key", None)
+    return key() if callable(key) else stable_hash([it.to_json() for it in items])
 
 
 def store_fingerprint(items: Sequence[Item], dim: int, dtype: str, model_hash: str | None,
                       source: dict | None = None) -> dict:
     """Everything the stored vectors depend on: the items (paths, domains, splits, positions, labels,
-    in order), the model (its config hash: architecture, preprocessing, weights), the size and type
-    of the vectors, and where the images come from.
+    extra fields, in order), the model (its config hash: architecture, preprocessing, weights), the
+    size and type of the vectors, and where the images come from.
 
     Two runs with equal fingerprints produce the same store, so one may resume or reuse the other.
     Extend it by adding keys (e.g. a hash of the image files' sizes and mtimes): older partial runs
     and stores then simply stop matching and are rebuilt.
     """
+    lazy = callable(getattr(items, "key", None))  # tar shards: counted only by listing them all
     return {
         "format": FORMAT,
-        "count": len(items),
+        "count": None if lazy else len(items),
         "dim": int(dim),
         "dtype": dtype,
         "model": model_hash,
         "source": source or {},
-        "items": stable_hash([it.to_json() for it in items]),
+        "items": source_key(items),
     }
 
 
-class EmbeddingStore:
-    """Read access to a finished store."""
+def check_tiling(slices: list[tuple[str, int, int]]) -> bool:
+    """Whether the slices ``(label, k, K)`` cover the whole source; overlapping ones are an error."""
+    spans = sorted((Fraction(k, n), Fraction(k + 1, n), label) for label, k, n in slices)
+    if not spans:
+        return False
+    covered = Fraction(0)
+    prev = None
+    for lo, hi, label in spans:
+        if lo < covered:
+            raise UniretError(f"{prev} and {label} overlap (both hold rows of the same slice); "
+                              "give each part once")
+        covered, prev = max(covered, hi), label
+    return covered == 1 and all(a[1] == b[0] for a, b in zip(spans, spans[1:])) and spans[0][0] == 0
 
-    def __init__(self, path: str | Path):
+
+class StorePart:
+    """One part: ids ``start .. start + count - 1``, its vectors memory-mapped, its metadata streamed."""
+
+    def __init__(self, path: Path, entry: dict, dim: int, dtype: str):
+        self.path = path
+        self.entry = entry  # its line in the store's manifest
+        self.name = entry["name"]
+        self.slice = tuple(entry.get("slice") or (0, 1))
+        self.start = int(entry["start"])
+        self.count = int(entry["count"])
+        self.dim, self.dtype = dim, dtype
+
+    @property
+    def stop(self) -> int:
+        return self.start + self.count
+
+    def file(self, name: str) -> Path:
+        path = self.path / name
+        if not path.is_file():
+            raise UniretError(f"{path}: missing part file; the store is incomplete, re-embed or re-merge it")
+        return path
+
+    @cached_property
+    def info(self) -> dict:
+        try:
+            return read_json(self.file("part.json"))
+        except (OSError, ValueError) as exc:
+            raise UniretError(f"{self.path}/part.json: unreadable ({exc}); re-embed this part") from None
+
+    @cached_property
+    def embeddings(self) -> np.ndarray:
+        """(count, dim) memory-mapped, read-only; row j = id start + j."""
+        try:
+            arr = np.load(self.file("embeddings.npy"), mmap_mode="r")
+        except ValueError as exc:
+            raise UniretError(f"{self.path}/embeddings.npy: unreadable ({exc}); re-embed this part") from None
+        if arr.shape != (self.count, self.dim) or arr.dtype != np.dtype(self.dtype):
+            raise UniretError(f"{self.path}: embeddings are {arr.shape} {arr.dtype}, the manifest says "
+                              f"{(self.count, self.dim)} {self.dtype}; re-embed this part")
+        return arr
+
+    @property
+    def failed(self) -> dict[str, str]:
+        return self.info.get("failed", {})
+
+    @property
+    def notes(self) -> list[str]:
+        return self.info.get("notes", [])
+
+    def iter_items(self) -> Iterator[tuple[int, Item]]:
+        return metadata.iter_items(self.file("metadata.parquet"), self.start, self.count)
+
+    def read_rows(self, a: int, b: int) -> np.ndarray:
+        """Rows ``[a, b)`` of this part (0-based within it) as float32, read from the file with plain
+        reads rather than through the memory map, whose pages would stay in the reader's RSS."""
+        arr = self.embeddings
+        row_bytes = self.dim * arr.dtype.itemsize
+        with open(arr.filename, "rb") as f:
+            f.seek(arr.offset + a * row_bytes)
+            out = np.fromfile(f, dtype=arr.dtype, count=(b - a) * self.dim)
+        if len(out) != (b - a) * self.dim:
+            raise UniretError(f"{self.path}: embeddings file is truncated (rows {a}..{b}); re-embed this part")
+        return out.reshape(b - a, self.dim).astype(np.float32, copy=False)
+
+
+class LegacyPart(StorePart):
+    """The single part of a format-1 store (``embeddings.npy`` + ``metadata.jsonl`` at its top)."""
+
+    def __init__(self, path: Path, manifest: dict):
+        super().__init__(path, {"name": ".", "start": 0, "count": manifest["count"]}, int(manifest["dim"]),
+                         manifest.get("dtype", "float16"))
+        self.info = {"failed": manifest.get("failed", {}), "notes": []}
+
+    def iter_items(self) -> Iterator[tuple[int, Item]]:
+        n = 0
+        with open(self.file("metadata.jsonl")) as f:
+            for n, line in enumerate(f, start=1):
+                yield n - 1, Item.from_json(json.loads(line))
+        if n != self.count:
+            raise UniretError(f"{self.path}: metadata has {n} rows, manifest says {self.count}")
+
+
+class EmbeddingStore:
+    """Read access to a finished store (format 2, or a format-1 store as one part).
+
+    ``EmbeddingStore(path)`` opens a whole store. A part directory of ``uniret embed --part I/N``
+    (ids ``start ..`` of a larger source) opens only with ``whole=False``; then row ``j`` of
+    ``embeddings`` is id ``start + j``.
+    """
+
+    def __init__(self, path: str | Path, whole: bool = True):
         self.path = Path(path)
         mf = self.path / "manifest.json"
         if not mf.is_file():
@@ -66,20 +206,34 @@ class EmbeddingStore:
             self.manifest: dict = read_json(mf)
         except (OSError, json.JSONDecodeError) as exc:
             raise UniretError(f"{mf}: unreadable manifest ({exc})") from None
-        if self.manifest.get("format") != FORMAT:
-            raise UniretError(f"{mf}: unknown store format {self.manifest.get('format')!r} (expected {FORMAT})")
-
-    @classmethod
-    def open(cls, path: str | Path) -> EmbeddingStore:
-        return cls(path)
+        fmt = self.manifest.get("format")
+        if fmt == FORMAT_V1:
+            self.parts: list[StorePart] = [LegacyPart(self.path, self.manifest)]
+        elif fmt == FORMAT:
+            self.parts = [StorePart(self.path / "parts" / e["name"], e, self.dim, self.dtype)
+                          for e in sorted(self.manifest["parts"], key=lambda e: (e["start"], Fraction(*e["slice"])))]
+        else:
+            raise UniretError(f"{mf}: unknown store format {fmt!r} (expected {FORMAT})")
+        if whole and not self.manifest.get("complete", True):
+            raise UniretError(f"{self.path} holds only part of a store (ids {self.start}..{self.start + self.count - 1}); "
+                              "join the parts with `uniret store merge PART_DIR... --out STORE`")
 
     @property
     def dim(self) -> int:
         return int(self.manifest["dim"])
 
     @property
+    def dtype(self) -> str:
+        return self.manifest.get("dtype", "float16")
+
+    @property
     def count(self) -> int:
         return int(self.manifest["count"])
+
+    @property
+    def start(self) -> int:
+        """The first id held: 0 for a store, the first row of its slice for a part directory."""
+        return int(self.manifest.get("start", 0))
 
     def __len__(self) -> int:
         return self.count
@@ -93,33 +247,54 @@ class EmbeddingStore:
         """The :func:`store_fingerprint` it was written with (None for stores older than it)."""
         return self.manifest.get("fingerprint")
 
+    @property
+    def columns(self) -> list[str]:
+        """The extra metadata fields its items carry (beyond id, path, domain, split, position, class_ids)."""
+        return list(self.manifest.get("columns", []))
+
     @cached_property
-    def embeddings(self) -> np.ndarray:
-        """(count, dim) memory-mapped array; row i belongs to id i."""
-        arr = np.load(self.path / "embeddings.npy", mmap_mode="r")
-        if arr.shape != (self.count, self.dim):
-            raise UniretError(f"{self.path}: embeddings have shape {arr.shape}, manifest says {(self.count, self.dim)}")
-        return arr
+    def embeddings(self) -> np.ndarray | RowsView:
+        """(count, dim), row i = id start + i: the part's memmap when there is one part, else a
+        :class:`RowsView` over the parts' memmaps."""
+        return self.parts[0].embeddings if len(self.parts) == 1 else RowsView(self.parts)
+
+    def iter_items(self) -> Iterator[tuple[int, Item]]:
+        """(id, Item) of every row in id order, streamed part by part."""
+        for part in self.parts:
+            yield from part.iter_items()
 
     @cached_property
     def items(self) -> list[Item]:
-        """Metadata of every row, in id order."""
-        out = []
-        with open(self.path / "metadata.jsonl") as f:
-            for line in f:
-                out.append(Item.from_json(json.loads(line)))
-        if len(out) != self.count:
-            raise UniretError(f"{self.path}: metadata has {len(out)} rows, manifest says {self.count}")
+        """Metadata of every row, in id order (all in memory: large stores use :meth:`iter_items`)."""
+        return [item for _, item in self.iter_items()]
+
+    def read_rows(self, a: int, b: int) -> np.ndarray:
+        """Rows ``[a, b)`` (0-based) as float32, with plain file reads across the parts."""
+        pieces = [p.read_rows(max(a - s, 0), min(b - s, p.count))
+                  for s, p in ((p.start - self.start, p) for p in self.parts) if s < b and s + p.count > a]
+        return np.concatenate(pieces) if pieces else np.zeros((0, self.dim), np.float32)
+
+    @cached_property
+    def failed(self) -> dict[str, str]:
+        """Ids (as strings) of unreadable images -> why; their rows are zero."""
+        out: dict[str, str] = {}
+        for part in self.parts:
+            out.update(part.failed)
         return out
 
     @cached_property
+    def notes(self) -> list[str]:
+        """What the source skipped while being listed (e.g. corrupt tar members)."""
+        return [n for part in self.parts for n in part.notes]
+
+    @cached_property
     def failed_ids(self) -> np.ndarray:
-        return np.asarray(sorted(int(i) for i in self.manifest.get("failed", {})), dtype=np.int64)
+        return np.asarray(sorted(int(i) for i in self.failed), dtype=np.int64)
 
     @cached_property
     def valid_mask(self) -> np.ndarray:
         mask = np.ones(self.count, dtype=bool)
-        mask[self.failed_ids] = False
+        mask[self.failed_ids - self.start] = False
         return mask
 
     def check_model(self, config_hash: str, what: str = "this model") -> None:
@@ -131,93 +306,19 @@ class EmbeddingStore:
             )
 
 
-class StoreWriter:
-    """Writes a store into ``<out>.partial`` and publishes it with :meth:`finish`.
-
-    The partial directory survives a crash: ``done.npy`` (a bool per row) and the embeddings
-    written so far let a re-run with the same fingerprint continue with the rows still missing;
-    another fingerprint (other items, model or options) starts over.
-    """
-
-    def __init__(self, out: str | Path, items: list[Item], dim: int, dtype: str, manifest_extra: dict,
-                 fingerprint: dict | None = None, restart: bool = False):
-        if dtype not in DTYPES:
-            raise UniretError(f"--dtype must be float16 or float32, not {dtype!r}")
-        self.out = Path(out)
-        self.items = items
-        self.dim = dim
-        self.dtype = dtype
-        if fingerprint is None:
-            fingerprint = store_fingerprint(items, dim, dtype, (manifest_extra.get("model") or {}).get("config_hash"),
-                                            manifest_extra.get("source"))
-        self.manifest = {"format": FORMAT, "dim": dim, "count": len(items), "dtype": dtype,
-                         "normalized": True, **manifest_extra, "fingerprint": fingerprint}
-        self._dir = PartialDir(self.out, fingerprint, init=self._init_partial, restart=restart)
-        self.partial = self._dir.path
-        self.embeddings = np.load(self.partial / "embeddings.npy", mmap_mode="r+")
-        self.done = np.load(self.partial / "done.npy")
-        self.failed: dict[str, str] = read_json(self.partial / "failed.json")
-
-    def _init_partial(self, p: Path) -> None:
-        np.lib.format.open_memmap(p / "embeddings.npy", mode="w+", dtype=self.dtype,
-                                  shape=(len(self.items), self.dim)).flush()
-        np.save(p / "done.npy", np.zeros(len(self.items), dtype=bool))
-        atomic_write_json(p / "failed.json", {})
-
-    def missing_ids(self) -> np.ndarray:
-        return np.flatnonzero(~self.done)
-
-    def write(self, ids: np.ndarray, vectors: np.ndarray) -> None:
-        self.embeddings[ids] = vectors.astype(self.dtype, copy=False)
-
-    def mark_failed(self, idx: int, reason: str) -> None:
-        self.failed[str(int(idx))] = reason
-        self.embeddings[idx] = 0
-
-    def checkpoint(self, ids: np.ndarray) -> None:
-        """Make rows durable: flush the vectors, then record them as done (in that order)."""
-        self.embeddings.flush()
-        self.done[ids] = True
-        tmp = self.partial / "done.tmp.npy"
-        np.save(tmp, self.done)
-        tmp.replace(self.partial / "done.npy")
-        atomic_write_json(self.partial / "failed.json", self.failed)
-
-    def finish(self) -> EmbeddingStore:
-        missing = self.missing_ids()
-        if len(missing):
-            raise RuntimeError(f"store incomplete: {len(missing)} rows never written (first ids {missing[:5].tolist()})")
-        self.embeddings.flush()
-        del self.embeddings
-        with open(self.partial / "metadata.jsonl", "w") as f:
-            for i, item in enumerate(self.items):
-                f.write(json.dumps({"id": i, **item.to_json()}) + "\n")
-        manifest = dict(self.manifest, failed=self.failed)
-        atomic_write_json(self.partial / "manifest.json", manifest)
-        for name in ("done.npy", "failed.json"):
-            (self.partial / name).unlink(missing_ok=True)
-        return EmbeddingStore(self._dir.publish())
-
-
-def open_finished(path: str | Path, fingerprint: dict) -> EmbeddingStore | None:
+def open_finished(path: str | Path, fingerprint: dict, whole: bool = True) -> EmbeddingStore | None:
     """The finished store at ``path`` when it was written with exactly this fingerprint, else None."""
     try:
-        store = EmbeddingStore(path)
+        store = EmbeddingStore(path, whole=whole)
     except UniretError:
         return None
     return store if store.fingerprint == fingerprint else None
 
 
-def write_store(out: str | Path, embeddings: np.ndarray, items: list[Item], model: dict | None = None,
-                source: dict | None = None, dtype: str = "float32", failed: dict | None = None) -> EmbeddingStore:
-    """Write a whole store at once (tests, training exports, arrays computed elsewhere)."""
-    embeddings = np.asarray(embeddings)
-    if embeddings.ndim != 2 or embeddings.shape[0] != len(items):
-        raise ValueError(f"embeddings shape {embeddings.shape} does not match {len(items)} items")
-    w = StoreWriter(out, items, embeddings.shape[1], dtype, {"model": model or {}, "source": source or {}})
-    ids = np.arange(len(items))
-    w.write(ids, embeddings)
-    for i, reason in (failed or {}).items():
-        w.mark_failed(int(i), reason)
-    w.checkpoint(ids)
-    return w.finish()
+def __getattr__(name: str):
+    # The writers live in embed/writer.py (which imports this module); they stay importable from here.
+    if name in ("StoreWriter", "PartWriter", "write_store"):
+        from . import writer
+
+        return getattr(writer, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
