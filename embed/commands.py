@@ -102,8 +102,9 @@ def model_info_command(
 
 def embed_command(
     model: Path = typer.Option(..., "--model", help="Model directory (uniret model init / train)."),
-    data: Path = typer.Option(..., "--data", help="Collection root, packed LMDB, image folder or image file."),
-    out: Path = typer.Option(..., "--out", help="Embedding store to write."),
+    data: Path = typer.Option(..., "--data", help="Collection root, packed LMDB, image folder or image file, or "
+                                                  "webdataset tar shards ('shards/{00000..00099}.tar')."),
+    out: Path = typer.Option(..., "--out", help="Embedding store to write (with --part: a part directory)."),
     domain: list[str] = typer.Option(None, "--domain", help="Only these domains (repeatable)."),
     split: list[str] = typer.Option(None, "--split", help="Only these splits (repeatable)."),
     batch_size: int = typer.Option(128, "--batch-size", help="Images per batch."),
@@ -111,14 +112,19 @@ def embed_command(
     device: str = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N (default auto: a GPU when visible)."),
     dtype: StoreDtype = typer.Option(StoreDtype.float16, "--dtype", help="Stored embedding type."),
     resume: bool = typer.Option(True, "--resume/--restart", help="Continue an interrupted run, or start over."),
+    part: str = typer.Option(None, "--part", help="Only slice I of N (0-based, e.g. 3/8) into --out, a part "
+                                                  "directory; join the parts with `uniret store merge`."),
 ) -> None:
-    """Embed images into a store (row i = item i). Resumable; several GPUs through torchrun."""
+    """Embed images into a store (row i = item i). Resumable; several GPUs through torchrun (each rank
+    writes its own part), several machines through --part I/N and `uniret store merge`."""
     from ..data import open_items
     from ..utils import resolve_device
     from .extract import embed_items
     from .model import load_model
+    from .parts import parse_part
 
-    resolve_device(device)  # a bad --device fails before any image or weight is read
+    part_spec = parse_part(part)  # like a bad --device, a bad --part fails before any image is read
+    resolve_device(device)
     quiet_open_clip_warnings()
     items = open_items(data, domains=domain or None, splits=split or None)
     embedder = load_model(model)
@@ -126,9 +132,11 @@ def embed_command(
         workers = min(16, os.cpu_count() or 1)
     source = {"path": str(Path(data).resolve()), "domains": list(domain or []), "splits": list(split or [])}
     store = embed_items(embedder, items, out, batch_size=batch_size, workers=workers, device=device,
-                        dtype=dtype.value, resume=resume, source=source)
+                        dtype=dtype.value, resume=resume, source=source, part=part_spec)
     if int(os.environ.get("RANK", "0")) == 0:
-        logger.info("wrote %s: %d x %d %s, %d unreadable", out, store.count, store.dim, store.manifest["dtype"],
+        what = f"part {part_spec[0]}/{part_spec[1]} (ids {store.start}..{store.start + store.count - 1}), " \
+            if part_spec[1] > 1 else ""
+        logger.info("wrote %s: %s%d x %d %s, %d unreadable", out, what, store.count, store.dim, store.dtype,
                     len(store.failed_ids))
 
 

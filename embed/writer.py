@@ -39,10 +39,11 @@ def finished_part(part_dir: Path, fingerprint: dict) -> dict | None:
         info = read_json(part_dir / "part.json")
     except (OSError, ValueError):
         return None
-    return _entry(info) if info.get("fingerprint") == fingerprint else None
+    return part_entry(info) if info.get("fingerprint") == fingerprint else None
 
 
-def _entry(info: dict) -> dict:
+def part_entry(info: dict) -> dict:
+    """A part's line in the store manifest, from its part.json."""
     return {"name": info["name"], "slice": info["slice"], "start": info["start"], "count": info["count"],
             "failed": len(info.get("failed", {})), "notes": len(info.get("notes", [])), "span": info.get("span", {}),
             "columns": info.get("columns", [])}
@@ -109,7 +110,7 @@ class PartWriter:
         for name in ("done.npy", "failed.json"):
             (self.partial / name).unlink()
         self._dir.publish()
-        return _entry(info)
+        return part_entry(info)
 
 
 def write_manifest(root: Path, entries: list[dict], dim: int, dtype: str, model: dict, source: dict,
