@@ -9,46 +9,11 @@ import tarfile
 
 import pytest
 from PIL import Image
+from shards import add_member, jpeg, member, write_shards
 
 from uniret.data import open_items
 from uniret.data.webdataset import TarShards, list_shard
 from uniret.errors import UniretError
-
-
-def _jpeg(shade: int) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (16, 16), (shade, 255 - shade, 90)).save(buf, "JPEG")
-    return buf.getvalue()
-
-
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    tar.addfile(info, io.BytesIO(data))
-
-
-def write_shards(root, shards: int = 3, per_shard: int = 4, stats: bool = False) -> list:
-    """img2dataset's layout: key.jpg + key.json + key.txt per sample, one tar per shard."""
-    root.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for s in range(shards):
-        path = root / f"{s:05d}.tar"
-        with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
-            for j in range(per_shard):
-                key = f"{s:05d}{j:04d}"
-                _add(tar, f"{key}.jpg", _jpeg(20 * j + s))
-                _add(tar, f"{key}.json", json.dumps({"url": f"https://example.org/{key}", "key": key,
-                                                     "width": 16, "id": j}).encode())
-                _add(tar, f"{key}.txt", f"a photo of thing {key}\n".encode())
-        if stats:
-            (root / f"{s:05d}_stats.json").write_text(json.dumps({"successes": per_shard, "count": per_shard}))
-        paths.append(path)
-    return paths
-
-
-def _member(path, name) -> tarfile.TarInfo:
-    with tarfile.open(path) as tar:
-        return tar.getmember(name)
 
 
 def test_samples_ids_and_metadata(tmp_path):
@@ -84,19 +49,19 @@ def test_corrupt_members_are_skipped_and_noted(tmp_path):
     paths = write_shards(tmp_path / "shards", shards=3, per_shard=4)
     # shard 1: the header of sample 1's image is overwritten (its json and txt survive: no image, skipped)
     data = bytearray(paths[1].read_bytes())
-    head = _member(paths[1], "000010001.jpg").offset
+    head = member(paths[1], "000010001.jpg").offset
     data[head:head + 100] = b"X" * 100
     paths[1].write_bytes(bytes(data))
     # shard 2: sample 0's image bytes are garbage (a failed row later), the file ends inside sample 3's json
     data = bytearray(paths[2].read_bytes())
-    jpg = _member(paths[2], "000020000.jpg")
+    jpg = member(paths[2], "000020000.jpg")
     data[jpg.offset_data:jpg.offset_data + jpg.size] = b"\0garbage" * (jpg.size // 8) + b"\0" * (jpg.size % 8)
-    cut = _member(paths[2], "000020003.json").offset_data + 10
+    cut = member(paths[2], "000020003.json").offset_data + 10
     paths[2].write_bytes(bytes(data[:cut]))
     # shard 0: a json side file that is not JSON
     with tarfile.open(tmp_path / "shards" / "00003.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
-        _add(tar, "k1.jpg", _jpeg(1))
-        _add(tar, "k1.json", b"{not json")
+        add_member(tar, "k1.jpg", jpeg(1))
+        add_member(tar, "k1.json", b"{not json")
     items = TarShards(str(tmp_path / "shards" / "{00000..00003}.tar")).part(0, 1)
     paths_seen = [it.path for it in items]
     assert "00001.tar/000010001.jpg" not in paths_seen and "00001.tar/000010002.jpg" in paths_seen
