@@ -34,9 +34,10 @@ from ..data.collection import ItemList
 from ..data.images import decode_image
 from ..errors import UniretError
 from ..utils import progress_bar, resolve_device
+from .layout import DTYPES
 from .model import UniversalEmbedder
 from .parts import EmbedJob
-from .store import DTYPES, EmbeddingStore
+from .reader import EmbeddingStore
 from .writer import PartWriter
 
 logger = logging.getLogger("uniret")

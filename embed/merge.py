@@ -18,7 +18,8 @@ from pathlib import Path
 
 from ..errors import UniretError
 from ..utils import PartialDir, stable_hash
-from .store import FORMAT, FORMAT_V1, PART_FILES, EmbeddingStore, StorePart, check_tiling
+from .layout import FORMAT, FORMAT_V1, PART_FILES, check_tiling
+from .reader import EmbeddingStore, StorePart
 from .writer import write_manifest
 
 logger = logging.getLogger("uniret")

@@ -21,7 +21,8 @@ from pathlib import Path
 
 from ..errors import UniretError, UsageError
 from ..utils import PartialDir, read_json
-from .store import EmbeddingStore, open_finished, part_name, store_fingerprint
+from .layout import part_name, store_fingerprint
+from .reader import EmbeddingStore, open_finished
 from .writer import PartWriter, finished_part, part_entry, part_fingerprint, write_manifest
 
 

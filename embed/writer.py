@@ -22,7 +22,8 @@ from ..data.collection import Item, ItemList
 from ..errors import UniretError
 from ..utils import PartialDir, atomic_write_json, read_json, stable_hash
 from . import metadata
-from .store import DTYPES, FORMAT, PART_FORMAT, EmbeddingStore, check_tiling, part_name, store_fingerprint
+from .layout import DTYPES, FORMAT, PART_FORMAT, check_tiling, part_name, store_fingerprint
+from .reader import EmbeddingStore
 
 
 def part_fingerprint(items: ItemList, k: int, parts: int, dim: int, dtype: str, header: dict) -> dict:
@@ -162,6 +163,10 @@ class StoreWriter:
     @property
     def done(self) -> np.ndarray:
         return self.part.done
+
+    @property
+    def embeddings(self) -> np.ndarray:
+        return self.part.embeddings
 
     def missing_ids(self) -> np.ndarray:
         return self.part.missing_rows()
