@@ -19,8 +19,8 @@ import numpy as np
 import typer
 
 from .display import display_score, emit
-from .errors import UniretError
-from .utils import read_json
+from .guards import claim_output, has_format, in_range
+from .utils import atomic_write_json, read_json
 
 logger = logging.getLogger("uniret")
 
@@ -61,7 +61,7 @@ def search_one_query(report: dict, data: Path, index_dir: Path, kind: str = "fla
                               model={"config_hash": store.model_hash})
     from .index import Searcher, build_index
 
-    build_index(index_store, index_dir, kind=kind)
+    build_index(index_store, index_dir, kind=kind, overwrite=True)
     scores, ids = Searcher.open(index_dir).search(vectors[q_row:q_row + 1], 5)
     query = items[q_row]
     rows = [{"rank": 0, "domain": query.domain, "class_ids": list(query.class_ids), "score": None,
@@ -79,12 +79,28 @@ def search_one_query(report: dict, data: Path, index_dir: Path, kind: str = "fla
 def run_demo(out: str | Path = "uniret-demo", steps: int | None = None, device: str | None = None,
              scale: float = 1.0) -> dict:
     """Run every stage (``scale`` 1.0: about 1000 images); returns the paths and the mean metrics of
-    each evaluation."""
+    each evaluation. ``out`` is a new or empty folder, or one an earlier demo run made."""
+    out = Path(out)
+    with claim_output(out, "uniret demo folder", is_demo_dir, overwrite=True):
+        # A demo folder of our own continues where it stopped (no --overwrite needed); anything else
+        # non-empty is refused.
+        atomic_write_json(out / MARKER, {"format": FORMAT})
+        return _run_demo(out, steps, device, scale)
+
+
+MARKER, FORMAT = "uniret-demo.json", "uniret-demo/1"
+
+
+def is_demo_dir(path: Path) -> bool:
+    """A folder that ``uniret demo`` made (its marker file)."""
+    return has_format(path, MARKER, FORMAT.split("/")[0])
+
+
+def _run_demo(out: Path, steps: int | None, device: str | None, scale: float) -> dict:
     from .data.demo import make_demo
     from .eval.report import COMPARE_LABELS, compare_rows
     from .eval.run import evaluate
 
-    out = Path(out)
     data, reports = out / "data", out / "reports"
     if not (data / "info").is_dir():
         logger.info("making the demo collection in %s", data)
@@ -104,7 +120,7 @@ def run_demo(out: str | Path = "uniret-demo", steps: int | None = None, device: 
     results = {}
     for name, kw in runs.items():
         results[name] = evaluate(data=data, split="test", protocol="merged", out=reports / name, cache_dir=cache,
-                                 device=device, **kw)
+                                 device=device, overwrite=True, **kw)
     rows, columns = compare_rows([str(reports / name) for name in runs])
     for row in rows:
         row["report"] = Path(row["report"]).name
@@ -126,8 +142,7 @@ def demo_command(
     device: str = typer.Option(None, "--device", help="cpu, cuda, ... (default: a GPU when there is one)."),
 ) -> None:
     """Run the whole pipeline on the demo data: make data, train UDON briefly, embed, index, evaluate, search."""
-    if steps is not None and steps < 2:
-        raise UniretError(f"--steps must be at least 2, not {steps}")
-    if not 0 < scale <= 4:
-        raise UniretError(f"--scale must be in (0, 4], not {scale}")
+    if steps is not None:
+        in_range(steps, "--steps", 2, 1_000_000)
+    in_range(scale, "--scale", 0, 4, low_open=True)
     run_demo(out, steps=steps, device=device, scale=scale)

@@ -183,6 +183,11 @@ def list_shard(path: Path, label: str, read_side: bool = True) -> ShardListing:
     return out
 
 
+def _files_key(paths: list[Path]) -> str:
+    stats = [p.stat() for p in paths]
+    return stable_hash([[str(p.resolve()), st.st_size, st.st_mtime_ns] for p, st in zip(paths, stats)])
+
+
 def _stats_count(path: Path) -> int | None:
     """img2dataset's sample count for a shard (``<name>_stats.json``: ``successes``), if present."""
     stats = path.with_name(path.name[: -len(".tar")] + "_stats.json")
@@ -223,6 +228,10 @@ class TarShards:
     def key(self) -> str:
         """Identity of the input: shard names and sizes (the same on every machine holding a copy)."""
         return stable_hash([[label, p.stat().st_size] for label, p in zip(self.labels, self.paths)])
+
+    def content_key(self) -> str:
+        """The shards as they are now (sizes and modification times): part of every fingerprint."""
+        return _files_key(self.paths)
 
     def part(self, k: int, parts: int) -> ItemList:
         """Slice ``k`` of ``parts``: a contiguous block of whole shards, with their global ids."""
@@ -271,6 +280,10 @@ class TarSource:
         """Turn the rows added into one array (small to pickle into DataLoader workers)."""
         self.table = np.asarray(self._rows, dtype=np.int64).reshape(-1, 3)
         self._rows = []
+
+    def content_key(self, items) -> str:
+        """See :meth:`TarShards.content_key` (the shards this source reads)."""
+        return _files_key([Path(p) for p in self.paths])
 
     def get_image_bytes(self, domain, split, position: int) -> bytes:
         shard, offset, size = (int(v) for v in self.table[position - self.start])

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
@@ -33,8 +34,9 @@ from .. import testing
 from ..data.collection import ItemList
 from ..data.images import decode_image
 from ..errors import UniretError
+from ..guards import claim_output, in_range, is_disk_full
 from ..utils import progress_bar, resolve_device
-from .layout import DTYPES
+from .layout import DTYPES, NONFINITE, is_store
 from .model import UniversalEmbedder
 from .parts import EmbedJob
 from .reader import EmbeddingStore
@@ -96,14 +98,19 @@ def embed_items(
     source: dict | None = None,
     amp: bool = True,
     checkpoint_every: int = 20,
+    overwrite: bool = False,
+    inputs: tuple = (),
     part: tuple[int, int] = (0, 1),
 ) -> EmbeddingStore:
     """Embed every item of ``items`` (an ``ItemList`` or tar shards) into the store ``out`` and return it.
 
     ``part=(I, N)`` embeds slice I of N into the part directory ``out`` instead (ids stay those of
     the whole input; join the parts with ``uniret store merge``). Resumes a partial run of the same
-    model, items and options unless ``resume=False``. Under torchrun every rank calls this with the
-    same arguments, writes its own part, and all return the published store.
+    model, items, images and options unless ``resume=False``; a finished store of exactly those is
+    returned as it is ("nothing to do"). ``out`` must be new, empty or (with ``overwrite``) another
+    embedding store, and never inside ``inputs`` (the data, the model). A full disk removes the
+    partial store. Under torchrun every rank calls this with the same arguments, writes its own
+    part, and all return the published store.
     """
     _check_options(items, batch_size, workers, dtype)
     out = Path(out)
@@ -119,6 +126,24 @@ def embed_items(
     if done_store is not None:
         logger.info("%s already holds these %d embeddings; nothing to do", out, done_store.count)
         return done_store
+    if rank == 0 and is_store(out) and not overwrite:
+        made = " made from other images, model or options (changed since?)" if resume else ""
+        raise UniretError(f"{out} already holds an embedding store{made}; pass --overwrite to replace it, "
+                          "or choose another --out")
+    claim = claim_output(out, "embedding store", is_store, inputs, overwrite=True) if rank == 0 else nullcontext()
+    with claim:
+        try:
+            return _embed(model, job, dev, batch_size, workers, resume, amp, checkpoint_every, rank, world)
+        except BaseException as exc:
+            if rank == 0 and is_disk_full(exc):
+                shutil.rmtree(job.partial, ignore_errors=True)
+            raise
+
+
+def _embed(model: UniversalEmbedder, job: EmbedJob, dev: torch.device, batch_size: int, workers: int,
+           resume: bool, amp: bool, checkpoint_every: int, rank: int, world: int) -> EmbeddingStore:
+    """Every process embeds its part; rank 0 then lists the parts in the manifest and publishes."""
+    out = job.out
     if rank == 0:
         job.prepare(restart=not resume)
     _barrier(world)
@@ -167,10 +192,8 @@ def _embed_part(model: UniversalEmbedder, writer: PartWriter, dev: torch.device,
 
 
 def _check_options(items, batch_size: int, workers: int, dtype: str) -> None:
-    if batch_size <= 0:
-        raise UniretError(f"--batch-size must be positive, not {batch_size}")
-    if workers < 0:
-        raise UniretError(f"--workers must be 0 or more, not {workers}")
+    in_range(batch_size, "--batch-size", 1, 65_536)
+    in_range(workers, "--workers", 0, 256)
     if dtype not in DTYPES:
         raise UniretError(f"--dtype must be float16 or float32, not {dtype!r}")
     if isinstance(items, ItemList) and len(items) == 0:
@@ -205,7 +228,7 @@ def embedded_batches(model: UniversalEmbedder, items: ItemList, ids: np.ndarray,
             reasons = list(reasons)
             finite = np.isfinite(vectors).all(axis=1)
             for j in np.flatnonzero(ok & ~finite):
-                reasons[j] = "the model gave a non-finite embedding"
+                reasons[j] = NONFINITE
             yield batch_ids.numpy(), vectors, ok & finite, reasons
 
 

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from fractions import Fraction
+from pathlib import Path
 
 from ..data.collection import Item
 from ..errors import UniretError
+from ..guards import has_format
 from ..utils import stable_hash
 
 FORMAT = "uniret-embeddings/2"
@@ -18,6 +20,13 @@ FORMAT_V1 = "uniret-embeddings/1"
 PART_FORMAT = "uniret-embeddings-part/1"
 DTYPES = ("float16", "float32")
 PART_FILES = ("embeddings.npy", "metadata.parquet", "part.json")
+#: The failure reason of a row whose embedding was NaN or infinite (the model, not the image, is broken).
+NONFINITE = "the model gave a non-finite embedding"
+
+
+def is_store(path: Path) -> bool:
+    """An embedding store (or part directory) that uniret wrote: its manifest says so."""
+    return has_format(path, "manifest.json", FORMAT.split("/")[0])
 
 
 def part_name(k: int, parts: int) -> str:
@@ -33,10 +42,11 @@ def source_key(items) -> str:
 
 
 def store_fingerprint(items: Sequence[Item], dim: int, dtype: str, model_hash: str | None,
-                      source: dict | None = None) -> dict:
+                      source: dict | None = None, files: str | None = None) -> dict:
     """Everything the stored vectors depend on: the items (paths, domains, splits, positions, labels,
     extra fields, in order), the model (its config hash: architecture, preprocessing, weights), the
-    size and type of the vectors, and where the images come from.
+    size and type of the vectors, where the images come from and what they are now (``files``:
+    :meth:`uniret.data.ItemList.content_key`, the sizes and modification times of the image files).
 
     Two runs with equal fingerprints produce the same store, so one may resume or reuse the other.
     Extend it by adding keys (e.g. a hash of the image files' sizes and mtimes): older partial runs
@@ -51,6 +61,7 @@ def store_fingerprint(items: Sequence[Item], dim: int, dtype: str, model_hash: s
         "model": model_hash,
         "source": source or {},
         "items": source_key(items),
+        "files": files,
     }
 
 

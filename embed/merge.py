@@ -17,8 +17,9 @@ from fractions import Fraction
 from pathlib import Path
 
 from ..errors import UniretError
+from ..guards import claim_output
 from ..utils import PartialDir, stable_hash
-from .layout import FORMAT, FORMAT_V1, PART_FILES, check_tiling
+from .layout import FORMAT, FORMAT_V1, PART_FILES, check_tiling, is_store
 from .reader import EmbeddingStore, StorePart
 from .writer import write_manifest
 
@@ -72,17 +73,19 @@ def _link(src: Path, dest: Path, copy: bool) -> None:
 
 
 def merge_parts(inputs: list[str | Path], out: str | Path, copy: bool = False, overwrite: bool = False) -> EmbeddingStore:
-    """Join part directories (or stores written in parts) into the store ``out``; returns it."""
+    """Join part directories (or stores written in parts) into the store ``out``; returns it.
+
+    ``out`` must be new, empty or (with ``overwrite``) another embedding store, never one of the inputs.
+    """
     inputs = [Path(p) for p in inputs]
     out = Path(out)
     if not inputs:
         raise UniretError("give the part directories to merge")
-    for p in inputs:
-        if out.resolve() == p.resolve() or p.resolve() in out.resolve().parents:
-            raise UniretError(f"--out {out} is (inside) the input {p}; write the merged store elsewhere")
-    if out.exists() and not (overwrite and (out / "manifest.json").is_file()):
-        raise UniretError(f"{out} already exists; pick a new --out" +
-                          (" (or pass --overwrite to replace that store)" if (out / "manifest.json").is_file() else ""))
+    with claim_output(out, "embedding store", is_store, inputs, overwrite=overwrite):
+        return _merge(inputs, out, copy)
+
+
+def _merge(inputs: list[Path], out: Path, copy: bool) -> EmbeddingStore:
     stores = _check_inputs(inputs)
     parts: list[tuple[EmbeddingStore, StorePart, dict]] = []
     for store in stores:
@@ -103,15 +106,19 @@ def merge_parts(inputs: list[str | Path], out: str | Path, copy: bool = False, o
                    "source_key": first.get("source_key"),
                    "parts": stable_hash(sorted(p.info.get("fingerprint", {}).get("items", "") for _, p, _ in parts))}
     job = PartialDir(out, fingerprint, restart=True)
-    for _, part, entry in parts:
-        dest = job.path / "parts" / entry["name"]
-        dest.mkdir(parents=True)
-        _link(part.file("embeddings.npy"), dest / "embeddings.npy", copy)
-        _link(part.file("metadata.parquet"), dest / "metadata.parquet", copy)
-        shutil.copy2(part.file("part.json"), dest / "part.json")
-    source = dict(first.get("source") or {}, merged_from=[str(p.resolve()) for p in inputs])
-    write_manifest(job.path, entries, stores[0].dim, stores[0].dtype, first.get("model") or {}, source,
-                   first.get("source_key"), first.get("total"), fingerprint)
+    try:
+        for _, part, entry in parts:
+            dest = job.path / "parts" / entry["name"]
+            dest.mkdir(parents=True)
+            _link(part.file("embeddings.npy"), dest / "embeddings.npy", copy)
+            _link(part.file("metadata.parquet"), dest / "metadata.parquet", copy)
+            shutil.copy2(part.file("part.json"), dest / "part.json")
+        source = dict(first.get("source") or {}, merged_from=[str(p.resolve()) for p in inputs])
+        write_manifest(job.path, entries, stores[0].dim, stores[0].dtype, first.get("model") or {}, source,
+                       first.get("source_key"), first.get("total"), fingerprint)
+    except BaseException:
+        shutil.rmtree(job.path, ignore_errors=True)  # links only: the parts themselves are untouched
+        raise
     merged = EmbeddingStore(job.publish())
     logger.info("merged %d parts of %d input(s) into %s: %d x %d %s (%s)", len(parts), len(inputs), out,
                 merged.count, merged.dim, merged.dtype, "copied" if copy else "hard-linked, no copy of the vectors")

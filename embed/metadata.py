@@ -96,20 +96,22 @@ def iter_items(path: str | Path, start: int, count: int, batch_rows: int = ROW_G
     """(id, Item) of every row of a part, in id order, a batch at a time; checks that the ids are
     ``start .. start + count - 1``."""
     pf = _open(Path(path))
-    as_json = set(json.loads((pf.schema_arrow.metadata or {}).get(JSON_COLUMNS, b"[]")))
     expected = start
-    for batch in pf.iter_batches(batch_size=batch_rows):
-        for row in batch.to_pylist():
-            if row["id"] != expected:
-                raise UniretError(f"{path}: row of id {row['id']} where id {expected} belongs; the part is damaged")
-            extra = {}
-            for key, value in row.items():
-                if key in FIXED or value is None:
-                    continue
-                extra[key] = json.loads(value) if key in as_json else value
-            yield expected, Item(row["path"], row["domain"], row["split"], row["position"],
-                                 tuple(row["class_ids"] or ()), extra)
-            expected += 1
+    try:
+        as_json = set(json.loads((pf.schema_arrow.metadata or {}).get(JSON_COLUMNS, b"[]")))
+        for batch in pf.iter_batches(batch_size=batch_rows):
+            for row in batch.to_pylist():
+                if row["id"] != expected or not isinstance(row["path"], str):
+                    raise UniretError(f"{path}: row of id {row['id']} where id {expected} belongs; the part is "
+                                      "damaged, re-embed it")
+                extra = {key: json.loads(value) if key in as_json else value
+                         for key, value in row.items() if key not in FIXED and value is not None}
+                yield expected, Item(row["path"], row["domain"], row["split"], int(row["position"]),
+                                     tuple(int(c) for c in row["class_ids"] or ()), extra)
+                expected += 1
+    except (KeyError, TypeError, ValueError, OSError, pa.ArrowException) as exc:  # missing columns, bad values
+        raise UniretError(f"{path}: damaged metadata ({type(exc).__name__}: {' '.join(str(exc).split())[:100]}); "
+                          "re-embed this part") from None
     if expected != start + count:
         raise UniretError(f"{path}: metadata has {expected - start} rows, the part holds {count}; re-embed this part")
 

@@ -50,7 +50,9 @@ class EmbedJob:
         self.parts = parts * world
         self.k = index * world + rank
         self.planned = [part_name(k, self.parts) for k in range(index * world, (index + 1) * world)]
-        fingerprint = store_fingerprint(items, dim, dtype, model.get("config_hash"), source)
+        # every process computes the same fingerprint: the whole input's items and files, so that a
+        # changed image anywhere starts the run over rather than mixing old and new parts
+        fingerprint = store_fingerprint(items, dim, dtype, model.get("config_hash"), source, files=items.content_key())
         # one process writing the whole store keeps the plain store fingerprint (the eval cache asks for it)
         self.fingerprint = fingerprint if self.parts == 1 else dict(fingerprint, slices=[
             index * world, (index + 1) * world, self.parts])

@@ -5,6 +5,7 @@ for the format) as one store in id order, memory-mapped; format-1 stores open as
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from fractions import Fraction
 from functools import cached_property
@@ -14,10 +15,30 @@ import numpy as np
 
 from ..data.collection import Item
 from ..errors import UniretError
+from ..safeio import load_npy
 from ..utils import read_json
 from . import metadata
 from .layout import FORMAT, FORMAT_V1
 from .rows import RowsView
+
+_PART_NAME = re.compile(r"part-\d+-of-\d+")  # a part's directory name: never a path leaving the store
+
+
+def _count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _valid_failed(failed, start: int, stop: int) -> bool:
+    return isinstance(failed, dict) and all(str(k).isdigit() and start <= int(k) < stop for k in failed)
+
+
+def _valid_entry(e) -> bool:
+    """A manifest's part line: a safe name, ids as counts, a slice k of K."""
+    if not isinstance(e, dict) or not isinstance(e.get("name"), str) or not _PART_NAME.fullmatch(e["name"]):
+        return False
+    sl = e.get("slice")
+    return (_count(e.get("start")) and _count(e.get("count")) and isinstance(sl, list) and len(sl) == 2
+            and all(_count(v) for v in sl) and sl[0] < sl[1])
 
 
 class StorePart:
@@ -45,17 +66,19 @@ class StorePart:
     @cached_property
     def info(self) -> dict:
         try:
-            return read_json(self.file("part.json"))
-        except (OSError, ValueError) as exc:
-            raise UniretError(f"{self.path}/part.json: unreadable ({exc}); re-embed this part") from None
+            info = read_json(self.file("part.json"))
+        except (OSError, ValueError) as exc:  # ValueError: JSONDecodeError, UnicodeDecodeError
+            raise UniretError(f"{self.path}/part.json: unreadable ({' '.join(str(exc).split())[:120]}); "
+                              "re-embed this part") from None
+        if not isinstance(info, dict) or not _valid_failed(info.get("failed", {}), self.start, self.stop) \
+                or not isinstance(info.get("notes", []), list):
+            raise UniretError(f"{self.path}/part.json: damaged (failed ids or notes); re-embed this part")
+        return info
 
     @cached_property
     def embeddings(self) -> np.ndarray:
         """(count, dim) memory-mapped, read-only; row j = id start + j."""
-        try:
-            arr = np.load(self.file("embeddings.npy"), mmap_mode="r")
-        except ValueError as exc:
-            raise UniretError(f"{self.path}/embeddings.npy: unreadable ({exc}); re-embed this part") from None
+        arr = load_npy(self.file("embeddings.npy"), mmap=True, kinds="f", what="embedding store")
         if arr.shape != (self.count, self.dim) or arr.dtype != np.dtype(self.dtype):
             raise UniretError(f"{self.path}: embeddings are {arr.shape} {arr.dtype}, the manifest says "
                               f"{(self.count, self.dim)} {self.dtype}; re-embed this part")
@@ -97,7 +120,12 @@ class LegacyPart(StorePart):
         n = 0
         with open(self.file("metadata.jsonl")) as f:
             for n, line in enumerate(f, start=1):
-                yield n - 1, Item.from_json(json.loads(line))
+                try:
+                    item = Item.from_json(json.loads(line))
+                except (ValueError, TypeError, KeyError, AttributeError) as exc:  # not JSON, or not an item
+                    raise UniretError(f"{self.path / 'metadata.jsonl'}: damaged line {n} "
+                                      f"({' '.join(str(exc).split())[:80]}); re-embed the store") from None
+                yield n - 1, item
         if n != self.count:
             raise UniretError(f"{self.path}: metadata has {n} rows, manifest says {self.count}")
 
@@ -117,19 +145,33 @@ class EmbeddingStore:
             raise UniretError(f"{self.path}: not an embedding store (no manifest.json); make one with `uniret embed`")
         try:
             self.manifest: dict = read_json(mf)
-        except (OSError, json.JSONDecodeError) as exc:
-            raise UniretError(f"{mf}: unreadable manifest ({exc})") from None
-        fmt = self.manifest.get("format")
+        except (OSError, ValueError) as exc:  # ValueError: JSONDecodeError, UnicodeDecodeError
+            raise UniretError(f"{mf}: unreadable manifest ({' '.join(str(exc).split())[:120]})") from None
+        fmt = self.manifest.get("format") if isinstance(self.manifest, dict) else None
+        if fmt not in (FORMAT, FORMAT_V1):
+            raise UniretError(f"{mf}: unknown store format {fmt!r} (expected {FORMAT})")
+        self._check_manifest(mf)
         if fmt == FORMAT_V1:
             self.parts: list[StorePart] = [LegacyPart(self.path, self.manifest)]
         elif fmt == FORMAT:
             self.parts = [StorePart(self.path / "parts" / e["name"], e, self.dim, self.dtype)
                           for e in sorted(self.manifest["parts"], key=lambda e: (e["start"], Fraction(*e["slice"])))]
-        else:
-            raise UniretError(f"{mf}: unknown store format {fmt!r} (expected {FORMAT})")
         if whole and not self.manifest.get("complete", True):
             raise UniretError(f"{self.path} holds only part of a store (ids {self.start}..{self.start + self.count - 1}); "
                               "join the parts with `uniret store merge PART_DIR... --out STORE`")
+
+    def _check_manifest(self, mf: Path) -> None:
+        """Refuse a damaged or tampered manifest with one line (not a traceback later)."""
+        m = self.manifest
+        ok = _count(m.get("dim")) and m["dim"] > 0 and _count(m.get("count")) and _count(m.get("start", 0))
+        if ok and m["format"] == FORMAT_V1:
+            ok = _valid_failed(m.get("failed", {}), 0, m["count"])
+        elif ok:
+            parts = m.get("parts")
+            ok = (isinstance(parts, list) and all(_valid_entry(e) for e in parts)
+                  and sum(e["count"] for e in parts) == m["count"] and m.get("dtype") in ("float16", "float32"))
+        if not ok:
+            raise UniretError(f"{mf}: damaged manifest (dim, count, parts or failed ids); re-embed the store")
 
     @property
     def dim(self) -> int:

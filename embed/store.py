@@ -41,19 +41,21 @@ from .layout import (
     DTYPES,
     FORMAT,
     FORMAT_V1,
+    NONFINITE,
     PART_FILES,
     PART_FORMAT,
     check_tiling,
+    is_store,
     part_name,
     source_key,
     store_fingerprint,
 )
 from .reader import EmbeddingStore, LegacyPart, StorePart, open_finished
 from .rows import RowsView
-from .writer import PartWriter, StoreWriter, write_store
+from .writer import PartWriter, StoreWriter, allocate, write_store
 
 __all__ = [
-    "DTYPES", "FORMAT", "FORMAT_V1", "PART_FILES", "PART_FORMAT", "EmbeddingStore", "LegacyPart", "PartWriter",
-    "RowsView", "StorePart", "StoreWriter", "check_tiling", "open_finished", "part_name", "source_key",
-    "store_fingerprint", "write_store",
+    "DTYPES", "FORMAT", "FORMAT_V1", "NONFINITE", "PART_FILES", "PART_FORMAT", "EmbeddingStore", "LegacyPart",
+    "PartWriter", "RowsView", "StorePart", "StoreWriter", "allocate", "check_tiling", "is_store", "open_finished",
+    "part_name", "source_key", "store_fingerprint", "write_store",
 ]

@@ -14,6 +14,8 @@ metadata (Parquet) and ``part.json`` and publishes the part with one rename.
 
 from __future__ import annotations
 
+import errno
+import os
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +26,19 @@ from ..utils import PartialDir, atomic_write_json, read_json, stable_hash
 from . import metadata
 from .layout import DTYPES, FORMAT, PART_FORMAT, check_tiling, part_name, store_fingerprint
 from .reader import EmbeddingStore
+
+
+def allocate(path: Path) -> None:
+    """Reserve the disk blocks of a file that is written through a memory map: without them, a full
+    disk kills the writer with SIGBUS; with them, it is an ENOSPC error here, before any work."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):  # file systems without it
+            raise
+    finally:
+        os.close(fd)
 
 
 def part_fingerprint(items: ItemList, k: int, parts: int, dim: int, dtype: str, header: dict) -> dict:
@@ -62,10 +77,22 @@ class PartWriter:
         self.header = header
         self.fingerprint = part_fingerprint(items, k, parts, dim, dtype, header)
         self._dir = PartialDir(part_dir, self.fingerprint, init=self._init_partial, restart=restart)
+        if not self._open_partial():  # damaged leftovers of a killed run (or planted files): start over
+            self._dir = PartialDir(part_dir, self.fingerprint, init=self._init_partial, restart=True)
+            self._open_partial()
+
+    def _open_partial(self) -> bool:
         self.partial = self._dir.path
-        self.embeddings = np.load(self.partial / "embeddings.npy", mmap_mode="r+")
-        self.done = np.load(self.partial / "done.npy", mmap_mode="r+")
-        self.failed: dict[str, str] = read_json(self.partial / "failed.json")
+        try:
+            # allow_pickle stays False: an object array planted here is refused, never unpickled
+            self.embeddings = np.load(self.partial / "embeddings.npy", mmap_mode="r+")
+            self.done = np.load(self.partial / "done.npy", mmap_mode="r+")
+            self.failed: dict[str, str] = read_json(self.partial / "failed.json")
+        except (OSError, ValueError):
+            return False
+        n = len(self.items)
+        return (self.embeddings.shape == (n, self.dim) and self.embeddings.dtype == np.dtype(self.dtype)
+                and self.done.shape == (n,) and self.done.dtype == bool and isinstance(self.failed, dict))
 
     @property
     def resumed(self) -> bool:
@@ -75,6 +102,8 @@ class PartWriter:
         n = len(self.items)
         np.lib.format.open_memmap(p / "embeddings.npy", mode="w+", dtype=self.dtype, shape=(n, self.dim)).flush()
         np.lib.format.open_memmap(p / "done.npy", mode="w+", dtype=bool, shape=(n,)).flush()
+        allocate(p / "embeddings.npy")
+        allocate(p / "done.npy")
         atomic_write_json(p / "failed.json", {})
 
     def missing_rows(self) -> np.ndarray:

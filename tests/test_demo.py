@@ -43,9 +43,10 @@ def test_demo_small_then_resume(tmp_path, capsys):
 
 
 def test_demo_bad_options(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path / "d"), "--steps", "0"]) == 1
-    assert capsys.readouterr().err.strip() == "error: --steps must be at least 2, not 0"
-    assert main(["demo", "--out", str(tmp_path / "d"), "--scale", "-1"]) == 1
+    # out-of-range values are usage errors (exit 2), one line each
+    assert main(["demo", "--out", str(tmp_path / "d"), "--steps", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --steps must be in [2, 1000000], not 0"
+    assert main(["demo", "--out", str(tmp_path / "d"), "--scale", "-1"]) == 2
     assert "--scale must be" in capsys.readouterr().err
 
 

@@ -144,6 +144,6 @@ def test_store_merge_refuses_bad_parts_with_one_line(tmp_path, capsys, case):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: "), err
     expected = {"model": "model", "dim": "dim", "overlap": "overlap", "gap": "slice(s) 2/4",
-                "missing-file": "missing part file", "exists": "already exists", "inside": "inside"}[case]
+                "missing-file": "missing part file", "exists": "non-empty directory", "inside": "inside"}[case]
     assert expected in err[0]
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing written or removed
