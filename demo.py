@@ -5,7 +5,8 @@ trainer's own that imports ``uniret.train`` (data/, embed/, index/ and eval/ nev
 
 make the demo data -> train UDON briefly (a tiny CNN from scratch) -> export the model -> embed ->
 evaluate on the merged protocol without and with SuperGlobal reranking (and the untrained model as
-the baseline) -> build the merged index -> search one query -> print where the HTML report is.
+the baseline) -> build the merged index (with the model copy) -> search one query -> print where
+the HTML report is and the `uniret serve` command that opens the index in a browser.
 Every stage leaves its output under ``out`` and is skipped when it is already there, so a second
 run (or a run after an interruption) continues instead of starting over.
 """
@@ -13,6 +14,7 @@ run (or a run after an interruption) continues instead of starting over.
 from __future__ import annotations
 
 import logging
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -46,8 +48,10 @@ def train_demo_model(data: Path, run: Path, steps: int | None, device: str | Non
     return Path(train(config, resume=resume)) / "model"
 
 
-def search_one_query(report: dict, data: Path, index_dir: Path, kind: str = "flat") -> list[dict]:
-    """Build the merged index from the evaluation's embeddings and search with one test query."""
+def search_one_query(report: dict, data: Path, index_dir: Path, model_dir: Path | None = None,
+                     kind: str = "flat") -> list[dict]:
+    """Build the merged index from the evaluation's embeddings (with a copy of ``model_dir``, so that
+    ``uniret search`` and ``uniret serve`` embed query images) and search with one test query."""
     from .data import open_collection
     from .embed.store import EmbeddingStore, write_store
 
@@ -61,7 +65,7 @@ def search_one_query(report: dict, data: Path, index_dir: Path, kind: str = "fla
                               model={"config_hash": store.model_hash})
     from .index import Searcher, build_index
 
-    build_index(index_store, index_dir, kind=kind, overwrite=True)
+    build_index(index_store, index_dir, kind=kind, model_dir=model_dir, overwrite=True)
     scores, ids = Searcher.open(index_dir).search(vectors[q_row:q_row + 1], 5)
     query = items[q_row]
     rows = [{"rank": 0, "domain": query.domain, "class_ids": list(query.class_ids), "score": None,
@@ -126,12 +130,14 @@ def _run_demo(out: Path, steps: int | None, device: str | None, scale: float) ->
         row["report"] = Path(row["report"]).name
     emit(rows, columns, title="merged test protocol (mean over domains, unweighted)",
          metrics=columns[len(COMPARE_LABELS):])
-    hits = search_one_query(results["udon"], data, out / "index")
+    hits = search_one_query(results["udon"], data, out / "index", model_dir=model_dir)
     emit(hits, ["rank", "domain", "class_ids", "score", "match", "path"], title="\none query, top 5 of the merged index",
          metrics=["score"])
     html = (reports / "udon" / "report.html").resolve()
     typer.echo(f"\nHTML report: {html}\nopen it in a browser (file://{html})")
-    return {"out": str(out), "model": str(model_dir), "report": str(html),
+    serve = f"uniret serve {shlex.quote(str(out / 'index'))} --images {shlex.quote(str(data))}"
+    typer.echo(f"\nsearch the index in a browser:\n  {serve}\nthen open http://127.0.0.1:8000/")
+    return {"out": str(out), "model": str(model_dir), "report": str(html), "serve": serve,
             "mean": {name: r["results"]["merged"]["mean"] for name, r in results.items()}}
 
 
