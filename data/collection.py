@@ -26,6 +26,9 @@ from ..errors import UniretError
 from ..safeio import check_contained, read_contained
 from ..utils import stable_hash
 
+#: Largest class id a record may carry.
+MAX_CLASS_ID = 2**31 - 1
+
 #: Splits in their canonical order. ``index`` exists only where queries search a separate index set.
 SPLITS = ("train", "val", "test", "index")
 
@@ -117,8 +120,9 @@ def parse_class_ids(value) -> tuple[int, ...] | None:
         return None
     out = []
     for v in values:
-        # bool is an int subclass; a JSON true is not a class id.
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        # bool is an int subclass; a JSON true is not a class id. Ids past 2**31 would make classifier
+        # heads of billions of outputs (training sizes them by the largest id).
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_CLASS_ID:
             return None
         out.append(v)
     return tuple(out)
@@ -144,7 +148,7 @@ def load_split_file(path: Path) -> list[Record]:
         else:
             cids = parse_class_ids(rec["class_id"])
             if cids is None:
-                bad.append(f"#{i} ({rec['path']}) has class_id {rec['class_id']!r}, not a non-negative integer")
+                bad.append(f"#{i} ({rec['path']}) has class_id {rec['class_id']!r}, not an integer in 0..{MAX_CLASS_ID}")
             else:
                 records.append(Record(rec["path"], cids, extra_fields(rec, skip=("path", "class_id"))))
         if len(bad) >= 3:
