@@ -25,6 +25,7 @@ A corrupt member is never a crash: an unreadable header or a truncated member is
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -35,11 +36,13 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ImageDecodeError, UniretError
+from ..safeio import MAX_IMAGE_BYTES
 from ..utils import stable_hash
 from .collection import Item, ItemList, extra_fields, slice_bounds
 from .images import IMAGE_EXTENSIONS
 
 BLOCK = tarfile.BLOCKSIZE
+MAX_SHARDS = 1_000_000  # a pattern naming more is refused before its list is built
 SIDE_MAX_BYTES = 1 << 20  # a .json/.txt side file larger than this is noted and left out
 _IMAGE_EXTS = {e.lstrip(".") for e in IMAGE_EXTENSIONS}
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./][^/]*?)\.([^/]*)$")  # webdataset's key/extension split
@@ -57,9 +60,11 @@ def expand_shards(spec: str) -> list[Path]:
     if str(spec).lower().endswith((".tar.gz", ".tgz")):
         raise UniretError(f"{spec}: compressed shards cannot be read by id; repack them as plain .tar")
     try:
-        paths = [Path(p) for p in braceexpand.braceexpand(str(spec))]
+        paths = [Path(p) for p in itertools.islice(braceexpand.braceexpand(str(spec)), MAX_SHARDS + 1)]
     except braceexpand.UnbalancedBracesError:
         raise UniretError(f"{spec}: unbalanced braces in the shard pattern, e.g. 'shards/{{00000..00099}}.tar'") from None
+    if len(paths) > MAX_SHARDS:
+        raise UniretError(f"{spec}: the pattern names more than {MAX_SHARDS:,} shards; use fewer, larger shards")
     if len(set(paths)) != len(paths):
         raise UniretError(f"{spec}: the pattern names some shards twice; each shard may appear once")
     missing = [p for p in paths if not p.is_file()]
@@ -287,6 +292,9 @@ class TarSource:
 
     def get_image_bytes(self, domain, split, position: int) -> bytes:
         shard, offset, size = (int(v) for v in self.table[position - self.start])
+        if size > MAX_IMAGE_BYTES:  # read whole into memory: bounded like any image file
+            raise ImageDecodeError(f"sample {position}: {size:,} bytes is over the {MAX_IMAGE_BYTES >> 20} MB limit "
+                                   "for an image")
         if offset < 0:
             raise ImageDecodeError(f"sample {position} is counted by {Path(self.paths[shard]).name}'s stats "
                                    "file but missing from the tar")

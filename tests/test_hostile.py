@@ -168,12 +168,16 @@ def world(tmp_path_factory):
                  "--image-size", "32"]) == 0
     assert main(["embed", "--model", w.model, "--data", w.coll, "--out", w.store, "--workers", "0",
                  "--device", "cpu", "--batch-size", "16"]) == 0
+    for k in (0, 1):  # two parts of the same embedding, as two machines would write them
+        assert main(["embed", "--model", w.model, "--data", w.coll, "--out", base / f"part{k}", "--part", f"{k}/2",
+                     "--workers", "0", "--device", "cpu"]) == 0
+    w.parts = [base / "part0", base / "part1"]
     assert main(["index", "build", w.store, "--out", w.index]) == 0
     assert main(["eval", "--model", w.model, "--data", w.coll, "--out", w.report, "--device", "cpu",
                  "--k", "10", "--samples", "1", "--cache-dir", base / "cache"]) == 0
     w.file = base / "a-file.txt"
     w.file.write_text("not a directory\n")
-    w.trees = [w.coll, w.lmdb, w.model, w.store, w.index, w.report, w.file]
+    w.trees = [w.coll, w.lmdb, w.model, w.store, w.index, w.report, w.file, *w.parts]
     return w
 
 
@@ -199,6 +203,7 @@ def writer_args(w, name: str, out: Path, cache: Path) -> list:
         "train": ["train", "--data", w.coll, "--out", out, "--backbone", "timm:test_resnet", "--image-size", "32",
                   "--steps", "2", "--batch-size", "4", "--device", "cpu", "--val-every", "0"],
         "demo": ["demo", "--out", out, "--steps", "2", "--scale", "0.05", "--device", "cpu"],
+        "store merge": ["store", "merge", *w.parts, "--out", out],
     }[name]
 
 
@@ -215,7 +220,8 @@ def pending(*names: str):
             if n.split()[0] in PENDING else n for n in names]
 
 
-WRITERS = pending("data demo", "data pack", "model init", "embed", "index build", "eval", "train", "demo")
+WRITERS = pending("data demo", "data pack", "model init", "embed", "index build", "eval", "train", "demo",
+                  "store merge")
 
 
 @pytest.mark.parametrize("name", WRITERS)
@@ -255,6 +261,8 @@ INSIDE = {  # (name, output given the world): an output equal to or inside one o
     "eval in data": ("eval", lambda w: w.coll / "report"),
     "eval in model": ("eval", lambda w: w.model / "report"),
     "train in data": ("train", lambda w: w.coll / "run"),
+    "store merge in a part": ("store merge", lambda w: w.parts[0] / "merged"),
+    "store merge = a part": ("store merge", lambda w: w.parts[1]),
 }
 
 
@@ -271,6 +279,7 @@ def test_model_init_over_its_own_backbone(world, capfd):
 
 OWN = {  # a previous output of the same kind: replaced only with --overwrite
     "data pack": lambda w: w.lmdb,
+    "store merge": lambda w: w.store,
     "model init": lambda w: w.model,
     "embed": lambda w: w.store,
     "index build": lambda w: w.index,
@@ -1132,3 +1141,12 @@ def test_settled_lmdb_passes_the_size_check(world, tmp_path):
         check_lmdb(short)
     settle_lmdb(short)
     check_lmdb(short)
+
+
+def test_webdataset_patterns_and_shards(world, tmp_path, capfd):
+    os.mkfifo(tmp_path / "s0.tar")
+    refused(capfd, ["embed", "--model", world.model, "--data", tmp_path / "s{0..0}.tar", "--out", tmp_path / "o"],
+            *world.trees, match="shard")  # a FIFO is not a shard: never opened
+    refused(capfd, ["embed", "--model", world.model, "--data", tmp_path / "s{0..99999999999}.tar", "--out",
+                    tmp_path / "o"], *world.trees, match="more than")  # not a list of 10^11 paths
+    assert not (tmp_path / "o").exists()
