@@ -152,8 +152,7 @@ def embed_command(
                         dtype=dtype.value, resume=resume, source=source, overwrite=overwrite, inputs=[data, model],
                         part=part_spec)
     if int(os.environ.get("RANK", "0")) == 0:
-        what = f"part {part_spec[0]}/{part_spec[1]} (ids {store.start}..{store.start + store.count - 1}), " \
-            if part_spec[1] > 1 else ""
+        what = f"part {part_spec[0]}/{part_spec[1]} ({_id_range(store.start, store.count)}), " if part_spec[1] > 1 else ""
         logger.info("wrote %s: %s%d x %d %s, %d unreadable", out, what, store.count, store.dim, store.dtype,
                     len(store.failed_ids))
 
@@ -186,7 +185,11 @@ def store_info(
     rows = [{"part": p.name, "slice": "/".join(map(str, p.slice)), "first_id": p.start, "count": p.count,
              "failed": len(p.failed), "notes": len(p.notes)} for p in store.parts]
     emit(rows, list(rows[0]) if rows else ["part"], fmt,
-         title=f"{path}: {store.count} x {store.dim} {store.dtype}, ids {store.start}..{store.start + store.count - 1}"
+         title=f"{path}: {store.count} x {store.dim} {store.dtype}, {_id_range(store.start, store.count)}"
                f"{'' if store.manifest.get('complete', True) else ' (a part: merge it with the others)'}; "
                f"model {store.model_hash}; extra columns: {', '.join(store.columns) or '-'}",
-         extra={"manifest": store.manifest})
+         extra={"manifest": store.manifest, "failed": store.failed, "notes": store.notes})
+
+
+def _id_range(start: int, count: int) -> str:
+    return f"ids {start}..{start + count - 1}" if count else "no ids"
