@@ -19,7 +19,7 @@ from ..errors import UniretError, UsageError
 from ..utils import atomic_write_json, git_commit, publish_dir, read_json
 from . import gpu as gpu_util
 from .exact import REFINE_FACTOR, exact_search, rescore
-from .keys import index_key, is_lossy, new_index, nlist_for, set_search_param, tune
+from .keys import check_lists, index_key, is_lossy, new_index, nlist_for, set_search_param, tune
 from .layout import (
     FORMAT,
     MODEL_DIR,
@@ -34,6 +34,7 @@ from .layout import (
 logger = logging.getLogger("uniret")
 
 ADD_CHUNK = 262_144
+WORK_DIRS = ("ondisk-build", "ondisk-update")  # on-disk builds' shards (index/shards.py)
 # Seconds to sleep before publishing a new version; lets tests kill a real update mid-way.
 _DEBUG_SLEEP = "UNIRET_DEBUG_INDEX_SLEEP"
 
@@ -63,6 +64,7 @@ def _train(index, vectors: np.ndarray, key: str, seed: int) -> None:
     if index.is_trained:
         return
     n = len(vectors)
+    check_lists(index, n, key)
     ivf_lists = nlist_for(n) if key.startswith("IVF") else 1
     # k-means needs ~39-256 points per list; 64 per list keeps CPU training to seconds at 1M.
     size = min(n, max(64 * ivf_lists, 65_536))
@@ -137,7 +139,30 @@ def _copy_model(root: Path, model_dir: Path | None) -> str | None:
 
 def _is_leftover(path: Path) -> bool:
     """Files an interrupted first build leaves behind (a re-run may reuse the directory)."""
-    return path.name in (".lock", MODEL_DIR, f".{MODEL_DIR}.tmp", f"{MODEL_DIR}.old") or path.name.endswith(".partial")
+    return (path.name in (".lock", MODEL_DIR, f".{MODEL_DIR}.tmp", f"{MODEL_DIR}.old", *WORK_DIRS)
+            or path.name.endswith(".partial"))
+
+
+def check_build_args(root: Path, target_recall: float) -> None:
+    if root.exists() and not (root / "CURRENT").is_file() and not all(_is_leftover(p) for p in root.iterdir()):
+        raise UniretError(f"{root} exists and is not an index directory; pick another --out")
+    if not 0 < target_recall <= 1:
+        raise UsageError(f"--target-recall must be in (0, 1], got {target_recall}")
+
+
+def resolve_model_dir(store: EmbeddingStore, model_dir) -> Path | None:
+    """The model to copy into the index: ``--model`` (checked against the store), else the one the
+    store records, when it is there and matches."""
+    recorded = (store.manifest.get("model") or {}).get("path")
+    if model_dir is None and recorded and Path(recorded, "config.json").is_file():
+        if _model_hash_of_dir(Path(recorded)) == store.model_hash:
+            model_dir = recorded  # the store says where its model is: copy it without --model
+    if model_dir is not None:
+        model_hash = _model_hash_of_dir(Path(model_dir))
+        if model_hash != store.model_hash:
+            raise UniretError(f"--model {model_dir} is model {model_hash}, but {store.path} was embedded by "
+                              f"{store.model_hash}; pass the model that made the store")
+    return Path(model_dir) if model_dir is not None else None
 
 
 def build_index(store, out, kind: str = "auto", gpu: str = "auto", gpus: int | None = None,
@@ -149,19 +174,8 @@ def build_index(store, out, kind: str = "auto", gpu: str = "auto", gpus: int | N
     """
     store = _open_store(store)
     root = Path(out)
-    if root.exists() and not (root / "CURRENT").is_file() and not all(_is_leftover(p) for p in root.iterdir()):
-        raise UniretError(f"{root} exists and is not an index directory; pick another --out")
-    if not 0 < target_recall <= 1:
-        raise UsageError(f"--target-recall must be in (0, 1], got {target_recall}")
-    recorded = (store.manifest.get("model") or {}).get("path")
-    if model_dir is None and recorded and Path(recorded, "config.json").is_file():
-        if _model_hash_of_dir(Path(recorded)) == store.model_hash:
-            model_dir = recorded  # the store says where its model is: copy it without --model
-    if model_dir is not None:
-        model_hash = _model_hash_of_dir(Path(model_dir))
-        if model_hash != store.model_hash:
-            raise UniretError(f"--model {model_dir} is model {model_hash}, but {store.path} was embedded by "
-                              f"{store.model_hash}; pass the model that made the store")
+    check_build_args(root, target_recall)
+    model_dir = resolve_model_dir(store, model_dir)
     use_gpu, ngpu = gpu_util.resolve(gpu, gpus)
     ids = np.flatnonzero(store.valid_mask).astype(np.int64)
     vectors = store.embeddings[ids] if len(ids) < store.count else np.asarray(store.embeddings)
@@ -208,6 +222,10 @@ def build_index(store, out, kind: str = "auto", gpu: str = "auto", gpus: int | N
         return _write_version(root, manifest, index, ids, vectors, None, (ids, [store.items[i] for i in ids]))
 
 
+def _on_disk(root: Path) -> bool:
+    return bool(read_manifest(current_version(root)).get("on_disk"))
+
+
 def _load_current(root: Path):
     import faiss
 
@@ -219,10 +237,15 @@ def _load_current(root: Path):
     return cur, manifest, index, ids, vectors
 
 
-def add_to_index(index_dir, store) -> dict:
+def add_to_index(index_dir, store, max_memory: int | None = None, workers: int | None = None) -> dict:
     """Add the items of ``store`` that the index does not hold yet (same domain, split and path are
-    skipped); new items get fresh ids after the largest id ever given. Returns counts."""
+    skipped); new items get fresh ids after the largest id ever given. Returns counts. On-disk
+    indexes are updated by :func:`uniret.index.ondisk_build.add_ondisk` (``max_memory``, ``workers``)."""
     root = Path(index_dir)
+    if _on_disk(root):
+        from .ondisk_update import add_ondisk
+
+        return add_ondisk(root, store, max_memory=max_memory, workers=workers)
     store = _open_store(store)
     with writer_lock(root):
         cur, manifest, index, ids, vectors = _load_current(root)
@@ -272,6 +295,10 @@ def remove_from_index(index_dir, remove_ids) -> dict:
     import faiss
 
     root = Path(index_dir)
+    if _on_disk(root):
+        from .ondisk_update import remove_ondisk
+
+        return remove_ondisk(root, remove_ids)
     remove_ids = np.unique(np.asarray(remove_ids, dtype=np.int64))
     with writer_lock(root):
         cur, manifest, index, ids, vectors = _load_current(root)

@@ -6,6 +6,8 @@ float32, ids (nq, k) int64)`` with -1 / -inf where fewer than k results exist. P
 - Flat indexes search exactly: Faiss on the CPU or GPU, or torch on CUDA when Faiss has no GPU;
 - IVF indexes search with the tuned nprobe, on the GPU(s) when Faiss has some and k, nprobe <= 2048;
   lossy codes (SQ8, PQ) fetch 4k candidates and rescore them with the raw fp16 vectors;
+- on-disk IVF indexes (``index build --on-disk``) search on the CPU with their lists, ids and raw
+  vectors memory-mapped; exact paths (domain filter, funnel) stream the raw vectors in blocks;
 - ``domain=D`` searches exactly among that domain's vectors (a filtered IVF probe could miss them);
 - ``shortlist_dim=d`` (Matryoshka funnel) searches the re-normalised d-prefix of the raw vectors for
   ``shortlist_k`` candidates and rescores them with the full vectors;
@@ -28,7 +30,9 @@ from . import gpu as gpu_util
 from .exact import REFINE_FACTOR, exact_search, rescore, resolve_device, torch_search
 from .keys import is_lossy, search_param_name, set_search_param
 from .layout import MODEL_DIR, MetadataDB, current_version, read_manifest
+from .ondisk import read_version_index
 from .rerank import rerank as apply_rerank
+from .vectors import RawVectors, exact_search_chunked
 
 logger = logging.getLogger("uniret")
 
@@ -39,20 +43,22 @@ class Searcher:
     """A loaded index version (see the module docstring)."""
 
     def __init__(self, root: Path, gpu: str = "auto", device: str | None = None):
-        import faiss
-
         self.root = Path(root)
         self.version_dir = current_version(self.root)
         self.manifest = read_manifest(self.version_dir)
-        self.index = faiss.read_index(str(self.version_dir / "index.faiss"))
-        self.ids = np.load(self.version_dir / "ids.npy")
-        self.vectors = np.load(self.version_dir / "vectors.npy", mmap_mode="r")
+        self.index = read_version_index(self.version_dir, self.manifest)
+        # On-disk indexes: ids and raw vectors stay memory-mapped, and the vectors' pages are handed
+        # back after every search (RawVectors.release), so RSS does not grow to the index size.
+        self._raw = RawVectors(self.version_dir / "vectors.npy") if self.manifest.get("on_disk") else None
+        self.ids = np.load(self.version_dir / "ids.npy", mmap_mode="r" if self._raw else None)
+        self.vectors = self._raw.array if self._raw else np.load(self.version_dir / "vectors.npy", mmap_mode="r")
         self.meta = MetadataDB(self.version_dir / "meta")
         self.key = self.manifest["key"]
         self.dim = int(self.manifest["dim"])
         self.search_params = dict(self.manifest.get("search_params") or {})
         set_search_param(self.index, next(iter(self.search_params.values()), None))
         self.use_gpu, self.ngpu = gpu_util.resolve(gpu)
+        self.use_gpu = self.use_gpu and self._raw is None  # a GPU clone would read all on-disk lists
         self.device = resolve_device(device) if gpu != "off" else "cpu"
         self._gpu_index = None
         self._model = None
@@ -119,9 +125,13 @@ class Searcher:
                 return self.index
         return self._gpu_index
 
-    def _exact_rows(self, xq: np.ndarray, rows: np.ndarray | None, k: int, xb: np.ndarray | None = None):
-        """Exact search over all raw vectors (rows=None) or a subset of rows; returns (scores, ids)."""
-        base = self._full_vectors if xb is None else xb
+    def _exact_rows(self, xq: np.ndarray, rows: np.ndarray | None, k: int, prefix_dim: int | None = None):
+        """Exact search over all raw vectors (rows=None) or a subset of rows, optionally of their
+        re-normalised ``prefix_dim`` prefixes; returns (scores, ids)."""
+        if self._raw is not None:  # on-disk: stream the raw vectors block by block
+            scores, hit = exact_search_chunked(xq, self._raw, k, rows=rows, prefix_dim=prefix_dim)
+            return scores, np.where(hit >= 0, self.ids[np.maximum(hit, 0)], -1)
+        base = self._full_vectors if prefix_dim is None else self.prefix_vectors(prefix_dim)
         sub = base if rows is None else base[rows]
         scores, hit = exact_search(xq, sub, k, device=self.device)
         mapped = hit if rows is None else np.where(hit >= 0, rows[np.maximum(hit, 0)], -1)
@@ -173,7 +183,7 @@ class Searcher:
         if nested and d not in nested:
             logger.warning("--shortlist-dim %d is not one of the model's nested dims %s", d, nested)
         q_pre = xq[:, :d] / np.maximum(np.linalg.norm(xq[:, :d], axis=1, keepdims=True), 1e-12)
-        _, cand = self._exact_rows(q_pre, rows, max(shortlist_k, k), xb=self.prefix_vectors(d))
+        _, cand = self._exact_rows(q_pre, rows, max(shortlist_k, k), prefix_dim=d)
         return rescore(xq, cand, self.vectors_for, k)
 
     def search(self, queries, k: int = 10, rerank: str | None = None, domain: str | None = None,
@@ -193,6 +203,8 @@ class Searcher:
         scores, ids = self._base_search(xq, depth, domain, shortlist_dim, shortlist_k)
         if rerank:
             scores, ids = apply_rerank(rerank, xq, self.vectors_for, ids, scores, **rerank_options)
+        if self._raw is not None:  # rescoring and reranking read up to this many raw rows
+            self._raw.note_reads(len(xq) * depth * REFINE_FACTOR)
         return scores[:, :k], ids[:, :k]
 
     # -- the model that made the index -----------------------------------------------------------
