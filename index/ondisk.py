@@ -2,7 +2,8 @@
 ``lists.ivfdata`` with bounded memory, and open an index whose lists are memory-mapped.
 
 Faiss's own ``faiss.contrib.ondisk.merge_ondisk`` maps every shard and the output file whole and
-copies through the maps, so the merging process's RSS grows to about twice the lists' size. Here
+copies through the maps, so the merging process's RSS grows with the lists (measured: +125 MB for
+106 MB of lists; a 10M-vector ivf-flat index has 2.6 GB). Here
 each source's lists are read one window of lists at a time with plain reads, and the output is
 written sequentially in the compact layout that ``OnDiskInvertedLists.set_all_lists_sizes`` defines
 (list after list, each its codes then its ids); an ``OnDiskInvertedLists`` with those sizes then
@@ -172,7 +173,7 @@ def read_version_index(version_dir: Path, manifest: dict, mmap: bool = True):
     if size != info["ivfdata_bytes"] or lists.totsize != size:
         raise UniretError(f"{data} is damaged or missing ({size} bytes, the index expects "
                           f"{info['ivfdata_bytes']}); rebuild the index")
-    if mmap:
+    if mmap and size:  # an index emptied by `index remove` has an empty file: nothing to map
         lists.filename = str(data)  # the lists file always lies beside index.faiss
         lists.read_only = True
         lists.prefetch_nthread = 0  # prefetch threads re-read probed lists: a gain only on cold disks

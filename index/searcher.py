@@ -47,8 +47,7 @@ class Searcher:
         self.version_dir = current_version(self.root)
         self.manifest = read_manifest(self.version_dir)
         self.index = read_version_index(self.version_dir, self.manifest)
-        # On-disk indexes: ids and raw vectors stay memory-mapped, and the vectors' pages are handed
-        # back after every search (RawVectors.release), so RSS does not grow to the index size.
+        # On-disk indexes: ids and raw vectors stay memory-mapped (never read whole).
         self._raw = RawVectors(self.version_dir / "vectors.npy") if self.manifest.get("on_disk") else None
         self.ids = np.load(self.version_dir / "ids.npy", mmap_mode="r" if self._raw else None)
         self.vectors = self._raw.array if self._raw else np.load(self.version_dir / "vectors.npy", mmap_mode="r")
@@ -203,8 +202,6 @@ class Searcher:
         scores, ids = self._base_search(xq, depth, domain, shortlist_dim, shortlist_k)
         if rerank:
             scores, ids = apply_rerank(rerank, xq, self.vectors_for, ids, scores, **rerank_options)
-        if self._raw is not None:  # rescoring and reranking read up to this many raw rows
-            self._raw.note_reads(len(xq) * depth * REFINE_FACTOR)
         return scores[:, :k], ids[:, :k]
 
     # -- the model that made the index -----------------------------------------------------------

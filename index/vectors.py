@@ -2,10 +2,13 @@
 holding them whole.
 
 :class:`RawVectorWriter` streams rows into a ``.npy`` file with plain writes. :class:`RawVectors`
-memory-maps one for reading (rescoring, reranking, exact search) and can hand its pages back to the
-kernel (:meth:`RawVectors.release`): the data stays in the page cache, but a long search or build
-process does not accumulate every page it ever touched in its RSS. :func:`exact_search_chunked` is
-exact top-k over such a file, block by block, merged with Faiss's result heap.
+memory-maps one for reading (rescoring, reranking, exact search). Pages a search maps in stay in its
+RSS (file-backed and clean: the kernel reclaims them under memory pressure; each random row read maps
+its neighbourhood too, so handing them back per search would cost more than the search). Scans over
+the whole file (:meth:`RawVectors.blocks`, used by the build and by exact search) hand each block's
+pages back (:meth:`RawVectors.release`), so they never hold the file in RSS.
+:func:`exact_search_chunked` is exact top-k over such a file, block by block, merged with Faiss's
+result heap.
 """
 
 from __future__ import annotations
@@ -20,7 +23,6 @@ import numpy as np
 from ..errors import UniretError
 
 DTYPE = np.dtype(np.float16)
-RELEASE_BYTES = 64 << 20
 
 
 def sync_and_evict(f) -> None:
@@ -90,14 +92,6 @@ class RawVectors:
     def release(self) -> None:
         """Drop this process's mapped pages (they stay in the page cache; the next read refaults)."""
         self._mm.madvise(mmap.MADV_DONTNEED)
-        self._reads = 0
-
-    def note_reads(self, rows: int) -> None:
-        """Count random row reads; release once they may have mapped RELEASE_BYTES of pages (a
-        release per search would cost more than the search)."""
-        self._reads = getattr(self, "_reads", 0) + rows
-        if self._reads * mmap.PAGESIZE >= RELEASE_BYTES:
-            self.release()
 
     def gather(self, rows: np.ndarray) -> np.ndarray:
         """float32 copies of ``rows`` (sorted first for locality); zero vectors for rows < 0."""

@@ -214,6 +214,10 @@ def test_add_and_remove_on_disk(tmp_path, capsys):
     ref.remove_ids(faiss.IDSelectorBatch(np.array([3, 1200], dtype=np.int64)))
     np.testing.assert_array_equal(s.index.search(x[::50], 10)[1], ref.search(x[::50], 10)[1])
     assert len(s.vectors_for([5])) == 1 and np.allclose(s.vectors_for([5])[0], x[5], atol=1e-3)
+    np.save(tmp_path / "all.npy", np.arange(1600))
+    assert main(["index", "remove", str(idx), "--ids", str(tmp_path / "all.npy")]) == 0
+    s = Searcher.open(idx, gpu="off", device="cpu")
+    assert s.count == 0 and (s.search(x[:2], 5)[1] == -1).all()
 
 
 def test_bad_input_is_one_line(tmp_path, capsys):
