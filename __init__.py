@@ -2,8 +2,19 @@
 
 Subpackages: ``uniret.data`` (collections and the LMDB image store), ``uniret.embed`` (backbones,
 the universal model, extraction), ``uniret.index`` (Faiss indexes, search, reranking),
-``uniret.eval`` (UnED metrics and reports) and ``uniret.train`` (UDON training; optional for
-everything else).
+``uniret.eval`` (UnED metrics and reports), ``uniret.serve`` (the HTTP server) and ``uniret.train``
+(UDON training; optional for everything else). ``uniret.open_index(path)`` is the search layer
+(:mod:`uniret.index.api`); it is imported on first use, so ``import uniret`` stays light.
 """
 
 __version__ = "0.1.0"
+
+__all__ = ["open_index", "__version__"]
+
+
+def __getattr__(name: str):
+    if name == "open_index":
+        from .index.api import open_index
+
+        return open_index
+    raise AttributeError(f"module 'uniret' has no attribute {name!r}")

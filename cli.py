@@ -19,6 +19,7 @@ from .embed.commands import embed_command, model_app
 from .errors import UniretError
 from .eval.commands import demo_command, eval_app
 from .index.commands import dedup_command, index_app, search_command
+from .serve.commands import serve_command
 from .train.commands import train_command
 
 app = typer.Typer(
@@ -35,6 +36,7 @@ app.command("embed")(embed_command)
 app.add_typer(index_app, name="index", help="Build, update and inspect search indexes.")
 app.command("search")(search_command)
 app.command("dedup")(dedup_command)
+app.command("serve")(serve_command)
 app.command("train")(train_command)
 app.add_typer(eval_app, name="eval")
 app.command("demo")(demo_command)

@@ -10,6 +10,8 @@ subprocess or with ``monkeypatch.setenv``.
 ``UNIRET_TEST_PACK_COMMIT_EVERY``   images per pack commit (default 256)
 ``UNIRET_TEST_SLEEP_INDEX``         seconds to sleep before an index version is published
 ``UNIRET_TEST_SLEEP_SHARD``         seconds to sleep after each IVF shard of an on-disk build
+``UNIRET_TEST_INTERRUPT_TRAIN``     a step number: ``uniret train`` raises KeyboardInterrupt
+                                    (a simulated Ctrl-C) before it starts that step
 ==================================  ==========================================================
 """
 
@@ -32,3 +34,10 @@ def int_setting(name: str, default: int) -> int:
     """``UNIRET_TEST_<NAME>`` as an int when set (tests shrink batch or commit sizes), else ``default``."""
     value = os.environ.get(f"{PREFIX}{name.upper()}", "")
     return int(value) if value.strip() else default
+
+
+def interrupt_point(name: str, step: int) -> None:
+    """Raise KeyboardInterrupt (a simulated Ctrl-C) when ``UNIRET_TEST_INTERRUPT_<NAME>`` equals ``step``."""
+    value = os.environ.get(f"{PREFIX}INTERRUPT_{name.upper()}", "").strip()
+    if value and int(value) == step:
+        raise KeyboardInterrupt

@@ -1,4 +1,5 @@
-"""Small shared helpers: atomic writes, hashing, provenance, progress bars on stderr."""
+"""Small shared helpers: atomic writes, resumable partial directories, device choice, hashing,
+provenance, progress bars on stderr."""
 
 from __future__ import annotations
 
@@ -7,11 +8,14 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+
+from .errors import UniretError, UsageError
 
 logger = logging.getLogger("uniret")
 
@@ -57,6 +61,95 @@ def publish_dir(tmp: str | Path, final: str | Path) -> None:
     os.replace(tmp, final)
     if old.exists():
         shutil.rmtree(old)
+
+
+class PartialDir:
+    """A resumable ``<out>.partial`` directory keyed by a fingerprint of what it is built from.
+
+    Opening reuses the partial directory left by an interrupted run when its marker holds the same
+    fingerprint (``resumed`` is True), and otherwise starts over (an old one is removed, and that is
+    logged): work of one input is never mixed with work of another. ``init(path)`` fills a fresh
+    directory before the marker is written, so a kill during initialisation also starts over.
+    :meth:`publish` drops the marker and moves the directory to ``out`` in one rename
+    (:func:`publish_dir`; an older ``out`` is replaced only at that moment).
+    """
+
+    MARKER = "uniret-partial.json"
+
+    def __init__(self, out: str | Path, fingerprint: dict, init=None, restart: bool = False):
+        self.out = Path(out)
+        self.path = self.out.with_name(self.out.name + ".partial")
+        self.fingerprint = fingerprint
+        marker = self.path / self.MARKER
+        self.resumed = not restart and marker.is_file() and _read_marker(marker) == fingerprint
+        if self.resumed:
+            return
+        if self.path.exists():
+            logger.info("%s: %s; starting over", self.path, "restart asked" if restart else
+                        "left by a run with other inputs or options")
+            shutil.rmtree(self.path)
+        self.path.mkdir(parents=True)
+        if init is not None:
+            init(self.path)
+        atomic_write_json(marker, fingerprint)
+
+    def publish(self) -> Path:
+        """Move the finished directory into place as ``out``; returns ``out``."""
+        (self.path / self.MARKER).unlink(missing_ok=True)
+        publish_dir(self.path, self.out)
+        return self.out
+
+
+def _read_marker(path: Path):
+    try:
+        return read_json(path)
+    except (OSError, ValueError):
+        return None  # a torn or foreign marker: not resumable
+
+
+def resolve_device(device: str | None = "auto", local_rank: int | None = None, faiss: bool = False) -> str:
+    """The one reading of ``--device auto | cpu | cuda | cuda:N``: ``"cpu"`` or ``"cuda:N"``.
+
+    ``auto`` (or None) picks the GPU when one is visible, else the CPU; ``cuda`` without a number
+    means this process's GPU, ``cuda:<local_rank>`` (torchrun's ``LOCAL_RANK`` when not given).
+    ``faiss=True`` also counts the GPUs Faiss sees (search code whose GPU path is Faiss's). Anything
+    else, or a GPU that is not there, is a one-line error. torch and faiss are imported only when a
+    GPU is asked for or looked for.
+    """
+    name = "auto" if device is None else str(device).strip().lower()
+    if name == "cpu":
+        return "cpu"
+    if name not in ("auto", "cuda") and not re.fullmatch(r"cuda:\d+", name):
+        raise UsageError(f"--device {device!r}: use auto, cpu, cuda or cuda:N")
+    visible = _visible_gpus(faiss)
+    if name == "auto" and visible == 0:
+        return "cpu"
+    if visible == 0:
+        raise UniretError(f"--device {device}: no CUDA device is visible; use --device cpu or auto")
+    if local_rank is None:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
+    index = int(name.partition(":")[2]) if ":" in name else local_rank
+    if index >= visible:
+        raise UniretError(f"--device {device}: only {visible} CUDA device(s) are visible (cuda:0..cuda:{visible - 1})")
+    return f"cuda:{index}"
+
+
+def _visible_gpus(with_faiss: bool) -> int:
+    if sys.platform.startswith("linux") and not _nvidia_driver_present():
+        return 0  # no NVIDIA driver, so no CUDA device: answer without importing torch (seconds)
+    import torch
+
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if with_faiss and n == 0:
+        import faiss
+
+        n = int(faiss.get_num_gpus())
+    return n
+
+
+def _nvidia_driver_present() -> bool:
+    """Whether the Linux kernel exposes an NVIDIA driver (native, in a container, or WSL's /dev/dxg)."""
+    return any(os.path.exists(p) for p in ("/proc/driver/nvidia/version", "/dev/nvidiactl", "/dev/dxg"))
 
 
 def stable_hash(obj) -> str:

@@ -87,9 +87,11 @@ def packed_demo(workdir: Path) -> Path:
 
 
 def run(args: argparse.Namespace) -> list[dict]:
-    from uniret.embed.extract import resolve_device
+    import torch
 
-    device = resolve_device(args.device)
+    from uniret.utils import resolve_device
+
+    device = torch.device(resolve_device(args.device))
     workdir = Path(tempfile.mkdtemp(prefix="uniret-bench-"))
     try:
         return measure(args, device, workdir)

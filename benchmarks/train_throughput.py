@@ -25,16 +25,15 @@ import torch
 
 
 def build(method: str, args, num_classes: list[int], device: torch.device):
-    from uniret.embed.model import build_model
     from uniret.train.config import TrainConfig
+    from uniret.train.methods import METHODS
     from uniret.train.model import TrainingModel
-    from uniret.train.trainer import make_optimizer
+    from uniret.train.trainer import build_embedder, make_optimizer
 
     torch.manual_seed(0)
     config = TrainConfig(data="-", out="-", method=method, backbone=args.backbone, image_size=args.image_size,
                          batch_size=args.batch_size, backbone_freeze_fraction=0.0)
-    embedder = build_model(args.backbone, dim=config.dim, image_size=args.image_size)
-    model = TrainingModel(embedder, num_classes, method, config.teacher_dim).to(device).train()
+    model = TrainingModel(build_embedder(config), METHODS[method](config, num_classes)).to(device).train()
     optimizer = make_optimizer(model, config)
     for p in model.parameters():  # absent_heads="update", the default: every head is stepped
         p.grad = torch.zeros_like(p)
@@ -48,10 +47,10 @@ def make_steps(args, device: torch.device):
     autocast = device.type == "cuda"
     steps = {}
     for method in ("udon", "uscrr"):
-        config, model, optimizer = build(method, args, num_classes, device)
+        _, model, optimizer = build(method, args, num_classes, device)
 
-        def step(images, labels, domain, config=config, model=model, optimizer=optimizer):
-            losses = method_losses(model, config, images, labels, domain, None, autocast)
+        def step(images, labels, domain, model=model, optimizer=optimizer):
+            losses = method_losses(model, images, labels, domain, None, autocast)
             optimizer.zero_grad(set_to_none=False)
             losses["loss"].backward()
             optimizer.step()

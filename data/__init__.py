@@ -1,7 +1,7 @@
 """Collections (UnED layout), the packed LMDB image store, validation and the demo data."""
 
-from .collection import SPLITS, Collection, FolderCollection, Item, ItemList, Record, open_collection
-from .sources import open_items
+from .collection import SPLITS, Collection, FolderCollection, Item, ItemList, Record
+from .sources import open_collection, open_items
 
 __all__ = [
     "SPLITS",

@@ -7,7 +7,8 @@ with ``info_dir="info_files"`` and ``image_root=<where its images are>``.
 
 Storage is kept apart from decoding: every source answers ``get_image_bytes`` and callers decode
 (``uniret.data.images``). :class:`FolderCollection` reads a folder, ``uniret.data.store``'s
-``LmdbCollection`` reads a packed store, and both expose the same records in the same order.
+``LmdbCollection`` reads a packed store, and both expose the same records in the same order;
+``uniret.data.sources.open_collection`` picks the right one for a path.
 """
 
 from __future__ import annotations
@@ -238,15 +239,3 @@ class FolderCollection(Collection):
 
     def get_image_bytes(self, domain: str, split: str, position: int) -> bytes:
         return self.image_path(domain, split, position).read_bytes()
-
-
-def open_collection(path: str | Path, info_dir: str | Path = "info", image_root: str | Path | None = None) -> Collection:
-    """Open a collection folder or a packed LMDB store (a directory holding ``data.mdb``)."""
-    p = Path(path)
-    if not p.exists():
-        raise UniretError(f"{p}: no such file or directory")
-    if (p / "data.mdb").is_file():
-        from .store import LmdbCollection
-
-        return LmdbCollection(p)
-    return FolderCollection(p, info_dir=info_dir, image_root=image_root)

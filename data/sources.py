@@ -1,4 +1,8 @@
-"""One entry point from a path to the items to embed: a collection, a packed store or plain images."""
+"""Entry points from a path to what it holds: :func:`open_collection` (a collection folder or a packed
+store) and :func:`open_items` (the items to embed: a collection, a packed store or plain images).
+
+They live here, above the modules they build from (``collection``, ``store``, ``images``), so that
+none of those needs to import another to find its sibling."""
 
 from __future__ import annotations
 
@@ -6,12 +10,27 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..errors import UniretError
-from .collection import ItemList, open_collection
+from .collection import Collection, FolderCollection, ItemList
 from .images import image_folder_items
+from .store import LmdbCollection
+
+
+def is_packed_store(path: Path) -> bool:
+    return (path / "data.mdb").is_file()
 
 
 def is_collection(path: Path, info_dir: str = "info") -> bool:
-    return (path / "data.mdb").is_file() or (path / info_dir).is_dir()
+    return is_packed_store(path) or (path / info_dir).is_dir()
+
+
+def open_collection(path: str | Path, info_dir: str | Path = "info", image_root: str | Path | None = None) -> Collection:
+    """Open a collection folder or a packed LMDB store (a directory holding ``data.mdb``)."""
+    p = Path(path)
+    if not p.exists():
+        raise UniretError(f"{p}: no such file or directory")
+    if is_packed_store(p):
+        return LmdbCollection(p)
+    return FolderCollection(p, info_dir=info_dir, image_root=image_root)
 
 
 def open_items(

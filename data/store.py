@@ -10,9 +10,10 @@ An image that could not be decoded while packing has no ``img/`` key; its record
 positions (and therefore ids everywhere downstream) are the same as in the folder, and readers
 get :class:`~uniret.errors.ImageDecodeError` for it, as they would for the corrupt file.
 
-Packing writes into ``OUT.partial`` and renames it to ``OUT`` when complete: a finished store
-never exists half-written under its final name, and re-running an interrupted pack continues with
-the images that have no key yet.
+Packing writes into ``OUT.partial`` (:class:`uniret.utils.PartialDir`, keyed by the collection's
+records and the options) and renames it to ``OUT`` when complete: a finished store never exists
+half-written under its final name, and re-running an interrupted pack continues with the images
+that have no key yet.
 """
 
 from __future__ import annotations
@@ -20,9 +21,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
-import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -30,15 +28,15 @@ from pathlib import Path
 import lmdb
 from PIL import Image
 
+from .. import testing
 from ..errors import ImageDecodeError, UniretError
-from ..utils import logger, progress_bar
+from ..utils import PartialDir, logger, progress_bar, stable_hash
 from .collection import SPLITS, Collection, FolderCollection, Record
 
 FORMAT = "uniret-lmdb/1"
-_COMMIT_EVERY = 256
-# Seconds to sleep after each commit; lets tests interrupt a real pack mid-way. Never set otherwise.
-_DEBUG_SLEEP = float(os.environ.get("UNIRET_DEBUG_PACK_SLEEP", "0") or 0)
-_COMMIT_EVERY = int(os.environ.get("UNIRET_DEBUG_PACK_COMMIT_EVERY", _COMMIT_EVERY))
+COMMIT_EVERY = 256  # images per write transaction
+IMAGE_FORMATS = ("jpeg", "png")
+_SKIPPED_SO_FAR = b"skipped-partial"  # the skipped list of an unfinished pack (becomes meta["skipped"])
 
 
 def _img_key(domain: str, split: str, position: int) -> bytes:
@@ -178,86 +176,108 @@ def _put_batch(env: lmdb.Environment, batch: list[tuple[bytes, bytes]]) -> lmdb.
             env.set_mapsize(env.info()["map_size"] * 2)
 
 
+def pack_fingerprint(src: FolderCollection, domains: dict, opts: PackOptions) -> dict:
+    """What a packed store depends on: the records of every split, where the images are, the options.
+    An interrupted pack resumes only into a partial store of the same fingerprint."""
+    records = {f"{d}/{s}": [r.to_json() for r in src.records(d, s)] for d in domains for s in domains[d]}
+    return {"format": FORMAT, "domains": domains, "options": opts.to_json(), "records": stable_hash(records),
+            "image_root": str(src.image_root.resolve())}
+
+
 def pack(root: str | Path, out: str | Path, opts: PackOptions = PackOptions(), workers: int = 0,
          info_dir: str = "info", image_root: str | None = None, force: bool = False) -> dict:
     """Pack a collection folder into an LMDB store; returns a summary (counts, skipped images).
 
-    Resumable: an interrupted run leaves ``OUT.partial``; running again with the same options keeps
-    the images already written and packs the rest.
+    Resumable: an interrupted run leaves ``OUT.partial``; running again with the same collection and
+    options keeps the images already written and packs the rest. With ``force`` an existing store at
+    ``out`` is replaced when the new one is complete (never before).
     """
     src = FolderCollection(root, info_dir=info_dir, image_root=image_root)
     out = Path(out)
-    partial = out.with_name(out.name + ".partial")
-    if out.exists():
-        if not force:
-            raise UniretError(f"{out} already exists; pass --force to pack again, or choose another path")
-        shutil.rmtree(out)
+    _check_pack_args(src, out, opts, force)
+    domains = {d: {s: len(src.records(d, s)) for s in src.splits(d)} for d in src.domains}
+    partial = PartialDir(out, pack_fingerprint(src, domains, opts))
+    env = _open_writable(partial.path, map_size=1 << 30)
+    skipped = _write_records(env, src, domains)
+    todo = _missing_images(env, domains, skipped)
+    total = sum(n for sp in domains.values() for n in sp.values())
+    if len(todo) < total - len(skipped):
+        logger.info("resuming: %d of %d images already packed", total - len(todo) - len(skipped), total)
+    env = _pack_images(env, src, todo, opts, workers, skipped)
+    skipped.sort(key=lambda r: (r["domain"], SPLITS.index(r["split"]), r["position"]))
+    meta = {"format": FORMAT, "domains": domains, "options": opts.to_json(), "skipped": skipped,
+            "source": str(Path(root).resolve())}
+    with env.begin(write=True) as txn:
+        txn.delete(_SKIPPED_SO_FAR)
+        txn.put(b"meta", json.dumps(meta).encode())
+    env.sync(True)
+    env.close()
+    partial.publish()
+    return {"images": total, "packed": total - len(skipped), "skipped": skipped, "domains": domains}
+
+
+def _check_pack_args(src: FolderCollection, out: Path, opts: PackOptions, force: bool) -> None:
     if opts.max_side < 8:
         raise UniretError(f"--max-side must be at least 8, not {opts.max_side}")
     if not 1 <= opts.quality <= 100:
         raise UniretError(f"--quality must be within 1..100, not {opts.quality}")
+    if opts.image_format not in IMAGE_FORMATS:
+        raise UniretError(f"--image-format must be {' or '.join(IMAGE_FORMATS)}, not {opts.image_format!r}")
+    target = out.resolve()
+    for inp in (src.root.resolve(), src.image_root.resolve()):
+        if target == inp or target in inp.parents:
+            raise UniretError(f"{out} holds the collection being packed; choose an output outside {inp}")
+    if out.exists():
+        if not force:
+            raise UniretError(f"{out} already exists; pass --force to pack again, or choose another path")
+        if not (out / "data.mdb").is_file():
+            raise UniretError(f"{out} exists and is not a packed store; --force replaces only a store, choose another path")
 
-    domains = {d: {s: len(src.records(d, s)) for s in src.splits(d)} for d in src.domains}
-    plan = {"format": FORMAT, "domains": domains, "options": opts.to_json()}
-    partial.mkdir(parents=True, exist_ok=True)
-    plan_file = partial / "uniret-pack.json"
-    if plan_file.exists() and json.loads(plan_file.read_text()) != plan:
-        logger.info("%s: left by a pack with other options or data; starting over", partial)
-        shutil.rmtree(partial)
-        partial.mkdir(parents=True)
-    plan_file.write_text(json.dumps(plan, sort_keys=True))
 
-    env = _open_writable(partial, map_size=1 << 30)
-    with env.begin() as txn:
-        prev = txn.get(b"skipped-partial")
-    skipped: list[dict] = json.loads(prev) if prev else []
-    skipped_keys = {(s["domain"], s["split"], s["position"]) for s in skipped}
-
-    # Records first (small), then the images still missing.
+def _write_records(env: lmdb.Environment, src: FolderCollection, domains: dict) -> list[dict]:
+    """Write every split's records (small, rewritten on resume); return the images skipped so far."""
     _put_batch(env, [(f"rec/{d}/{s}".encode(),
                       json.dumps([{"path": r.path, "class_ids": list(r.class_ids)} for r in src.records(d, s)]).encode())
                      for d in domains for s in domains[d]])
-    todo: list[tuple[str, str, int]] = []
     with env.begin() as txn:
-        for d in domains:
-            for s in domains[d]:
-                for i in range(domains[d][s]):
-                    if (d, s, i) not in skipped_keys and txn.get(_img_key(d, s, i)) is None:
-                        todo.append((d, s, i))
-    total = sum(n for sp in domains.values() for n in sp.values())
-    if len(todo) < total - len(skipped):
-        logger.info("resuming: %d of %d images already packed", total - len(todo) - len(skipped), total)
+        prev = txn.get(_SKIPPED_SO_FAR)
+    return json.loads(prev) if prev else []
 
-    def jobs() -> Iterator[tuple[str, PackOptions]]:
-        for d, s, i in todo:
-            yield str(src.image_path(d, s, i)), opts
 
+def _missing_images(env: lmdb.Environment, domains: dict, skipped: list[dict]) -> list[tuple[str, str, int]]:
+    """(domain, split, position) of every image neither packed nor skipped yet."""
+    skipped_keys = {(s["domain"], s["split"], s["position"]) for s in skipped}
+    with env.begin() as txn:
+        return [(d, s, i) for d in domains for s in domains[d] for i in range(domains[d][s])
+                if (d, s, i) not in skipped_keys and txn.get(_img_key(d, s, i)) is None]
+
+
+def _pack_images(env: lmdb.Environment, src: FolderCollection, todo: list[tuple[str, str, int]],
+                 opts: PackOptions, workers: int, skipped: list[dict]) -> lmdb.Environment:
+    """Encode the ``todo`` images (in ``workers`` processes) and commit them in batches together with
+    the growing ``skipped`` list, so that a kill loses at most one batch."""
+    commit_every = testing.int_setting("pack_commit_every", COMMIT_EVERY)
     batch: list[tuple[bytes, bytes]] = []
-    new_skipped: list[dict] = []
 
     def flush() -> None:
         nonlocal env
-        if new_skipped:
-            skipped.extend(new_skipped)
-            new_skipped.clear()
-        batch.append((b"skipped-partial", json.dumps(skipped).encode()))
+        batch.append((_SKIPPED_SO_FAR, json.dumps(skipped).encode()))
         env = _put_batch(env, batch)
         batch.clear()
-        if _DEBUG_SLEEP:
-            time.sleep(_DEBUG_SLEEP)
+        testing.sleep_point("pack")  # lets tests kill a real pack between commits
 
-    ctx = get_context("spawn") if workers > 0 else None
-    pool = ctx.Pool(workers) if ctx else None
+    jobs = ((str(src.image_path(d, s, i)), opts) for d, s, i in todo)
+    pool = get_context("spawn").Pool(workers) if workers > 0 else None
     try:
-        results = pool.imap(_encode_job, jobs(), chunksize=16) if pool else map(_encode_job, jobs())
+        results = pool.imap(_encode_job, jobs, chunksize=16) if pool else map(_encode_job, jobs)
         with progress_bar("packing", len(todo)) as advance:
             for (d, s, i), (data, err) in zip(todo, results):
                 if data is None:
-                    new_skipped.append({"domain": d, "split": s, "position": i,
-                                        "path": src.records(d, s)[i].path, "error": err})
+                    skipped.append({"domain": d, "split": s, "position": i,
+                                    "path": src.records(d, s)[i].path, "error": err})
                 else:
                     batch.append((_img_key(d, s, i), data))
-                if len(batch) >= _COMMIT_EVERY:
+                if len(batch) >= commit_every:
                     flush()
                 advance(1)
         flush()
@@ -265,14 +285,4 @@ def pack(root: str | Path, out: str | Path, opts: PackOptions = PackOptions(), w
         if pool:
             pool.terminate()
             pool.join()
-
-    skipped.sort(key=lambda r: (r["domain"], SPLITS.index(r["split"]), r["position"]))
-    meta = dict(plan, skipped=skipped, source=str(Path(root).resolve()))
-    with env.begin(write=True) as txn:
-        txn.delete(b"skipped-partial")
-        txn.put(b"meta", json.dumps(meta).encode())
-    env.sync(True)
-    env.close()
-    plan_file.unlink()
-    os.replace(partial, out)
-    return {"images": total, "packed": total - len(skipped), "skipped": skipped, "domains": domains}
+    return env

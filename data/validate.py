@@ -9,7 +9,8 @@ from pathlib import Path
 from statistics import median
 
 from ..errors import UniretError
-from .collection import SPLITS, Collection, FolderCollection, Record, open_collection
+from .collection import SPLITS, Collection, FolderCollection, Record
+from .sources import open_collection
 
 REQUIRED_SPLITS = ("train", "val", "test")
 _EXAMPLES = 3

@@ -1,5 +1,5 @@
-"""Backbones through one factory: ``timm:<model>[.<tag>]``, ``open_clip:<arch>[/<pretrained>]`` or a
-uniret model directory.
+"""Backbones through one factory: ``timm:<model>[.<tag>]`` or ``open_clip:<arch>[/<pretrained>]``
+(``uniret.embed.model.build_model`` also takes a uniret model directory's backbone).
 
 Every backbone answers ``forward(x) -> (N, feature_dim)`` and carries its own preprocessing in
 ``data_config`` (``input_size``, ``mean``, ``std``, ``interpolation``, ``crop_pct``, ``crop_mode``),
@@ -224,18 +224,10 @@ def _open_clip_backbone(name: str, spec: str, pretrained: bool, weights: str | N
     return Backbone(name, visual, int(feature_dim), data_config)
 
 
-def _model_dir_backbone(path: Path, image_size: int | None, pool: str | None) -> Backbone:
-    from .model import UniversalEmbedder
-
-    if image_size is not None or pool is not None:
-        raise UniretError(f"{path}: a uniret model directory keeps its own image size and pooling")
-    model = UniversalEmbedder.load(path)
-    return model.backbone
-
-
 def create_backbone(name: str, pretrained: bool = False, weights: str | Path | None = None,
                     image_size: int | None = None, pool: str | None = None) -> Backbone:
-    """Build a backbone by source-prefixed name (or from a uniret model directory).
+    """Build a backbone by source-prefixed name (a uniret model directory's backbone is built by
+    ``uniret.embed.model.build_model``, the factory above both).
 
     ``pretrained`` loads weights through timm / open_clip (hub cache); ``weights`` loads a local
     file instead; by default the architecture gets random weights. ``image_size`` overrides the
@@ -246,10 +238,6 @@ def create_backbone(name: str, pretrained: bool = False, weights: str | Path | N
         raise UniretError(f"--image-size must be a positive number of pixels, not {image_size}")
     if weights is not None and not Path(weights).is_file():
         raise UniretError(f"--weights {weights}: no such file")
-    path = Path(name)
-    if name.split(":", 1)[0] not in SOURCES:
-        if (path / "config.json").is_file():
-            return _model_dir_backbone(path, image_size, pool)
     source, spec = split_name(name)
     if source == "timm":
         backbone = _timm_backbone(name, spec, pretrained, weights, image_size, pool)

@@ -110,9 +110,11 @@ def embed_command(
 ) -> None:
     """Embed images into a store (row i = item i). Resumable; several GPUs through torchrun."""
     from ..data import open_items
+    from ..utils import resolve_device
     from .extract import embed_items
     from .model import load_model
 
+    resolve_device(device)  # a bad --device fails before any image or weight is read
     quiet_open_clip_warnings()
     items = open_items(data, domains=domain or None, splits=split or None)
     embedder = load_model(model)

@@ -28,10 +28,10 @@ import torch
 from ..data.collection import ItemList
 from ..data.images import decode_image
 from ..errors import UniretError
-from ..utils import progress_bar
+from ..utils import progress_bar, resolve_device
 from .model import UniversalEmbedder
 from .preprocess import eval_transform
-from .store import EmbeddingStore, StoreWriter
+from .store import EmbeddingStore, StoreWriter, open_finished, store_fingerprint
 
 logger = logging.getLogger("uniret")
 
@@ -55,18 +55,6 @@ class EmbedDataset(torch.utils.data.Dataset):
             return i, x, True, ""
         except (UniretError, OSError, KeyError) as exc:  # ImageDecodeError is a UniretError
             return i, torch.zeros(self.input_size), False, str(exc).splitlines()[0][:200]
-
-
-def resolve_device(device: str | torch.device | None, local_rank: int = 0) -> torch.device:
-    if device is None or str(device) == "auto":
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UniretError(f"--device {device}: no CUDA device is visible; use --device cpu")
-        if dev.index is None:
-            dev = torch.device(f"cuda:{local_rank}")
-    return dev
 
 
 def dist_info() -> tuple[int, int, int]:
@@ -122,21 +110,6 @@ def ingest_chunks(writer: StoreWriter) -> int:
     return taken
 
 
-def _finished_store(out: Path, fingerprint: dict) -> EmbeddingStore | None:
-    """The existing store at ``out`` when it already holds exactly what was asked for."""
-    if not (out / "manifest.json").is_file():
-        return None
-    try:
-        store = EmbeddingStore(out)
-    except UniretError:
-        return None
-    m = store.manifest
-    same = (m.get("count") == fingerprint["count"] and m.get("dim") == fingerprint["dim"]
-            and m.get("dtype") == fingerprint["dtype"] and m.get("model") == fingerprint["model"]
-            and m.get("source") == fingerprint["source"])
-    return store if same else None
-
-
 def embed_items(
     model: UniversalEmbedder,
     items: ItemList,
@@ -168,14 +141,14 @@ def embed_items(
     if world > 1 and not torch.distributed.is_initialized():
         # gloo only coordinates (barriers); no tensor crosses ranks.
         torch.distributed.init_process_group("gloo")
-    dev = resolve_device(device, local_rank)
+    dev = torch.device(resolve_device(device, local_rank=local_rank))
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     item_list = list(items.items) if isinstance(items, ItemList) else list(items)
     manifest_extra = {"model": model_info(model), "source": source or {}}
-    fingerprint = {"count": len(item_list), "dim": model.config.dim, "dtype": dtype, **manifest_extra}
+    fingerprint = store_fingerprint(item_list, model.config.dim, dtype, manifest_extra["model"]["config_hash"], source)
 
-    done_store = _finished_store(out, fingerprint) if resume else None
+    done_store = open_finished(out, fingerprint) if resume else None
     if done_store is not None:
         logger.info("%s already holds these %d embeddings; nothing to do", out, done_store.count)
         return done_store
@@ -183,11 +156,8 @@ def embed_items(
     partial = out.with_name(out.name + ".partial")
     writer = None
     if rank == 0:
-        if not resume and partial.exists():
-            import shutil
-
-            shutil.rmtree(partial)
-        writer = StoreWriter(out, item_list, model.config.dim, dtype, manifest_extra)
+        writer = StoreWriter(out, item_list, model.config.dim, dtype, manifest_extra, fingerprint=fingerprint,
+                             restart=not resume)
         leftover = ingest_chunks(writer)
         already = int(writer.done.sum())
         if already:

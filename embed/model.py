@@ -23,7 +23,7 @@ from torch import nn
 
 from ..errors import UniretError
 from ..utils import atomic_write_json, publish_dir, read_json, stable_hash
-from .backbones import Backbone, create_backbone
+from .backbones import SOURCES, Backbone, create_backbone
 
 logger = logging.getLogger("uniret")
 
@@ -217,13 +217,42 @@ class UniversalEmbedder(nn.Module):
         return model.to(device).eval()
 
 
+def resolve_model_dir(path: str | Path) -> Path:
+    """The model directory at ``path``: a uniret model directory itself, or the ``model/`` folder of a
+    training run directory. Every command that takes a model path reads it through this."""
+    p = Path(path)
+    if (p / CONFIG_NAME).is_file():
+        return p
+    if (p / "model" / CONFIG_NAME).is_file():
+        return p / "model"
+    if not p.exists():
+        raise UniretError(f"{p}: no such model directory")
+    raise UniretError(f"{p}: not a model directory (no {CONFIG_NAME}) nor a training run (no model/{CONFIG_NAME}); "
+                      "make one with `uniret model init` or `uniret train`")
+
+
+def is_model_dir(name: str | Path) -> bool:
+    """True when ``name`` names a model or run directory rather than a ``source:`` backbone."""
+    text = str(name)
+    if text.split(":", 1)[0] in SOURCES:
+        return False
+    p = Path(text)
+    return (p / CONFIG_NAME).is_file() or (p / "model" / CONFIG_NAME).is_file()
+
+
 def build_model(backbone: str, dim: int = 64, nested_dims=None, pretrained: bool = False,
                 weights: str | Path | None = None, image_size: int | None = None,
                 pool: str | None = None) -> UniversalEmbedder:
-    """A new UniversalEmbedder: the named backbone (or a uniret model directory's backbone) and a
-    freshly initialised head of size ``dim``."""
+    """A new UniversalEmbedder: the named backbone (or a uniret model or run directory's trained
+    backbone, with its preprocessing) and a freshly initialised head of size ``dim``."""
     nested = check_nested_dims(int(dim), nested_dims)
-    bb = create_backbone(backbone, pretrained=pretrained, weights=weights, image_size=image_size, pool=pool)
+    if is_model_dir(backbone):
+        if image_size is not None or pool is not None or pretrained or weights is not None:
+            raise UniretError(f"{backbone}: a uniret model directory brings its own weights, image size and pooling; "
+                              "drop --image-size/--pool/--pretrained/--weights")
+        bb = UniversalEmbedder.load(resolve_model_dir(backbone)).backbone
+    else:
+        bb = create_backbone(backbone, pretrained=pretrained, weights=weights, image_size=image_size, pool=pool)
     config = ModelConfig(
         backbone=bb.name, dim=int(dim), nested_dims=nested, feature_dim=bb.feature_dim,
         image_size=getattr(bb, "image_size", None), pool=getattr(bb, "pool_name", None),
@@ -236,9 +265,4 @@ def build_model(backbone: str, dim: int = 64, nested_dims=None, pretrained: bool
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> UniversalEmbedder:
     """Load a model directory (or the ``model/`` folder of a training run directory)."""
-    p = Path(path)
-    if not (p / CONFIG_NAME).is_file() and (p / "model" / CONFIG_NAME).is_file():
-        p = p / "model"
-    if not p.exists():
-        raise UniretError(f"{p}: no such model directory")
-    return UniversalEmbedder.load(p, device=device)
+    return UniversalEmbedder.load(resolve_model_dir(path), device=device)

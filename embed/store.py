@@ -7,13 +7,19 @@ On disk, a store is a directory::
     metadata.jsonl    line i: {"id": i, "path", "domain", "split", "position", "class_ids"}
 
 Rows of images that could not be read are zero and listed in ``manifest["failed"]``; they keep
-their id so that ids never shift. Stores are written by :class:`StoreWriter` into a temporary
-directory and published with one rename, so a reader never sees a half-written store.
+their id so that ids never shift. Stores are written by :class:`StoreWriter` into ``<out>.partial``
+(:class:`uniret.utils.PartialDir`) and published with one rename, so a reader never sees a
+half-written store.
+
+:func:`store_fingerprint` says what a store's vectors depend on. The partial directory of an
+interrupted run, a finished store (``manifest["fingerprint"]``) and the evaluation cache are reused
+only when their fingerprint equals the one asked for.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
 
@@ -21,9 +27,31 @@ import numpy as np
 
 from ..data.collection import Item
 from ..errors import UniretError
-from ..utils import atomic_write_json, publish_dir, read_json
+from ..utils import PartialDir, atomic_write_json, read_json, stable_hash
 
 FORMAT = "uniret-embeddings/1"
+DTYPES = ("float16", "float32")
+
+
+def store_fingerprint(items: Sequence[Item], dim: int, dtype: str, model_hash: str | None,
+                      source: dict | None = None) -> dict:
+    """Everything the stored vectors depend on: the items (paths, domains, splits, positions, labels,
+    in order), the model (its config hash: architecture, preprocessing, weights), the size and type
+    of the vectors, and where the images come from.
+
+    Two runs with equal fingerprints produce the same store, so one may resume or reuse the other.
+    Extend it by adding keys (e.g. a hash of the image files' sizes and mtimes): older partial runs
+    and stores then simply stop matching and are rebuilt.
+    """
+    return {
+        "format": FORMAT,
+        "count": len(items),
+        "dim": int(dim),
+        "dtype": dtype,
+        "model": model_hash,
+        "source": source or {},
+        "items": stable_hash([it.to_json() for it in items]),
+    }
 
 
 class EmbeddingStore:
@@ -59,6 +87,11 @@ class EmbeddingStore:
     @property
     def model_hash(self) -> str | None:
         return (self.manifest.get("model") or {}).get("config_hash")
+
+    @property
+    def fingerprint(self) -> dict | None:
+        """The :func:`store_fingerprint` it was written with (None for stores older than it)."""
+        return self.manifest.get("fingerprint")
 
     @cached_property
     def embeddings(self) -> np.ndarray:
@@ -102,43 +135,34 @@ class StoreWriter:
     """Writes a store into ``<out>.partial`` and publishes it with :meth:`finish`.
 
     The partial directory survives a crash: ``done.npy`` (a bool per row) and the embeddings
-    written so far let a re-run continue with the rows that are still missing.
+    written so far let a re-run with the same fingerprint continue with the rows still missing;
+    another fingerprint (other items, model or options) starts over.
     """
 
-    def __init__(self, out: str | Path, items: list[Item], dim: int, dtype: str, manifest_extra: dict):
-        if dtype not in ("float16", "float32"):
+    def __init__(self, out: str | Path, items: list[Item], dim: int, dtype: str, manifest_extra: dict,
+                 fingerprint: dict | None = None, restart: bool = False):
+        if dtype not in DTYPES:
             raise UniretError(f"--dtype must be float16 or float32, not {dtype!r}")
         self.out = Path(out)
-        self.partial = self.out.with_name(self.out.name + ".partial")
         self.items = items
         self.dim = dim
         self.dtype = dtype
+        if fingerprint is None:
+            fingerprint = store_fingerprint(items, dim, dtype, (manifest_extra.get("model") or {}).get("config_hash"),
+                                            manifest_extra.get("source"))
         self.manifest = {"format": FORMAT, "dim": dim, "count": len(items), "dtype": dtype,
-                         "normalized": True, **manifest_extra}
-        self._open()
+                         "normalized": True, **manifest_extra, "fingerprint": fingerprint}
+        self._dir = PartialDir(self.out, fingerprint, init=self._init_partial, restart=restart)
+        self.partial = self._dir.path
+        self.embeddings = np.load(self.partial / "embeddings.npy", mmap_mode="r+")
+        self.done = np.load(self.partial / "done.npy")
+        self.failed: dict[str, str] = read_json(self.partial / "failed.json")
 
-    def _fingerprint(self) -> dict:
-        return {"count": len(self.items), "dim": self.dim, "dtype": self.dtype,
-                "model": self.manifest.get("model"), "source": self.manifest.get("source")}
-
-    def _open(self) -> None:
-        p = self.partial
-        state = p / "state.json"
-        resumable = state.is_file() and read_json(state) == self._fingerprint()
-        if not resumable:
-            if p.exists():
-                import shutil
-
-                shutil.rmtree(p)
-            p.mkdir(parents=True)
-            np.lib.format.open_memmap(p / "embeddings.npy", mode="w+", dtype=self.dtype,
-                                      shape=(len(self.items), self.dim)).flush()
-            np.save(p / "done.npy", np.zeros(len(self.items), dtype=bool))
-            atomic_write_json(p / "failed.json", {})
-            atomic_write_json(state, self._fingerprint())
-        self.embeddings = np.load(p / "embeddings.npy", mmap_mode="r+")
-        self.done = np.load(p / "done.npy")
-        self.failed: dict[str, str] = read_json(p / "failed.json")
+    def _init_partial(self, p: Path) -> None:
+        np.lib.format.open_memmap(p / "embeddings.npy", mode="w+", dtype=self.dtype,
+                                  shape=(len(self.items), self.dim)).flush()
+        np.save(p / "done.npy", np.zeros(len(self.items), dtype=bool))
+        atomic_write_json(p / "failed.json", {})
 
     def missing_ids(self) -> np.ndarray:
         return np.flatnonzero(~self.done)
@@ -170,10 +194,18 @@ class StoreWriter:
                 f.write(json.dumps({"id": i, **item.to_json()}) + "\n")
         manifest = dict(self.manifest, failed=self.failed)
         atomic_write_json(self.partial / "manifest.json", manifest)
-        for name in ("done.npy", "failed.json", "state.json"):
+        for name in ("done.npy", "failed.json"):
             (self.partial / name).unlink(missing_ok=True)
-        publish_dir(self.partial, self.out)
-        return EmbeddingStore(self.out)
+        return EmbeddingStore(self._dir.publish())
+
+
+def open_finished(path: str | Path, fingerprint: dict) -> EmbeddingStore | None:
+    """The finished store at ``path`` when it was written with exactly this fingerprint, else None."""
+    try:
+        store = EmbeddingStore(path)
+    except UniretError:
+        return None
+    return store if store.fingerprint == fingerprint else None
 
 
 def write_store(out: str | Path, embeddings: np.ndarray, items: list[Item], model: dict | None = None,

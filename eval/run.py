@@ -52,15 +52,14 @@ def cached_store(model, collection, items: list[Item], split: str, cache_dir: Pa
                  batch_size: int = 64, workers: int = 0):
     """The embedding store of ``items`` under ``cache_dir``: reused when the same model embedded the
     same data before, otherwise computed (resumably) with ``uniret.embed.extract.embed_items``."""
-    from ..embed.store import EmbeddingStore
+    from ..embed.store import open_finished, store_fingerprint
 
     model_hash = model.config_hash()
     path = Path(cache_dir) / f"{model_hash}-{data_key(collection, items)[:12]}-{split}"
-    if (path / "manifest.json").is_file():
-        store = EmbeddingStore(path)
-        if store.model_hash == model_hash and store.count == len(items):
-            logger.info("reusing embeddings in %s", path)
-            return store, True
+    store = open_finished(path, store_fingerprint(items, model.config.dim, "float16", model_hash))
+    if store is not None:
+        logger.info("reusing embeddings in %s", path)
+        return store, True
     logger.info("embedding %d images into %s", len(items), path)
     from ..embed.extract import embed_items
 

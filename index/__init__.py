@@ -1,13 +1,13 @@
 """uniret.index: exact and approximate search over embedding stores, reranking, index directories.
 
 Public API: :func:`exact_search`, the rerankers in :mod:`uniret.index.rerank`, :func:`build_index`,
-:class:`Searcher`. Heavy parts (faiss, torch, lmdb) load lazily on first use.
+:class:`Searcher`, and the search layer :func:`open_index` -> :class:`Index`. Heavy parts (faiss, torch, lmdb) load lazily on first use.
 """
 
 from .exact import exact_search
 from .rerank import alpha_qe, aqe, rerank, superglobal
 
-__all__ = ["exact_search", "superglobal", "aqe", "alpha_qe", "rerank", "build_index", "Searcher", "open_index"]
+__all__ = ["exact_search", "superglobal", "aqe", "alpha_qe", "rerank", "build_index", "Searcher", "open_index", "Index", "Results"]
 
 
 def __getattr__(name: str):
@@ -16,8 +16,12 @@ def __getattr__(name: str):
         from .build import build_index
 
         return build_index
-    if name in ("Searcher", "open_index"):
-        from . import searcher
+    if name == "Searcher":
+        from .searcher import Searcher
 
-        return getattr(searcher, name)
+        return Searcher
+    if name in ("open_index", "Index", "Results"):
+        from . import api
+
+        return getattr(api, name)
     raise AttributeError(name)

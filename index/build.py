@@ -7,13 +7,13 @@ Every operation writes a complete new version beside the live one and swaps ``CU
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 
+from .. import testing
 from ..embed.store import EmbeddingStore
 from ..errors import UniretError, UsageError
 from ..utils import atomic_write_json, git_commit, publish_dir, read_json
@@ -35,8 +35,6 @@ logger = logging.getLogger("uniret")
 
 ADD_CHUNK = 262_144
 WORK_DIRS = ("ondisk-build", "ondisk-update")  # on-disk builds' shards (index/shards.py)
-# Seconds to sleep before publishing a new version; lets tests kill a real update mid-way.
-_DEBUG_SLEEP = "UNIRET_DEBUG_INDEX_SLEEP"
 
 
 def _open_store(store) -> EmbeddingStore:
@@ -44,12 +42,9 @@ def _open_store(store) -> EmbeddingStore:
 
 
 def _model_hash_of_dir(model_dir: Path) -> str:
-    cfg = Path(model_dir) / "config.json"
-    if not cfg.is_file() and (Path(model_dir) / "model" / "config.json").is_file():
-        cfg = Path(model_dir) / "model" / "config.json"
-    if not cfg.is_file():
-        raise UniretError(f"{model_dir}: not a model directory (no config.json)")
-    return read_json(cfg).get("config_hash")
+    from ..embed.model import CONFIG_NAME, resolve_model_dir
+
+    return read_json(resolve_model_dir(model_dir) / CONFIG_NAME).get("config_hash")
 
 
 def _add_vectors(index, vectors: np.ndarray, ids: np.ndarray) -> None:
@@ -118,18 +113,16 @@ def _write_version(root: Path, manifest: dict, index, ids: np.ndarray, vectors: 
     finally:
         db.close()
     atomic_write_json(partial / "manifest.json", manifest)
-    sleep = float(os.environ.get(_DEBUG_SLEEP, "0") or 0)
-    if sleep:
-        time.sleep(sleep)
+    testing.sleep_point("index")  # lets tests kill a real update before it is published
     return publish_version(root, partial)
 
 
 def _copy_model(root: Path, model_dir: Path | None) -> str | None:
     if model_dir is None:
         return MODEL_DIR if (root / MODEL_DIR / "config.json").is_file() else None
-    src = Path(model_dir)
-    if not (src / "config.json").is_file() and (src / "model" / "config.json").is_file():
-        src = src / "model"
+    from ..embed.model import resolve_model_dir
+
+    src = resolve_model_dir(model_dir)
     tmp = root / f".{MODEL_DIR}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(src, tmp)
@@ -240,7 +233,7 @@ def _load_current(root: Path):
 def add_to_index(index_dir, store, max_memory: int | None = None, workers: int | None = None) -> dict:
     """Add the items of ``store`` that the index does not hold yet (same domain, split and path are
     skipped); new items get fresh ids after the largest id ever given. Returns counts. On-disk
-    indexes are updated by :func:`uniret.index.ondisk_build.add_ondisk` (``max_memory``, ``workers``)."""
+    indexes are updated by :func:`uniret.index.ondisk_update.add_ondisk` (``max_memory``, ``workers``)."""
     root = Path(index_dir)
     if _on_disk(root):
         from .ondisk_update import add_ondisk
@@ -270,24 +263,6 @@ def add_to_index(index_dir, store, max_memory: int | None = None, workers: int |
         final = _write_version(root, manifest, index, np.concatenate([ids, new_ids]), all_vectors,
                                cur / "meta", (new_ids, items))
         return dict(counts, count=manifest["count"], version=final.name)
-
-
-def read_id_file(path) -> np.ndarray:
-    """Ids from a ``.npy``, a JSON list, or a text file (one id per line; ``#`` comments)."""
-    p = Path(path)
-    if not p.is_file():
-        raise UniretError(f"--ids {p}: no such file")
-    try:
-        if p.suffix == ".npy":
-            values = np.load(p).ravel().tolist()
-        elif p.suffix == ".json":
-            values = read_json(p)
-        else:
-            values = [line.split("#")[0].strip() for line in p.read_text().splitlines()]
-            values = [v for v in values if v]
-        return np.unique(np.asarray([int(v) for v in values], dtype=np.int64))
-    except (ValueError, TypeError) as exc:
-        raise UniretError(f"--ids {p}: expected integer ids, one per line ({exc})") from None
 
 
 def remove_from_index(index_dir, remove_ids) -> dict:

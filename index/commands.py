@@ -10,7 +10,7 @@ from pathlib import Path
 import typer
 
 from ..display import OutputFormat, emit
-from ..errors import UniretError, UsageError
+from ..errors import UsageError
 
 logger = logging.getLogger("uniret")
 # faiss announces which SIMD build it loads at INFO level; that is noise on the command line.
@@ -156,11 +156,13 @@ def index_add(
 @index_app.command("remove")
 def index_remove(
     index: Path = typer.Argument(..., help="Index directory."),
-    ids: Path = typer.Option(..., "--ids", help="File of ids to remove: one per line, a JSON list or a .npy."),
+    ids: Path = typer.Option(..., "--ids", help="File of ids to remove: one per line, a JSON list, a .npy, or "
+                                                "the JSON that `uniret dedup --out` writes (its remove list)."),
     fmt: OutputFormat = FormatOpt,
 ) -> None:
     """Remove ids from an index; crash-safe."""
-    from .build import read_id_file, remove_from_index
+    from .build import remove_from_index
+    from .ids import read_id_file
 
     res = remove_from_index(index, read_id_file(ids))
     emit([res], ["removed", "not_present", "count", "version"], fmt)
@@ -175,109 +177,91 @@ def index_info(index: Path = typer.Argument(..., help="Index directory."), fmt: 
     emit(_summary_rows(manifest, index), ["field", "value"], fmt, extra={"manifest": manifest})
 
 
-def _query_vectors(searcher, queries: list[str], model: Path | None) -> tuple[list[str], object]:
-    """Labels and embeddings for QUERY arguments: image files, folders, ``id:N`` or ``.npy`` files."""
-    import numpy as np
+def _write_html(path: Path, page: str) -> None:
+    from ..utils import atomic_write_text
 
-    from ..data.images import decode_image, image_folder_items
-    from ..errors import ImageDecodeError
+    if path.suffix.lower() not in (".html", ".htm"):
+        raise UsageError(f"--html {path}: give a file name ending in .html")
+    if path.is_dir():
+        raise UsageError(f"--html {path} is a directory; give a file name ending in .html")
+    atomic_write_text(path, page)
+    logger.info("wrote %s", path)
 
-    labels, parts, images, image_labels = [], [], [], []
-    for q in queries:
-        path = Path(q)
-        if q.startswith("id:"):
-            try:
-                qid = int(q[3:])
-            except ValueError:
-                raise UsageError(f"QUERY {q!r}: expected id:<integer>") from None
-            if searcher.rows_of([qid])[0] < 0:
-                raise UniretError(f"QUERY {q}: id {qid} is not in the index")
-            labels.append(q)
-            parts.append(searcher.vectors_for([qid]))
-        elif path.suffix == ".npy" and path.is_file():
-            arr = np.load(path)
-            arr = arr[None] if arr.ndim == 1 else arr
-            if arr.ndim != 2:
-                raise UniretError(f"QUERY {q}: expected an (n, {searcher.dim}) array, got shape {arr.shape}")
-            labels.extend(f"{path.name}[{i}]" for i in range(len(arr)))
-            parts.append(arr.astype(np.float32))
-        elif path.exists():
-            items = image_folder_items(path)
-            for i in range(len(items)):
-                try:
-                    images.append(decode_image(items.get_image_bytes(i)))
-                    image_labels.append(items[i].path if path.is_dir() else path.name)
-                except ImageDecodeError as exc:
-                    logger.warning("skipping %s: %s", items[i].path, exc)
-            labels.append(None)  # placeholder: images are embedded together below
-            parts.append(None)
-        else:
-            raise UniretError(f"QUERY {q!r}: not an image file, a folder, id:N or an existing .npy")
-    if any(p is None for p in parts):
-        if not images:
-            raise UniretError("no query image could be decoded")
-        embedded = searcher.embed_images(images, model_dir=model)
-        parts = [p for p in parts if p is not None] + [embedded]
-        labels = [lab for lab in labels if lab is not None] + image_labels
-    elif model is not None:
-        searcher.load_model(model)  # still check that the given model matches the index
-    return labels, np.concatenate(parts).astype(np.float32)
+
+ImagesOpt = typer.Option(None, "--images", help="Packed store or collection/image folder of the indexed items "
+                                                "(thumbnails in --html).")
+HtmlOpt = typer.Option(None, "--html", help="Also write a self-contained page of thumbnails here (OUT.html).")
 
 
 def search_command(
     index: Path = typer.Argument(..., help="Index directory."),
     queries: list[str] = typer.Argument(..., help="Image files, folders of images, id:N or .npy embeddings.", metavar="QUERY..."),
-    k: int = typer.Option(10, "--k", help="Results per query."),
+    k: int = typer.Option(10, "--k", help="Results per query (at most the index size and 10000)."),
     rerank: Rerank = typer.Option(Rerank.none, "--rerank", help="Global-feature reranking of the top candidates."),
     domain: str = typer.Option(None, "--domain", help="Only results from this domain."),
+    threshold: float = typer.Option(None, "--threshold", help="Only results with a similarity at or above this."),
     shortlist_dim: int = typer.Option(None, "--shortlist-dim", help="Matryoshka funnel: shortlist with this prefix size."),
     shortlist_k: int = typer.Option(None, "--shortlist-k", help="Funnel shortlist length (default max(10k, 1000))."),
     model: Path = typer.Option(None, "--model", help="Model directory for image queries (default: the index's copy)."),
+    images: Path = ImagesOpt,
+    html: Path = HtmlOpt,
     gpu: GpuMode = GpuOpt,
     fmt: OutputFormat = FormatOpt,
 ) -> None:
     """Search an index by image, folder, stored id or embeddings; prints rank, id, score and metadata."""
-    from .searcher import Searcher
+    from .api import open_index
 
     if shortlist_k is not None and shortlist_dim is None:
         raise UsageError("--shortlist-k needs --shortlist-dim")
-    searcher = Searcher.open(index, gpu=gpu.value)
-    labels, xq = _query_vectors(searcher, queries, model)
-    scores, ids = searcher.search(xq, k, rerank=rerank.value, domain=domain, shortlist_dim=shortlist_dim,
-                                  shortlist_k=shortlist_k)
-    meta = searcher.metadata(ids)
-    rows = []
-    for qi, label in enumerate(labels):
-        for rank in range(ids.shape[1]):
-            if ids[qi, rank] < 0:
-                continue
-            m = meta[qi * ids.shape[1] + rank] or {}
-            cid = m.get("class_ids") or []
-            rows.append({"query": label, "rank": rank + 1, "id": int(ids[qi, rank]),
-                         "score": round(float(scores[qi, rank]), 6), "path": m.get("path"),
-                         "domain": m.get("domain"), "class_id": cid[0] if len(cid) == 1 else cid or None})
+    if k < 1:
+        raise UsageError(f"--k must be >= 1, got {k}")
+    idx = open_index(index, gpu=gpu.value, model=model, images=images)
+    if model is not None:
+        idx.load_model()  # check that the given model made the index, even for id queries
+    results = idx.search(queries, k=k, rerank=rerank.value, domain=domain, threshold=threshold,
+                         shortlist_dim=shortlist_dim, shortlist_k=shortlist_k)
+    if html is not None:
+        _write_html(html, results.to_html(title=f"uniret search {index}"))
+    rows = [dict(r, score=round(r["score"], 6),
+                 class_id=r["class_ids"][0] if len(r.get("class_ids") or []) == 1 else r.get("class_ids") or None)
+            for r in results.rows()]
     emit(rows, ["query", "rank", "id", "score", "path", "domain", "class_id"], fmt)
 
 
 def dedup_command(
     index: Path = typer.Argument(..., help="Index directory."),
-    threshold: float = typer.Option(None, "--threshold", help="Similarity at or above which items are duplicates (default 0.95)."),
-    fraction: float = typer.Option(None, "--fraction", help="Pick the threshold so that about this fraction of items is grouped."),
-    neighbors: int = typer.Option(10, "--neighbors", help="Nearest neighbours examined per item."),
-    out: Path = typer.Option(None, "--out", help="Write groups, keep and remove lists as JSON here."),
+    threshold: float = typer.Option(None, "--threshold", help="Similarity in (0, 1] at or above which items are duplicates (default 0.95)."),
+    fraction: float = typer.Option(None, "--fraction", help="Pick the threshold so that about this fraction (0, 1) of items is grouped."),
+    neighbors: int = typer.Option(10, "--neighbors", help="Nearest neighbours examined per item (1-1000)."),
+    out: Path = typer.Option(None, "--out", help="Write groups, keep and remove lists as JSON here "
+                                                 "(`uniret index remove --ids` reads it)."),
+    images: Path = ImagesOpt,
+    html: Path = HtmlOpt,
     fmt: OutputFormat = FormatOpt,
 ) -> None:
     """Find groups of near-duplicate items and which one of each group to keep."""
     from ..utils import atomic_write_json
     from .dedup import find_duplicates
+    from .images import open_image_source
     from .searcher import Searcher
 
+    if out is not None and out.is_dir():
+        raise UsageError(f"--out {out} is a directory; give a file name for the JSON")
+    image_source = open_image_source(images)
     searcher = Searcher.open(index)
     res = find_duplicates(searcher, threshold=threshold, fraction=fraction, neighbors=neighbors)
     if out is not None:
         atomic_write_json(out, res)
     group_ids = [i for g in res["groups"] for i in g]
     meta = dict(zip(group_ids, searcher.metadata(group_ids)))
+    if html is not None:
+        from ..pages import render_duplicates
+
+        similarity = {}
+        for g in res["groups"]:
+            vecs = searcher.vectors_for(g)
+            similarity.update(zip(g, (vecs @ vecs[0]).astype(float).tolist()))
+        _write_html(html, render_duplicates(res, meta, similarity, image_source, title=f"uniret dedup {index}"))
     keep = set(res["keep"])
     rows = [{"group": gi + 1, "id": i, "keep": i in keep, "path": (meta[i] or {}).get("path"),
              "domain": (meta[i] or {}).get("domain")} for gi, g in enumerate(res["groups"]) for i in g]

@@ -12,6 +12,9 @@ import numpy as np
 
 from ..errors import UsageError
 
+#: The most neighbours examined per item (memory grows with items x neighbours).
+MAX_NEIGHBORS = 1000
+
 
 def _components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Connected components of an edge list over 0..n-1 (union-find with path halving)."""
@@ -38,6 +41,11 @@ def find_duplicates(searcher, threshold: float | None = None, fraction: float | 
         raise UsageError("give --threshold or --fraction, not both")
     if fraction is not None and not 0 < fraction < 1:
         raise UsageError(f"--fraction must be in (0, 1), got {fraction}")
+    if threshold is not None and not 0 < threshold <= 1:
+        # Similarities are cosines; at <= 0 nearly every item would be "a duplicate" of another.
+        raise UsageError(f"--threshold must be a similarity in (0, 1], got {threshold}")
+    if isinstance(neighbors, bool) or not 1 <= neighbors <= MAX_NEIGHBORS:
+        raise UsageError(f"--neighbors must be in 1..{MAX_NEIGHBORS}, got {neighbors}")
     if threshold is None and fraction is None:
         threshold = 0.95
     n = searcher.count

@@ -15,8 +15,11 @@ Results where the database has fewer than k rows are padded with id -1 and score
 from __future__ import annotations
 
 import logging
+import sys
 
 import numpy as np
+
+from ..utils import resolve_device
 
 logger = logging.getLogger("uniret")
 
@@ -26,13 +29,9 @@ REFINE_FACTOR = 4
 
 
 def _as_float32(x) -> np.ndarray:
-    try:
-        import torch
-
-        if isinstance(x, torch.Tensor):
-            x = x.detach().float().cpu().numpy()
-    except ImportError:  # pragma: no cover - torch is a dependency
-        pass
+    torch = sys.modules.get("torch")  # a tensor can only exist once torch is imported
+    if torch is not None and isinstance(x, torch.Tensor):
+        x = x.detach().float().cpu().numpy()
     return np.ascontiguousarray(np.asarray(x, dtype=np.float32))
 
 
@@ -46,19 +45,6 @@ def _pad(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.nd
     out_s[:, :kk] = scores
     out_i[:, :kk] = ids
     return out_s, out_i
-
-
-def resolve_device(device: str | None) -> str:
-    """``None``/``"auto"`` -> ``"cuda"`` when faiss or torch sees a GPU, else ``"cpu"``."""
-    if device not in (None, "auto"):
-        return str(device)
-    import faiss
-
-    if faiss.get_num_gpus() > 0:
-        return "cuda"
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def faiss_cpu_search(xq: np.ndarray, xb: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -151,7 +137,7 @@ def exact_search(xq, xb, k: int, device: str | None = None) -> tuple[np.ndarray,
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    device = resolve_device(device)
+    device = resolve_device(device, faiss=True)
     if device.startswith("cuda") and k > GPU_MAX_K:
         logger.debug("k=%d > %d: exact search falls back to the CPU", k, GPU_MAX_K)
         device = "cpu"

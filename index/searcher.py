@@ -26,8 +26,9 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UniretError
+from ..utils import resolve_device
 from . import gpu as gpu_util
-from .exact import REFINE_FACTOR, exact_search, rescore, resolve_device, torch_search
+from .exact import REFINE_FACTOR, exact_search, rescore, torch_search
 from .keys import is_lossy, search_param_name, set_search_param
 from .layout import MODEL_DIR, MetadataDB, current_version, read_manifest
 from .ondisk import read_version_index
@@ -58,13 +59,19 @@ class Searcher:
         set_search_param(self.index, next(iter(self.search_params.values()), None))
         self.use_gpu, self.ngpu = gpu_util.resolve(gpu)
         self.use_gpu = self.use_gpu and self._raw is None  # a GPU clone would read all on-disk lists
-        self.device = resolve_device(device) if gpu != "off" else "cpu"
+        self._device_request = device if gpu != "off" else "cpu"
         self._gpu_index = None
         self._model = None
 
     @classmethod
     def open(cls, index_dir, gpu: str = "auto", device: str | None = None) -> Searcher:
         return cls(Path(index_dir), gpu=gpu, device=device)
+
+    @cached_property
+    def device(self) -> str:
+        """Where exact search and the model run; resolved on first use, so that opening an index
+        (and id or vector queries on a CPU machine) never imports torch."""
+        return resolve_device(self._device_request, faiss=True)
 
     @property
     def count(self) -> int:
@@ -148,7 +155,7 @@ class Searcher:
             return self._funnel(xq, k, rows, shortlist_dim, shortlist_k or max(10 * k, 1000))
         if rows is not None:
             return self._exact_rows(xq, rows, k)
-        if search_param_name(self.index) is None and self.device.startswith("cuda") and gpu_util.num_gpus() == 0:
+        if search_param_name(self.index) is None and gpu_util.num_gpus() == 0 and self.device.startswith("cuda"):
             # Flat index, CUDA through torch: keep the vectors on the device between calls.
             scores, rows_hit = torch_search(xq, self._device_vectors, k, device=self.device)
             return scores, np.where(rows_hit >= 0, self.ids[np.maximum(rows_hit, 0)], -1)
@@ -229,6 +236,3 @@ class Searcher:
         model = self.load_model(model_dir, device="cuda" if self.device.startswith("cuda") else "cpu")
         return model.encode(images).float().cpu().numpy()
 
-
-def open_index(index_dir, **kwargs) -> Searcher:
-    return Searcher.open(index_dir, **kwargs)

@@ -63,3 +63,18 @@ def benchmark_script():
         return module
 
     return load
+
+
+@pytest.fixture(scope="session")
+def image_index(demo_root, tmp_path_factory):
+    """A random-init model, the demo collection's test + index splits embedded with it, and an index
+    holding the model copy, all made through the real CLI. Returns the folder with model/ store/ index/."""
+    from uniret.cli import main
+
+    tmp = tmp_path_factory.mktemp("image_index")
+    assert main(["model", "init", "--backbone", "timm:test_resnet", "--out", str(tmp / "model"), "--dim", "16",
+                 "--image-size", "32"]) == 0
+    assert main(["embed", "--model", str(tmp / "model"), "--data", str(demo_root), "--out", str(tmp / "store"),
+                 "--split", "test", "--split", "index", "--workers", "0", "--device", "cpu"]) == 0
+    assert main(["index", "build", str(tmp / "store"), "--out", str(tmp / "index")]) == 0
+    return tmp

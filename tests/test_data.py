@@ -202,7 +202,7 @@ def test_pack_resumes_after_kill(tmp_path):
     ref = tmp_path / "ref.lmdb"
     pack(root, ref, PackOptions(max_side=48))
     out = tmp_path / "killed.lmdb"
-    env = dict(os.environ, UNIRET_DEBUG_PACK_SLEEP="0.2", UNIRET_DEBUG_PACK_COMMIT_EVERY="16")
+    env = dict(os.environ, UNIRET_TEST_SLEEP_PACK="0.2", UNIRET_TEST_PACK_COMMIT_EVERY="16")
     proc = subprocess.Popen([sys.executable, "-m", "uniret.cli", "data", "pack", str(root), str(out),
                              "--max-side", "48"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     partial = out.with_name(out.name + ".partial")
@@ -222,6 +222,21 @@ def test_pack_resumes_after_kill(tmp_path):
     assert not partial.exists()
     assert _lmdb_contents(out) == _lmdb_contents(ref)
     assert main(["data", "pack", str(root), str(out)]) == 1  # exists: refuses without --force
+
+
+def test_pack_never_replaces_what_it_did_not_make(demo_root, tmp_path, capsys):
+    root = _copy(demo_root, tmp_path)
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("mine")
+    for out in (foreign, root, root / "images", tmp_path):
+        assert main(["data", "pack", str(root), str(out), "--force"]) == 1, out
+    assert (foreign / "keep.txt").read_text() == "mine" and (root / "info").is_dir()
+    store = tmp_path / "s.lmdb"
+    assert main(["data", "pack", str(root), str(store), "--max-side", "32"]) == 0
+    assert main(["data", "pack", str(root), str(store), "--max-side", "48", "--force"]) == 0
+    assert max(decode_image(open_collection(store).get_image_bytes("flags", "train", 0)).size) == 48
+    assert not store.with_name("s.lmdb.partial").exists()
 
 
 def _read_all(dataset, workers: int, ctx: str | None):
@@ -291,8 +306,12 @@ def test_no_top_level_modules_installed():
 
 
 def test_library_imports_without_train():
+    # The CLI lists train's choices from the method and sampler registries (torch-free modules);
+    # nothing else of training loads, and neither does torch.
+    light = {"uniret.train.commands", "uniret.train.methods", "uniret.train.samplers"}
     code = ("import sys, uniret.data, uniret.embed, uniret.index, uniret.eval, uniret.cli; "
-            "print(any(m.startswith('uniret.train.') for m in sys.modules if m != 'uniret.train.commands'))")
+            f"print(sorted(m for m in sys.modules if m.startswith('uniret.train.') and m not in {light!r}), "
+            "'torch' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == "False"
+    assert r.stdout.strip() == "[] False"

@@ -132,7 +132,7 @@ def test_killed_add_leaves_previous_index_usable(tmp_path):
     idx = tmp_path / "idx"
     build_index(make_store(tmp_path / "a", x[:200], items_for(200)), idx)
     make_store(tmp_path / "b", x[200:], items_for(200, start=200))
-    env = dict(os.environ, UNIRET_DEBUG_INDEX_SLEEP="60")
+    env = dict(os.environ, UNIRET_TEST_SLEEP_INDEX="60")
     code = "import sys; from uniret.cli import main; sys.exit(main(sys.argv[1:]))"
     proc = subprocess.Popen([sys.executable, "-c", code, "index", "add", str(idx), str(tmp_path / "b")], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -17,9 +17,11 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 def readme_commands() -> list[str]:
     text = README.read_text()
-    blocks = re.findall(r"```(?:bash|sh)?\n(.*?)```", text, flags=re.S)
+    blocks = re.findall(r"```(\w*)\n(.*?)```", text, flags=re.S)
     lines = []
-    for block in blocks:
+    for lang, block in blocks:
+        if lang not in ("", "bash", "sh"):
+            continue  # e.g. the Python API example
         for line in block.replace("\\\n", " ").splitlines():
             line = line.split("#", 1)[0].strip()
             for part in re.split(r"&&|\|", line):

@@ -48,10 +48,12 @@ def test_run_directory_and_export(demo_root, tmp_path):
     trains = [r for r in lines if r["kind"] == "train"]
     assert [r["step"] for r in trains] == [1, 2, 3, 4, 5, 6]
     assert {"cls_teacher", "cls_student", "logit", "relational", "probabilities"} <= set(trains[0])
-    # round-robin until every domain has a loss (interval 2 < 4 domains: first update at step 4)
+    # round-robin until every domain has a loss (interval 2 < 4 domains: the first update comes after
+    # step 4, reported by the sampler as an event and logged at once)
     sampler = [r for r in lines if r["kind"] == "sampler"]
-    assert sampler and sampler[0]["first_step"] == 4 and sampler[0]["step"] == 5
-    assert trains[3]["probabilities"] == {"flags": 0.25, "glyphs": 0.25, "shapes": 0.25, "textures": 0.25}
+    assert sampler and sampler[0]["first_step"] == 4 and sampler[0]["step"] == 4
+    assert trains[2]["probabilities"] == {"flags": 0.25, "glyphs": 0.25, "shapes": 0.25, "textures": 0.25}
+    assert list(trains[3]["probabilities"].values()) == pytest.approx(sampler[0]["probabilities"])
     assert sum(sampler[0]["probabilities"]) == pytest.approx(1.0)
     summary = json.loads((run / "summary.json").read_text())
     best = max(vals, key=lambda v: v["R@1"])
@@ -65,10 +67,18 @@ def test_run_directory_and_export(demo_root, tmp_path):
     assert all(torch.equal(exported[k], best_state[k]) for k in exported)
 
 
-def test_resume_equals_uninterrupted(demo_root, tmp_path):
+def interrupted(cfg, step: int, monkeypatch) -> None:
+    """Run until a simulated Ctrl-C (the test seam) before ``step``."""
+    monkeypatch.setenv("UNIRET_TEST_INTERRUPT_TRAIN", str(step))
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg)
+    monkeypatch.delenv("UNIRET_TEST_INTERRUPT_TRAIN")
+
+
+def test_resume_equals_uninterrupted(demo_root, tmp_path, monkeypatch):
     whole = train(tiny_config(demo_root, tmp_path / "whole", val_every=0))
     cfg = tiny_config(demo_root, tmp_path / "cut", val_every=0)
-    train(cfg, stop_at=5)  # dies after step 5; the last checkpoint is step 4
+    interrupted(cfg, 5, monkeypatch)  # dies after step 5; the last checkpoint is step 4
     assert not (tmp_path / "cut" / "model").exists()
     assert torch.load(tmp_path / "cut" / "checkpoints" / "last.pt", weights_only=False)["step"] == 4
     resumed = train(cfg, resume=True)
@@ -85,38 +95,43 @@ def test_resume_equals_uninterrupted(demo_root, tmp_path):
         assert torch.equal(v, cont["model"][k]), k
 
 
-@pytest.mark.parametrize("method,extra", [("uscrr", {"sampler": "round_robin"}), ("ujc", {"sampler": "size"}),
-                                          ("specialist", {"domain": "shapes", "sampler": "uniform"})])
-def test_baseline_methods(demo_root, tmp_path, method, extra):
+@pytest.mark.parametrize("method,extra,sampler", [
+    ("uscrr", {}, "round_robin"), ("ujc", {}, "size"),  # the papers' samplers are the methods' defaults
+    ("specialist", {"domain": "shapes", "sampler": "uniform"}, "uniform"),  # an explicit --sampler wins
+])
+def test_baseline_methods(demo_root, tmp_path, method, extra, sampler):
     run = train(tiny_config(demo_root, tmp_path / method, method=method, steps=3, val_every=3, **extra))
     lines = metrics(run)
     trains = [r for r in lines if r["kind"] == "train"]
     assert "cls_teacher" not in trains[0] and "cls_student" in trains[0]
     header = json.loads((run / "train_config.json").read_text())
+    assert header["config"]["sampler"] == sampler
     if method == "specialist":
         assert header["domains"] == ["shapes"]
         assert set(lines[0]["per_domain_R@1"]) == {"shapes"}
     if method == "ujc":
         state = torch.load(run / "checkpoints" / "last.pt", weights_only=False)["model"]
-        assert state["student_classifiers.0.weight"].shape[0] == sum(header["num_classes"])
+        assert state["heads.student_classifiers.0.weight"].shape[0] == sum(header["num_classes"])
 
 
 @pytest.mark.parametrize("policy", ["skip", "update"])
-def test_absent_heads_policy(demo_root, tmp_path, policy):
+def test_absent_heads_policy(demo_root, tmp_path, policy, monkeypatch):
     """Step 1 trains flags, step 2 glyphs: flags' heads stay put under "skip" and keep moving on their
     Adam moments under "update" (the reference optimiser's behaviour)."""
     cfg = tiny_config(demo_root, tmp_path / policy, sampler="round_robin", steps=2, val_every=0, ckpt_every=1,
                       absent_heads=policy)
-    train(cfg, stop_at=1)
+    interrupted(cfg, 1, monkeypatch)
     after_1 = torch.load(tmp_path / policy / "checkpoints" / "last.pt", weights_only=False)
     train(cfg, resume=True)
     after_2 = torch.load(tmp_path / policy / "checkpoints" / "last.pt", weights_only=False)
     assert after_1["step"] == 1 and after_2["step"] == 2
-    for name in ("teacher_heads.0.weight", "teacher_classifiers.0.weight", "student_classifiers.0.weight"):
+    for name in ("heads.teacher_heads.0.weight", "heads.teacher_classifiers.0.weight",
+                 "heads.student_classifiers.0.weight"):
         same = torch.equal(after_1["model"][name], after_2["model"][name])
         assert same == (policy == "skip"), name
     # glyphs (domain 1) trained in step 2 under both policies
-    assert not torch.equal(after_1["model"]["student_classifiers.1.weight"], after_2["model"]["student_classifiers.1.weight"])
+    glyphs = "heads.student_classifiers.1.weight"
+    assert not torch.equal(after_1["model"][glyphs], after_2["model"][glyphs])
 
 
 def run_cli(args, capsys):
@@ -128,16 +143,19 @@ def test_cli_trains_and_rejects_bad_options(demo_root, tmp_path, capsys):
     out = tmp_path / "cli"
     base = ["train", "--data", str(demo_root), "--backbone", "timm:test_vit", "--image-size", "32",
             "--batch-size", "8", "--steps", "2", "--val-every", "0", "--out", str(out)]
-    code, err = run_cli(base + ["--method", "uscrr", "--sampler", "round_robin"], capsys)
+    model_options = ["--dim", "32", "--nested-dims", "16", "--pool", "avg", "--crop-pct", "1.0"]  # as `model init`
+    code, err = run_cli(base + ["--method", "uscrr", "--sampler", "round_robin", *model_options], capsys)
     assert code == 0, err
-    assert (out / "model" / "model.safetensors").is_file()
+    exported = json.loads((out / "model" / "config.json").read_text())
+    assert (exported["dim"], exported["nested_dims"], exported["pool"]) == (32, [16, 32], "avg")
+    assert exported["preprocess"]["crop_pct"] == 1.0 and exported["preprocess"]["input_size"] == [3, 32, 32]
     for extra, needle in [
         (["--method", "uscrr"], "already holds a run"),
-        (["--method", "nope"], "unknown method"),
         (["--method", "specialist"], "--domain"),
-        (["--sampler", "sometimes"], "unknown sampler"),
+        (["--method", "uscrr", "--domain", "flags"], "--domain is only for"),
         (["--method", "specialist", "--domain", "nowhere"], "unknown domain"),
         (["--batch-size", "1"], "batch_size"),
+        (["--crop-pct", "1.5"], "crop_pct"),
     ]:
         args = base + extra
         if needle != "already holds a run":
@@ -145,6 +163,11 @@ def test_cli_trains_and_rejects_bad_options(demo_root, tmp_path, capsys):
         code, err = run_cli(args, capsys)
         assert code != 0 and needle in err, (extra, err)
         assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    # --method and --sampler are choices read from the registries: typer refuses other values
+    for option, value in (("--method", "nope"), ("--sampler", "sometimes")):
+        code, err = run_cli(base[:-1] + [str(tmp_path / "bad"), option, value], capsys)
+        assert code == 2 and f"Invalid value for '{option}'" in err and "Traceback" not in err
+    assert not (tmp_path / "bad").exists()
     cfg = tmp_path / "cfg.json"
     cfg.write_text(json.dumps({"cls_scale": 8.0, "no_such_option": 1}))
     code, err = run_cli(base[:-1] + [str(tmp_path / "c2"), "--config", str(cfg)], capsys)
@@ -177,9 +200,10 @@ def test_two_gloo_processes_match_one(demo_root, tmp_path):
     for k in a:
         assert torch.allclose(a[k], b[k], atol=2e-5, rtol=1e-4), k
     assert json.loads((tmp_path / "two" / "train_config.json").read_text())["world_size"] == 2
-    la = [r for r in metrics(tmp_path / "one") if r["kind"] != "train"]
-    lb = [r for r in metrics(tmp_path / "two") if r["kind"] != "train"]
-    assert [r["probabilities"] for r in la] == pytest.approx([r["probabilities"] for r in lb], rel=1e-4)
+    la = [r for r in metrics(tmp_path / "one") if r["kind"] == "sampler"]
+    lb = [r for r in metrics(tmp_path / "two") if r["kind"] == "sampler"]
+    assert len(la) == len(lb) == 1  # the update after step 4 (interval 2, 4 domains)
+    assert la[0]["probabilities"] == pytest.approx(lb[0]["probabilities"], rel=1e-4)
     ta = [r["loss"] for r in metrics(tmp_path / "one") if r["kind"] == "train"]
     tb = [r["loss"] for r in metrics(tmp_path / "two") if r["kind"] == "train"]
     assert ta == pytest.approx(tb, rel=1e-4)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -9,13 +10,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from uniret.train.config import TrainConfig
 from uniret.train.losses import (
     classification_loss,
     logit_distillation,
     relational_distillation,
     udon_losses,
 )
+from uniret.train.methods import METHODS
 from uniret.train.model import CosineClassifier, TrainingModel
+
+
+def training_model(embedder, num_classes, method="udon", **config):
+    """A TrainingModel of ``method`` (a registry name) on ``embedder``."""
+    return TrainingModel(embedder, METHODS[method](TrainConfig(method=method, **config), num_classes))
 
 
 def test_classification_loss_hand_computed():
@@ -98,10 +106,11 @@ class StubEmbedder(nn.Module):
 def grads_after(model, loss):
     model.zero_grad(set_to_none=True)
     loss.backward()
+    heads = model.heads
     return {
-        "teacher": [p.grad for p in list(model.teacher_heads.parameters()) + list(model.teacher_classifiers.parameters())],
+        "teacher": [p.grad for p in list(heads.teacher_heads.parameters()) + list(heads.teacher_classifiers.parameters())],
         "student_head": [p.grad for p in model.embedder.head.parameters()],
-        "student_clf": [p.grad for p in model.student_classifiers[0].parameters()],
+        "student_clf": [p.grad for p in heads.student_classifiers[0].parameters()],
         "backbone": [p.grad for p in model.embedder.backbone.parameters()],
     }
 
@@ -116,7 +125,7 @@ def absent(grads):
 
 def test_gradient_flow_distillation_reaches_student_and_backbone_not_teacher():
     torch.manual_seed(0)
-    model = TrainingModel(StubEmbedder(), num_classes=[5, 3], method="udon", teacher_dim=6)
+    model = training_model(StubEmbedder(), [5, 3], teacher_dim=6)
     x = torch.randn(8, 6)
     y = torch.randint(0, 5, (8,))
     out = model(x, 0)
@@ -131,7 +140,7 @@ def test_gradient_flow_distillation_reaches_student_and_backbone_not_teacher():
             assert nonzero(g["student_clf"])
     # teacher classification trains teacher and backbone, never the student side
     g = grads_after(model, udon_losses(model(x, 0), y)["cls_teacher"])
-    teacher_domain0 = list(model.teacher_heads[0].parameters()) + list(model.teacher_classifiers[0].parameters())
+    teacher_domain0 = list(model.heads.teacher_heads[0].parameters()) + list(model.heads.teacher_classifiers[0].parameters())
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in teacher_domain0)
     assert absent(g["student_head"]) and nonzero(g["backbone"])
     # the other domain's heads get nothing from a domain-0 batch
@@ -140,11 +149,12 @@ def test_gradient_flow_distillation_reaches_student_and_backbone_not_teacher():
 
 
 def test_ujc_offsets_labels_into_joint_classifier():
-    model = TrainingModel(StubEmbedder(), num_classes=[5, 3, 2], method="ujc")
-    assert len(model.student_classifiers) == 1
-    assert model.student_classifiers[0].weight.shape[0] == 10
-    assert model.joint_labels(2, torch.tensor([0, 1])).tolist() == [8, 9]
+    model = training_model(StubEmbedder(), [5, 3, 2], method="ujc")
+    assert len(model.heads.student_classifiers) == 1 and not model.heads.teacher_heads
+    assert model.heads.student_classifiers[0].weight.shape[0] == 10
+    assert model.method.classifier_labels(2, torch.tensor([0, 1])).tolist() == [8, 9]
     assert model(torch.randn(2, 6), 1)["student_cosines"].shape == (2, 10)
+    assert model.domain_parameters(1) == []  # the joint classifier belongs to every domain
 
 
 def test_matryoshka_prefix_classifier_and_loss_hand_computed():
@@ -170,9 +180,86 @@ def test_matryoshka_prefix_classifier_and_loss_hand_computed():
     torch.manual_seed(0)
     embedder = StubEmbedder(dim=4)
     embedder.config = SimpleNamespace(nested_dims=[2, 4])
-    model = TrainingModel(embedder, num_classes=[3], method="udon", teacher_dim=6)
+    model = training_model(embedder, [3], teacher_dim=6)
     out = model(torch.randn(5, 6), 0)
     assert len(out["student_prefix_cosines"]) == 1 and out["student_prefix_cosines"][0].shape == (5, 3)
     full_only = classification_loss(out["student_cosines"], torch.tensor([0, 1, 2, 0, 1]))
     with_prefix = udon_losses(out, torch.tensor([0, 1, 2, 0, 1]))["cls_student"]
     assert with_prefix.item() != pytest.approx(full_only.item())
+
+
+def test_loss_weights_are_normalised_by_their_sum():
+    """As the reference: L = sum w_i L_i / sum w_i, so zeroing one weight averages the other three."""
+    out = {
+        "teacher_cosines": torch.tensor([[0.5, 0.0], [0.0, 0.25]]),
+        "student_cosines": torch.tensor([[0.25, 0.0], [0.0, 0.5]]),
+        "student": torch.tensor([[1.0, 0.0], [0.0, 1.0]]),
+        "teacher": torch.tensor([[1.0, 0.0], [1.0, 0.0]]),
+    }
+    labels = torch.tensor([0, 1])
+    full = udon_losses(out, labels)
+    three = (full["cls_teacher"] + full["cls_student"] + full["logit"]).item() / 3
+    for weights in ((1.0, 1.0, 1.0, 0.0), (0.25, 0.25, 0.25, 0.0), (3.0, 3.0, 3.0, 0.0)):
+        assert udon_losses(out, labels, weights=weights)["loss"].item() == pytest.approx(three, rel=1e-6)
+    # unequal weights: a weighted mean, not a weighted sum
+    got = udon_losses(out, labels, weights=(2.0, 1.0, 1.0, 0.0))["loss"].item()
+    assert got == pytest.approx((2 * full["cls_teacher"] + full["cls_student"] + full["logit"]).item() / 4, rel=1e-6)
+
+
+def test_distillation_can_stop_at_the_backbone():
+    """distill_to_backbone=False: L_log and L_rel still train the student head and classifier but send
+    nothing into the backbone; the student's own classification loss still reaches it."""
+    torch.manual_seed(0)
+    model = training_model(StubEmbedder(), [5, 3], teacher_dim=6, distill_to_backbone=False)
+    x = torch.randn(8, 6)
+    y = torch.randint(0, 5, (8,))
+    for name in ("logit", "relational"):
+        g = grads_after(model, udon_losses(model(x, 0), y)[name])
+        assert absent(g["backbone"]) and absent(g["teacher"]), name
+        assert nonzero(g["student_head"]), name
+    assert nonzero(grads_after(model, udon_losses(model(x, 0), y)["cls_student"])["backbone"])
+    # the values are those of the default model: only where the gradients go differs
+    torch.manual_seed(0)
+    default = training_model(StubEmbedder(), [5, 3], teacher_dim=6)
+    a, b = udon_losses(model(x, 0), y), udon_losses(default(x, 0), y)
+    assert all(a[k].item() == pytest.approx(b[k].item(), rel=1e-6) for k in a)
+
+
+def test_teacher_heads_start_lecun_normal_with_zero_bias():
+    torch.manual_seed(0)
+    model = training_model(StubEmbedder(feature_dim=400), [5, 3], teacher_dim=300)
+    for head in model.heads.teacher_heads:
+        assert torch.count_nonzero(head.bias) == 0
+        assert head.weight.std().item() == pytest.approx(1 / math.sqrt(400), rel=0.05)  # fan-in variance
+        assert head.weight.abs().max().item() <= 2 / 0.87962566 / math.sqrt(400) + 1e-6  # truncated at 2 std
+    # untrained teacher embeddings of unrelated features are not pulled into one direction by a bias
+    e = F.normalize(model.heads.teacher_heads[0](F.normalize(torch.randn(64, 400), dim=1)), dim=1)
+    cos = e @ e.T
+    assert cos[~torch.eye(64, dtype=torch.bool)].mean().abs().item() < 0.05
+
+
+def test_a_fifth_method_is_one_class(demo_root, tmp_path):
+    """A method registered in METHODS is trained by the unchanged trainer and config checks."""
+    from uniret.train import methods
+    from uniret.train.trainer import train
+
+    @methods.register
+    class Prototypes(methods.Uscrr):
+        """USCRR with the sampler following the student loss of a twice-scaled softmax."""
+
+        name = "test-prototypes"
+        help = "test only"
+        default_sampler = "uniform"
+
+        def losses(self, out, labels, ctx):
+            return {"loss": classification_loss(out["student_cosines"], labels, 2 * self.config.cls_scale),
+                    "cls_student": classification_loss(out["student_cosines"], labels, self.config.cls_scale)}
+
+    try:
+        cfg = TrainConfig(data=str(demo_root), out=str(tmp_path / "run"), method="test-prototypes",
+                          backbone="timm:test_vit", image_size=32, batch_size=8, steps=2, val_every=0)
+        run = train(cfg)
+        header = json.loads((run / "train_config.json").read_text())
+        assert header["config"]["sampler"] == "uniform" and (run / "model" / "model.safetensors").is_file()
+    finally:
+        methods.METHODS.pop("test-prototypes")

@@ -31,25 +31,30 @@ def test_round_robin_and_size():
     assert (draws == 1).mean() == pytest.approx(0.75, abs=0.03)
 
 
-def drive(sampler: DynamicSampler, losses: dict[int, float], steps: int) -> list[int]:
+def drive(sampler: DynamicSampler, losses: dict[int, float], steps: int, events: list | None = None) -> list[int]:
     domains = []
     for _ in range(steps):
         d = sampler.next_domain()
-        sampler.record(d, losses[d])
+        event = sampler.record(d, losses[d])
+        if event is not None and events is not None:
+            events.append(event)
         domains.append(d)
     return domains
 
 
 def test_dynamic_probabilities_follow_recorded_losses():
     s = DynamicSampler([100, 100, 100], seed=0, interval=6, window=6)
-    first = drive(s, {0: 3.0, 1: 2.0, 2: 1.0}, 6)
-    assert first == [0, 1, 2, 0, 1, 2]  # round-robin until the first update
+    events = []
+    first = drive(s, {0: 3.0, 1: 2.0, 2: 1.0}, 5, events)
+    assert first == [0, 1, 2, 0, 1] and not events  # round-robin until the first update
     assert s.probabilities() == pytest.approx([1 / 3] * 3)
-    s.next_domain()  # step 6: p = Lbar_i / sum_j Lbar_j = [3, 2, 1] / 6
+    drive(s, {0: 3.0, 1: 2.0, 2: 1.0}, 1, events)  # the 6th loss: p = Lbar_i / sum_j Lbar_j = [3, 2, 1] / 6
     assert s.probabilities() == pytest.approx([0.5, 1 / 3, 1 / 6])
-    assert s.updates[0]["window_means"] == pytest.approx([3.0, 2.0, 1.0])
-    draws = np.array(drive(s, {0: 3.0, 1: 2.0, 2: 1.0}, 5))  # still inside the interval
-    assert len(draws) == 5
+    assert len(events) == 1 and events[0]["step"] == 6  # reported: step 6 is the first drawn from it
+    assert events[0]["window_means"] == pytest.approx([3.0, 2.0, 1.0])
+    assert events[0]["probabilities"] == pytest.approx([0.5, 1 / 3, 1 / 6])
+    draws = np.array(drive(s, {0: 3.0, 1: 2.0, 2: 1.0}, 5, events))  # still inside the interval
+    assert len(draws) == 5 and len(events) == 1
     # many steps with constant losses: frequencies approach p
     big = DynamicSampler([1, 1, 1], seed=1, interval=3, window=3000)
     draws = np.array(drive(big, {0: 3.0, 1: 2.0, 2: 1.0}, 6000))
@@ -59,15 +64,15 @@ def test_dynamic_probabilities_follow_recorded_losses():
 
 def test_dynamic_window_forgets_old_losses():
     s = DynamicSampler([1, 1], seed=0, interval=4, window=4)
-    drive(s, {0: 10.0, 1: 10.0}, 4)  # steps 0..3
-    s.next_domain()  # update at step 4 from steps 0..3
-    assert s.probabilities() == pytest.approx([0.5, 0.5])
+    events = []
+    drive(s, {0: 10.0, 1: 10.0}, 4, events)  # steps 0..3, then the update for step 4
+    assert s.probabilities() == pytest.approx([0.5, 0.5]) and len(events) == 1
+    s.next_domain()
     s.record(0, 1.0)
     for _ in range(3):
         d = s.next_domain()
-        s.record(d, 1.0 if d == 0 else 3.0)
-    s.next_domain()  # update at step 8: only steps 4..7 count
-    means = s.updates[-1]["window_means"]
+        event = s.record(d, 1.0 if d == 0 else 3.0)  # the last one: update for step 8 from steps 4..7
+    means = event["window_means"]
     assert means[0] == pytest.approx(1.0)
     # domain 1 either was drawn (loss 3) or keeps its last mean (10)
     assert means[1] in (pytest.approx(3.0), pytest.approx(10.0))

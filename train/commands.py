@@ -1,24 +1,49 @@
 """CLI: ``uniret train`` -- UDON and its baselines on a collection (folder or packed LMDB).
 
 Options left out fall back to ``--config FILE`` and then to the reference recipe
-(:class:`uniret.train.config.TrainConfig`). Several GPUs: ``torchrun --nproc_per_node N -m
+(:class:`uniret.train.config.TrainConfig`). The model options are those of ``uniret model init``.
+``--method`` and ``--sampler`` list the registries of :mod:`uniret.train.methods` and
+:mod:`uniret.train.samplers` (neither imports torch). Several GPUs: ``torchrun --nproc_per_node N -m
 uniret.cli train ...`` (the global ``--batch-size`` is split over the processes).
 """
 
 from __future__ import annotations
 
+import enum
 from pathlib import Path
 
 import typer
 
+from .methods import METHODS
+from .samplers import SAMPLERS
+
+MethodName = enum.Enum("MethodName", {name: name for name in METHODS}, type=str)
+SamplerName = enum.Enum("SamplerName", {name: name for name in SAMPLERS}, type=str)
+
+_METHOD_HELP = "; ".join(f"{n}: {cls.help} (default sampler {cls.default_sampler})" for n, cls in METHODS.items())
+_SAMPLER_HELP = "; ".join(f"{n}: {cls.help}" for n, cls in SAMPLERS.items())
+
+
+def _value(option):
+    return option.value if isinstance(option, enum.Enum) else option
+
 
 def train_command(
     data: str = typer.Option(None, "--data", help="Collection root or packed LMDB directory."),
-    method: str = typer.Option(None, "--method", help="udon | uscrr | ujc | specialist (default udon)"),
+    method: MethodName = typer.Option(None, "--method", help=f"Training method (default udon). {_METHOD_HELP}."),
     domain: str = typer.Option(None, "--domain", help="The one domain of --method specialist."),
-    sampler: str = typer.Option(None, "--sampler", help="dynamic | round_robin | uniform | size (default dynamic)"),
+    sampler: SamplerName = typer.Option(None, "--sampler", help=f"Domain of each step (default: the method's). {_SAMPLER_HELP}."),
     backbone: str = typer.Option(None, "--backbone", help="timm:<model>, open_clip:<arch>/<tag> or a model dir."),
     image_size: int = typer.Option(None, "--image-size", help="Input size in pixels (default the backbone's)."),
+    pool: str = typer.Option(None, "--pool", help="CNN feature pooling, e.g. avg, gem or gem:4.6 (default the backbone's)."),
+    crop_pct: float = typer.Option(None, "--crop-pct", help="Evaluation crop fraction; 1.0 = short side to the input size, centre crop (the reference's)."),
+    dim: int = typer.Option(None, "--dim", help="Universal embedding size (default 64)."),
+    nested_dims: str = typer.Option(None, "--nested-dims",
+                                    help="Matryoshka prefix sizes trained to work alone, e.g. 8,16,32,64."),
+    pretrained: bool = typer.Option(None, "--pretrained/--no-pretrained", help="Start from the backbone's pretrained weights (needs them cached)."),
+    weights: str = typer.Option(None, "--weights", help="Backbone weights file."),
+    distill_backbone: bool = typer.Option(None, "--distill-backbone/--no-distill-backbone",
+                                          help="udon: let L_log and L_rel train the backbone (default) or stop them at e_b."),
     steps: int = typer.Option(None, "--steps", help="Training steps (one single-domain batch each)."),
     batch_size: int = typer.Option(None, "--batch-size", help="Global batch size (default 128)."),
     out: str = typer.Option(None, "--out", help="Run directory to create (or to continue with --resume)."),
@@ -29,16 +54,11 @@ def train_command(
     ckpt_every: int = typer.Option(None, "--ckpt-every", help="Checkpoint every N steps (default 1000)."),
     device: str = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N (default auto)."),
     workers: int = typer.Option(None, "--workers", help="Image-decoding processes (default 0)."),
-    pretrained: bool = typer.Option(None, "--pretrained/--no-pretrained", help="Start from the backbone's pretrained weights (needs them cached)."),
-    weights: str = typer.Option(None, "--weights", help="Backbone weights file."),
-    dim: int = typer.Option(None, "--dim", help="Universal embedding size (default 64)."),
-    nested_dims: str = typer.Option(None, "--nested-dims",
-                                    help="Matryoshka prefix sizes trained to work alone, e.g. 8,16,32,64."),
 ) -> None:
     """Train a universal embedding (UDON or a baseline); writes RUN/ with the exported RUN/model."""
     import logging
 
-    from ..errors import UniretError
+    from ..errors import UsageError
     from .config import resolve_config
     from .trainer import train
 
@@ -47,13 +67,13 @@ def train_command(
         try:
             nested = [int(v) for v in nested_dims.split(",") if v.strip()]
         except ValueError:
-            raise UniretError(f"--nested-dims takes comma-separated integers, not {nested_dims!r}") from None
+            raise UsageError(f"--nested-dims takes comma-separated integers, not {nested_dims!r}") from None
 
     cfg = resolve_config(
-        config, data=data, method=method, domain=domain, sampler=sampler, backbone=backbone,
-        image_size=image_size, steps=steps, batch_size=batch_size, out=out, seed=seed,
-        val_every=val_every, ckpt_every=ckpt_every, device=device, workers=workers,
-        pretrained=pretrained, weights=weights, dim=dim, nested_dims=nested,
+        config, data=data, method=_value(method), domain=domain, sampler=_value(sampler), backbone=backbone,
+        image_size=image_size, pool=pool, crop_pct=crop_pct, dim=dim, nested_dims=nested, pretrained=pretrained,
+        weights=weights, distill_to_backbone=distill_backbone, steps=steps, batch_size=batch_size, out=out,
+        seed=seed, val_every=val_every, ckpt_every=ckpt_every, device=device, workers=workers,
     )
     run = train(cfg, resume=resume)
     summary = (run / "summary.json")

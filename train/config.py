@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import UniretError
+from .methods import method_class
+from .samplers import SAMPLERS
 
-METHODS = ("udon", "uscrr", "ujc", "specialist")
-SAMPLERS = ("dynamic", "round_robin", "uniform", "size")
 ABSENT_HEAD_POLICIES = ("update", "skip")
 
 
@@ -28,12 +28,14 @@ class TrainConfig:
     out: str = ""
     method: str = "udon"
     domain: str | None = None  # the one domain of --method specialist
-    sampler: str = "dynamic"
-    # -- model ------------------------------------------------------------------------------------
+    sampler: str | None = None  # None: the method's (udon dynamic, uscrr round_robin, ujc size)
+    # -- model (the options of `uniret model init`) -------------------------------------------------
     backbone: str = "timm:vit_base_patch16_224"
     pretrained: bool = False
     weights: str | None = None
     image_size: int | None = None
+    pool: str | None = None  # CNN pooling, e.g. "gem" or "gem:4.6"; None = the backbone's
+    crop_pct: float | None = None  # eval crop; 1.0 = the reference's (short side to size, centre crop)
     dim: int = 64  # universal (student) embedding
     # Matryoshka (METHOD.md §6): prefix sizes of the student embedding that are trained to be usable
     # on their own, e.g. [8, 16, 32, 64]; None = no nesting.
@@ -62,6 +64,9 @@ class TrainConfig:
     weight_cls_student: float = 0.25
     weight_logit: float = 0.25
     weight_relational: float = 0.25
+    # False: e_b is detached for L_log and L_rel, so distillation trains the student head and its
+    # classifier but not the backbone (an ablation; the reference distils into the backbone too).
+    distill_to_backbone: bool = True
     # -- dynamic sampler ---------------------------------------------------------------------------
     dynamic_interval: int = 1000  # U: round-robin for the first U steps, new p every U steps
     dynamic_window: int = 1000  # steps whose losses make the per-domain mean
@@ -100,14 +105,12 @@ class TrainConfig:
             raise UniretError("no training data: pass --data ROOT|LMDB")
         if not self.out:
             raise UniretError("no run directory: pass --out RUN")
-        if self.method not in METHODS:
-            raise UniretError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        method = method_class(self.method)
+        method.check_config(self)
+        if self.sampler is None:
+            self.sampler = method.default_sampler
         if self.sampler not in SAMPLERS:
             raise UniretError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
-        if self.method == "specialist" and not self.domain:
-            raise UniretError("--method specialist trains one domain: pass --domain D")
-        if self.method != "specialist" and self.domain:
-            raise UniretError("--domain is only for --method specialist; drop it or change the method")
         if self.absent_heads not in ABSENT_HEAD_POLICIES:
             raise UniretError(f"absent_heads must be one of {', '.join(ABSENT_HEAD_POLICIES)}")
         if self.amp not in ("auto", "bf16", "off"):
@@ -130,6 +133,11 @@ class TrainConfig:
             raise UniretError("backbone_freeze_fraction must be between 0 and 1")
         if self.distill_temperature <= 0 or self.cls_scale <= 0:
             raise UniretError("distill_temperature and cls_scale must be positive")
+        weights = (self.weight_cls_teacher, self.weight_cls_student, self.weight_logit, self.weight_relational)
+        if min(weights) < 0 or sum(weights) <= 0:
+            raise UniretError("the loss weights weight_* must be 0 or more, and not all 0")
+        if self.crop_pct is not None and not 0.0 < self.crop_pct <= 1.0:
+            raise UniretError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
         return self
 
     @property

@@ -48,6 +48,13 @@ def relational_distillation(
     return (factor * batch) * (sim_student - sim_teacher).pow(2).mean()
 
 
+def weighted_total(losses: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
+    """``sum_i w_i L_i / sum_i w_i``: the weights are normalised by their sum, as in the reference, so
+    an ablation that zeroes one weight averages the remaining losses (weights 1,1,1,0 -> mean of 3)."""
+    total = sum(weights.values())
+    return sum(w * losses[name] for name, w in weights.items() if w) / total
+
+
 def udon_losses(
     out: dict,
     labels: torch.Tensor,
@@ -58,20 +65,24 @@ def udon_losses(
     weights: tuple[float, float, float, float] = (0.25, 0.25, 0.25, 0.25),
     gathered: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """All four UDON losses and their weighted sum ``loss``.
+    """All four UDON losses and their weighted mean ``loss`` (weights normalised by their sum).
 
     ``out`` holds ``student_cosines``, ``teacher_cosines``, ``student`` and ``teacher`` embeddings
-    (see :class:`~uniret.train.model.TrainingModel`). ``gathered`` = (student, teacher) embeddings
-    of the global batch under DDP; the relational loss uses them instead of the local ones.
+    (see :class:`~uniret.train.methods.Udon`); ``distill_student`` / ``distill_student_cosines``,
+    when present, are the student computed from a detached e_b and feed the two distillation losses
+    (distillation stopped at the backbone). ``gathered`` = (student, teacher) embeddings of the global
+    batch under DDP; the relational loss uses them instead of the local ones.
     """
-    w_ct, w_cu, w_log, w_rel = weights
     cls_t = classification_loss(out["teacher_cosines"], labels, cls_scale)
     cls_u = student_classification_loss(out, labels, cls_scale)
-    log = logit_distillation(out["teacher_cosines"], out["student_cosines"], temperature)
-    student, teacher = gathered if gathered is not None else (out["student"], out["teacher"])
+    log = logit_distillation(out["teacher_cosines"], out.get("distill_student_cosines", out["student_cosines"]),
+                             temperature)
+    student, teacher = gathered if gathered is not None else (out.get("distill_student", out["student"]),
+                                                              out["teacher"])
     rel = relational_distillation(student, teacher, relational_factor)
-    total = w_ct * cls_t + w_cu * cls_u + w_log * log + w_rel * rel
-    return {"loss": total, "cls_teacher": cls_t, "cls_student": cls_u, "logit": log, "relational": rel}
+    losses = {"cls_teacher": cls_t, "cls_student": cls_u, "logit": log, "relational": rel}
+    losses["loss"] = weighted_total(losses, dict(zip(("cls_teacher", "cls_student", "logit", "relational"), weights)))
+    return losses
 
 
 def classifier_only_losses(out: dict, labels: torch.Tensor, *, cls_scale: float = 16.0) -> dict[str, torch.Tensor]:

@@ -1,8 +1,9 @@
-"""The training loop: one iteration-based loop for udon, uscrr, ujc and specialist.
+"""The training loop: one iteration-based loop for every method of :mod:`uniret.train.methods`.
 
 Each step: the domain sampler picks ONE domain, its infinite sampler hands out the global batch's
-positions, this rank loads its slice, the model computes the method's losses, gradients are
-averaged over ranks, AdamW steps. Validation (merged protocol, mean R@1 over domains) every
+positions, this rank loads its slice, the method computes its losses, gradients are averaged over
+ranks, AdamW steps, and the sampler records the loss it follows (returning an update event when its
+probabilities change). Validation (merged protocol, mean R@1 over domains) every
 ``val_every`` steps keeps the best weights; checkpoints every ``ckpt_every`` steps make the run
 resumable exactly. See :mod:`uniret.train.rundir` for the files written.
 
@@ -25,32 +26,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import testing
 from ..errors import UniretError
-from ..utils import atomic_write_json, git_commit, progress_bar
+from ..utils import atomic_write_json, git_commit, progress_bar, resolve_device
 from .config import TrainConfig
 from .data import TrainData, ValData, sample_seed
-from .distributed import DistContext, average_gradients, average_scalars, gather_detached, gather_with_grad
-from .losses import classifier_only_losses, udon_losses
+from .distributed import DistContext, average_gradients, average_scalars
+from .methods import method_class
 from .model import TrainingModel
 from .rundir import RunDir, config_differences, rng_state, set_rng_state
 from .samplers import InfiniteIndexSampler, make_domain_sampler
 from .validate import validate
 
 logger = logging.getLogger("uniret")
-
-
-def pick_device(name: str, ctx: DistContext) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UniretError(f"--device {name}: no CUDA device is visible; use --device cpu")
-        if ctx.enabled and name == "cuda":
-            name = f"cuda:{ctx.local_rank}"
-        torch.cuda.set_device(torch.device(name))
-    elif name != "cpu":
-        raise UniretError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N")
-    return torch.device(name)
 
 
 def make_optimizer(model: TrainingModel, config: TrainConfig) -> torch.optim.AdamW:
@@ -65,31 +53,32 @@ def backbone_lr_at(step: int, config: TrainConfig) -> float:
     return 0.0 if step < config.freeze_steps else config.backbone_lr
 
 
-def method_losses(model: TrainingModel, config: TrainConfig, images: torch.Tensor, labels: torch.Tensor,
-                  domain: int, ctx: DistContext | None = None, autocast: bool = False) -> dict[str, torch.Tensor]:
+def method_losses(model: TrainingModel, images: torch.Tensor, labels: torch.Tensor, domain: int,
+                  ctx: DistContext | None = None, autocast: bool = False) -> dict[str, torch.Tensor]:
     """Forward one single-domain batch and return the method's losses (``loss`` = what to minimise).
 
-    ``labels`` are already in the classifier's label space (:meth:`TrainingModel.joint_labels`).
+    ``labels`` are already in the classifier's label space (``method.classifier_labels``).
     """
-    ctx = ctx or DistContext()
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if autocast else nullcontext()
     with amp:
         out = model(images, domain)
-    if config.method != "udon":
-        return classifier_only_losses(out, labels, cls_scale=config.cls_scale)
-    gathered = None
-    if ctx.enabled:  # the relational loss compares the images of the GLOBAL batch
-        gathered = (gather_with_grad(out["student"], ctx), gather_detached(out["teacher"], ctx))
-    return udon_losses(
-        out, labels, cls_scale=config.cls_scale, temperature=config.distill_temperature,
-        relational_factor=config.relational_factor, gathered=gathered,
-        weights=(config.weight_cls_teacher, config.weight_cls_student, config.weight_logit, config.weight_relational),
-    )
+    return model.method.losses(out, labels, ctx or DistContext())
+
+
+def build_embedder(config: TrainConfig):
+    """The model to train, built from the same options as ``uniret model init``."""
+    from ..embed.model import build_model
+
+    embedder = build_model(config.backbone, dim=config.dim, nested_dims=config.nested_dims,
+                           pretrained=config.pretrained, weights=config.weights, image_size=config.image_size,
+                           pool=config.pool)
+    if config.crop_pct is not None:
+        embedder.config.preprocess["crop_pct"] = float(config.crop_pct)
+    return embedder
 
 
 class Trainer:
     def __init__(self, config: TrainConfig, resume: bool = False):
-        from ..embed.model import build_model
         from ..embed.preprocess import eval_transform, train_transform
 
         self.config = config
@@ -98,18 +87,21 @@ class Trainer:
             raise UniretError(
                 f"--batch-size {config.batch_size} must divide evenly over {self.ctx.world_size} processes"
             )
-        self.device = pick_device(config.device, self.ctx)
+        self.device = torch.device(resolve_device(config.device, local_rank=self.ctx.local_rank))
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
         self.run = RunDir(config.out)
         if not resume and self.run.config_file.is_file():  # fail before building anything
             raise UniretError(f"{self.run.path} already holds a run; pass --resume to continue it or choose another --out")
         self.ctx.barrier()  # every rank has looked before rank 0 writes the run directory
         torch.manual_seed(config.seed)
-        embedder = build_model(config.backbone, dim=config.dim, nested_dims=config.nested_dims,
-                               pretrained=config.pretrained, weights=config.weights, image_size=config.image_size)
-        domains = [config.domain] if config.method == "specialist" else None
-        self.data = TrainData(config.data, domains, train_transform(embedder.config.preprocess), config.workers)
+        embedder = build_embedder(config)
+        method = method_class(config.method)
+        self.data = TrainData(config.data, method.training_domains(config),
+                              train_transform(embedder.config.preprocess), config.workers)
         self.domains = self.data.domains
-        self.model = TrainingModel(embedder, self.data.num_classes, config.method, config.teacher_dim).to(self.device)
+        self.method = method(config, self.data.num_classes)
+        self.model = TrainingModel(embedder, self.method).to(self.device)
         self.model.train()
         self.optimizer = make_optimizer(self.model, config)
         self.sampler = make_domain_sampler(config.sampler, self.data.sizes, config.seed,
@@ -179,7 +171,8 @@ class Trainer:
             self.run.save_checkpoint(self.run.last, self._state())
 
     # -- one step ----------------------------------------------------------------------------------
-    def train_step(self) -> tuple[int, dict[str, float]]:
+    def train_step(self) -> tuple[int, dict[str, float], dict | None]:
+        """One step; returns the domain, the loss values and the sampler's update event (or None)."""
         config, ctx = self.config, self.ctx
         for group in self.optimizer.param_groups:
             if group["name"] == "backbone":
@@ -191,17 +184,16 @@ class Trainer:
         seeds = [sample_seed(config.seed, self.step, slot) for slot in range(lo, lo + local)]
         images, labels = self.data.load(domain, positions[lo : lo + local], seeds)
         images, labels = images.to(self.device, non_blocking=True), labels.to(self.device)
-        labels = self.model.joint_labels(domain, labels)
-        losses = method_losses(self.model, config, images, labels, domain, ctx, self.autocast)
+        labels = self.method.classifier_labels(domain, labels)
+        losses = method_losses(self.model, images, labels, domain, ctx, self.autocast)
         self.optimizer.zero_grad(set_to_none=config.absent_heads == "skip")
         losses["loss"].backward()
         average_gradients(list(self.model.parameters()), ctx)
         self.optimizer.step()
         values = average_scalars({k: v.item() for k, v in losses.items()}, ctx)
-        # The dynamic sampler follows the teacher classification loss (student's for the baselines).
-        self.sampler.record(domain, values.get("cls_teacher", values["cls_student"]))
+        update = self.sampler.record(domain, values[self.method.sampler_loss])
         self.step += 1
-        return domain, values
+        return domain, values, update
 
     # -- validation --------------------------------------------------------------------------------
     def validate(self) -> dict | None:
@@ -224,7 +216,7 @@ class Trainer:
         return result
 
     # -- the loop ----------------------------------------------------------------------------------
-    def fit(self, stop_at: int | None = None) -> Path:
+    def fit(self) -> Path:
         config = self.config
         if self.step == 0 and config.val_every and len(self.val):
             self.validate()  # the untrained model: the baseline every later value is read against
@@ -235,16 +227,13 @@ class Trainer:
         with progress_bar(f"train {config.method}", config.steps, disable=not self.ctx.is_main) as advance:
             advance(self.step)
             while self.step < config.steps:
-                if stop_at is not None and self.step >= stop_at:
-                    return self.run.path  # simulated interruption (tests)
-                updates = len(getattr(self.sampler, "updates", []))
-                domain, values = self.train_step()
+                testing.interrupt_point("train", self.step)
+                domain, values, update = self.train_step()
                 for k, v in values.items():
                     window[k].append(v)
                 per_domain[self.domains[domain]].append(values["loss"])
                 seen += config.batch_size
-                if self.ctx.is_main and len(getattr(self.sampler, "updates", [])) > updates:
-                    update = self.sampler.updates[-1]  # computed before drawing step index update["step"]
+                if self.ctx.is_main and update is not None:
                     self.run.log({**update, "kind": "sampler", "step": self.step, "first_step": update["step"],
                                   "domains": self.domains})
                 ips = seen / max(time.perf_counter() - t0, 1e-9)
@@ -295,13 +284,13 @@ class Trainer:
         self.data.close()
 
 
-def train(config: TrainConfig, resume: bool = False, stop_at: int | None = None) -> Path:
-    """Train with ``config``; returns the run directory. ``stop_at`` simulates an interruption."""
+def train(config: TrainConfig, resume: bool = False) -> Path:
+    """Train with ``config``; returns the run directory."""
     config = TrainConfig.from_json(config.to_json()).validate()
     config.data = str(Path(config.data).resolve())
     config.out = str(Path(config.out).resolve())
     trainer = Trainer(config, resume=resume)
     try:
-        return trainer.fit(stop_at=stop_at)
+        return trainer.fit()
     finally:
         trainer.close()

@@ -1,0 +1,239 @@
+"""The search layer: one :class:`Index` that the CLI, the Python API and the HTTP server search through.
+
+::
+
+    import uniret
+    index = uniret.open_index("demo/index", images="demo/data")
+    results = index.search(["query.png", "id:3"], k=5, rerank="superglobal", domain="flags")
+    results.to_dicts()    # [{"query": "query.png", "results": [{"rank": 1, "id": ..., "score": ...}]}]
+    results               # in a notebook: a grid of thumbnails
+
+:func:`open_index` loads the live version of an index directory (its Faiss index, ids, raw vectors
+and metadata) once; the index's model copy is loaded on the first image query. ``search`` takes any
+mix of queries (see :func:`~uniret.index.queries.prepare_queries`), embeds the images in batches
+with the index's own model, searches them together and returns :class:`Results`.
+:meth:`Index.refresh` switches to a newer version published by ``uniret index add/remove``; a
+search already running keeps the version it started with. Nothing here writes to the index.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import UniretError, UsageError
+from .images import open_image_source
+from .layout import current_version
+from .queries import QueryRows, prepare_queries
+from .rerank import RERANKERS
+
+logger = logging.getLogger("uniret")
+
+#: The most results one query may ask for (k is also clamped to the index size).
+MAX_K = 10_000
+
+
+@dataclass
+class QueryResult:
+    """One query's ranked rows (rank, id, score and the item's metadata fields)."""
+
+    query: str
+    rows: list[dict]
+    image: object = field(default=None, repr=False)  # the decoded query image, for thumbnails
+    item: dict | None = None  # the stored item, for an ``id:N`` query
+
+
+class Results(list):
+    """A list of :class:`QueryResult`, one per query, in query order."""
+
+    def __init__(self, queries: list[QueryResult], images=None):
+        super().__init__(queries)
+        self.images = images  # where result thumbnails come from (or None)
+
+    def to_dicts(self) -> list[dict]:
+        return [{"query": q.query, "results": q.rows} for q in self]
+
+    def to_json(self, **kwargs) -> str:
+        return json.dumps(self.to_dicts(), **kwargs)
+
+    def rows(self) -> list[dict]:
+        """Flat rows with a ``query`` column (for tables)."""
+        return [{"query": q.query, **row} for q in self for row in q.rows]
+
+    def to_html(self, title: str = "uniret search", fragment: bool = False) -> str:
+        from ..pages import render_results
+
+        return render_results(self, title=title, fragment=fragment)
+
+    def _repr_html_(self) -> str:
+        return self.to_html(fragment=True)
+
+
+def check_k(k, count: int) -> int:
+    """``k`` as the number of results to fetch: >= 1, at most the index size and :data:`MAX_K`."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise UsageError(f"k must be an integer >= 1, got {k!r}")
+    if k > MAX_K and count > MAX_K:
+        logger.warning("k=%d is over the maximum of %d; returning %d results per query", k, MAX_K, MAX_K)
+    return int(max(1, min(k, count, MAX_K)))
+
+
+def check_rerank(rerank: str | None) -> str | None:
+    if rerank in (None, "none"):
+        return None
+    if rerank not in RERANKERS:
+        raise UsageError(f"unknown reranker {rerank!r}; use one of none, {', '.join(sorted(RERANKERS))}")
+    return rerank
+
+
+class Index:
+    """A searchable index directory (see the module docstring)."""
+
+    def __init__(self, path, device: str = "auto", gpu: str = "auto", model=None, images=None):
+        from .searcher import Searcher
+
+        self.root = Path(path)
+        self._open_args = {"gpu": gpu, "device": device}
+        self.searcher = Searcher.open(self.root, **self._open_args)
+        self.model_dir = Path(model) if model is not None else None
+        self.images = open_image_source(images)
+        self._refresh_lock = threading.Lock()
+        self._model = None
+
+    # -- what is loaded -------------------------------------------------------------------------
+    @property
+    def version(self) -> str:
+        return self.searcher.version_dir.name
+
+    @property
+    def count(self) -> int:
+        return self.searcher.count
+
+    @property
+    def dim(self) -> int:
+        return self.searcher.dim
+
+    def info(self) -> dict:
+        """Model, dims, counts, index kind, search parameters and the recall measured at build."""
+        m = self.searcher.manifest
+        model = m.get("model") or {}
+        return {"index": str(self.root), "version": self.version, "count": self.count, "dim": self.dim,
+                "key": m["key"], "kind": m.get("kind"), "metric": m.get("metric"),
+                "search_params": m.get("search_params") or {}, "recall": m.get("recall"),
+                "model": {"config_hash": model.get("config_hash"), "backbone": model.get("backbone"),
+                          "copy": bool(m.get("model_dir"))},
+                "domains": self.domains(), "rerankers": ["none", *sorted(RERANKERS)], "max_k": MAX_K,
+                "images": repr(self.images) if self.images is not None else None}
+
+    def domains(self) -> list[str]:
+        return sorted({d for d in self.searcher.row_domains if d is not None})
+
+    def item(self, item_id: int) -> dict | None:
+        """The stored metadata of one id, or None."""
+        return self.searcher.metadata([item_id])[0]
+
+    def image_bytes(self, item_id: int) -> bytes:
+        from .ids import UnknownIdError
+        from .images import ImageNotFound
+
+        meta = self.item(item_id)
+        if meta is None:
+            raise UnknownIdError(f"id {item_id} is not in the index")
+        if self.images is None:
+            raise ImageNotFound("no image source: open the index with images=ROOT_OR_LMDB (--images)")
+        return self.images.get(meta)
+
+    # -- live updates ---------------------------------------------------------------------------
+    def refresh(self) -> bool:
+        """Load the version CURRENT names now, if it is newer; True when it switched."""
+        from .searcher import Searcher
+
+        with self._refresh_lock:
+            if current_version(self.root).name == self.version:
+                return False
+            fresh = Searcher.open(self.root, **self._open_args)
+            if fresh.model_hash != self.searcher.model_hash:
+                self._model = None  # rebuilt from another model: load its copy again
+            fresh.row_domains  # noqa: B018 - read the domains before the swap, not on a request
+            self.searcher = fresh  # one reference swap: searches in flight keep the old version
+            logger.info("index %s: now serving %s (%d items)", self.root, fresh.version_dir.name, fresh.count)
+            return True
+
+    # -- embedding ------------------------------------------------------------------------------
+    def load_model(self):
+        """The index's model copy (or ``model=``), checked against the index; loaded once."""
+        if self._model is None:
+            searcher = self.searcher
+            device = "cuda" if searcher.device.startswith("cuda") else "cpu"
+            self._model = searcher.load_model(self.model_dir, device=device)
+        return self._model
+
+    def embed_images(self, images: list, batch_size: int = 64) -> np.ndarray:
+        """(n, dim) float32 embeddings of PIL images with the index's model."""
+        model = self.load_model()
+        vectors = model.encode(images, batch_size=batch_size).float().cpu().numpy()
+        if not np.isfinite(vectors).all():
+            raise UniretError("the model produced non-finite embeddings for a query image; the model is damaged")
+        return vectors
+
+    def embed_rows(self, rows: QueryRows, batch_size: int = 64) -> np.ndarray:
+        """The (n, dim) query matrix of prepared rows, embedding the image rows."""
+        todo = rows.image_rows
+        if todo:
+            embedded = self.embed_images([rows.images[i] for i in todo], batch_size=batch_size)
+            for i, vec in zip(todo, embedded):
+                rows.vectors[i] = vec
+        return np.stack(rows.vectors).astype(np.float32)
+
+    # -- search ---------------------------------------------------------------------------------
+    def search(self, queries, k: int = 10, rerank: str | None = None, domain: str | None = None,
+               threshold: float | None = None, shortlist_dim: int | None = None,
+               shortlist_k: int | None = None) -> Results:
+        """Search any mix of queries; one ranked list per (expanded) query."""
+        searcher = self.searcher
+        rows = prepare_queries(queries, searcher)
+        return self.search_vectors(rows, self.embed_rows(rows), k=k, rerank=rerank, domain=domain,
+                                   threshold=threshold, shortlist_dim=shortlist_dim, shortlist_k=shortlist_k,
+                                   searcher=searcher)
+
+    def search_vectors(self, rows: QueryRows, xq: np.ndarray, k: int = 10, rerank: str | None = None,
+                       domain: str | None = None, threshold: float | None = None,
+                       shortlist_dim: int | None = None, shortlist_k: int | None = None,
+                       searcher=None) -> Results:
+        """Search an (n, dim) query matrix whose rows are described by ``rows``."""
+        searcher = searcher or self.searcher
+        if threshold is not None and not -1.0 <= threshold <= 1.0:
+            raise UsageError(f"threshold must be a similarity in [-1, 1], got {threshold}")
+        if shortlist_k is not None and shortlist_dim is None:
+            raise UsageError("--shortlist-k needs --shortlist-dim")
+        k = check_k(k, searcher.count)
+        scores, ids = searcher.search(xq, k, rerank=check_rerank(rerank), domain=domain,
+                                      shortlist_dim=shortlist_dim, shortlist_k=shortlist_k)
+        meta = searcher.metadata(ids)
+        query_items = searcher.metadata([-1 if i is None else i for i in rows.ids])
+        out = []
+        for qi, label in enumerate(rows.labels):
+            hits = []
+            for rank in range(ids.shape[1]):
+                score = float(scores[qi, rank])
+                if ids[qi, rank] < 0 or (threshold is not None and score < threshold):
+                    continue
+                m = meta[qi * ids.shape[1] + rank] or {}
+                hits.append({"rank": rank + 1, "id": int(ids[qi, rank]), "score": score, **m})
+            out.append(QueryResult(label, hits, image=rows.images[qi], item=query_items[qi]))
+        return Results(out, images=self.images)
+
+
+def open_index(path, device: str = "auto", gpu: str = "auto", model=None, images=None) -> Index:
+    """Open an index directory for searching (see :class:`Index`).
+
+    ``device``: auto | cpu | cuda[:i], where image queries are embedded (and flat indexes searched
+    when Faiss has no GPU); ``gpu``: auto | on | off for Faiss; ``model``: a model directory to use
+    instead of the index's copy; ``images``: a packed store or folder for result thumbnails.
+    """
+    return Index(path, device=device, gpu=gpu, model=model, images=images)

@@ -1,0 +1,59 @@
+"""CLI: ``uniret serve INDEX``: the search layer over HTTP, with the web page at ``/``."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import typer
+
+from ..errors import UsageError
+
+logger = logging.getLogger("uniret")
+
+
+def serve_command(
+    index: Path = typer.Argument(..., help="Index directory (served read-only)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; anything but loopback should use --token."),
+    port: int = typer.Option(8000, "--port", help="TCP port."),
+    images: Path = typer.Option(None, "--images", help="Packed store, collection root or image folder of the "
+                                                       "indexed items (thumbnails and /items/ID/image)."),
+    device: str = typer.Option("auto", "--device", help="Where query images are embedded: auto, cpu, cuda or cuda:N."),
+    max_batch: int = typer.Option(32, "--max-batch", help="Queries gathered into one embed + search (1: no batching)."),
+    max_wait_ms: float = typer.Option(5.0, "--max-wait-ms", help="How long a batch waits to fill, in milliseconds."),
+    max_upload_mb: float = typer.Option(20.0, "--max-upload-mb", help="Largest request body, in MB (bigger: HTTP 413)."),
+    token: str = typer.Option(None, "--token", envvar="UNIRET_TOKEN", show_envvar=True,
+                              help="Require this bearer token on every endpoint but /healthz."),
+) -> None:
+    """Serve an index over HTTP: POST /search, GET /items/ID, /healthz, /info, /metrics, the page at /."""
+    if not 0 < port < 65536:
+        raise UsageError(f"--port must be in 1..65535, got {port}")
+    if not 1 <= max_batch <= 1024:
+        raise UsageError(f"--max-batch must be in 1..1024, got {max_batch}")
+    if not 0 <= max_wait_ms <= 1000:
+        raise UsageError(f"--max-wait-ms must be in 0..1000, got {max_wait_ms}")
+    if not 0 < max_upload_mb <= 1024:
+        raise UsageError(f"--max-upload-mb must be in (0, 1024], got {max_upload_mb}")
+    if token is not None and not token.strip():
+        raise UsageError("--token is empty; give a token or leave the option out")
+    import uvicorn
+
+    from ..index.api import open_index
+    from .app import ServeSettings, create_app
+    from .guards import is_loopback
+
+    opened = open_index(index, device=device, images=images)
+    if opened.searcher.manifest.get("model_dir") or opened.model_dir:
+        opened.load_model()  # load the model now, not on the first image query
+    opened.domains()
+    if not is_loopback(host) and not token:
+        logger.warning("warning: serving %s on %s without --token: anyone who can reach this address can "
+                       "search it and read its images; set --token or UNIRET_TOKEN", index, host)
+    if images is None:
+        logger.info("no --images: results show no pictures; pass --images DATA (a packed store or folder)")
+    app = create_app(opened, ServeSettings(max_batch=max_batch, max_wait_ms=max_wait_ms,
+                                           max_upload_mb=max_upload_mb, token=token))
+    shown = f"[{host}]" if ":" in host else host
+    typer.echo(f"uniret serve: {index} ({opened.count} items, {opened.version}) on http://{shown}:{port}/"
+               f"{'?token=<token>' if token else ''}  (API docs: /docs; Ctrl-C stops)", err=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
