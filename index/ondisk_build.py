@@ -200,7 +200,9 @@ def merge_step(store, out, max_memory: int | None = None, target_recall: float =
         partial, ivf_bytes = merge_version(root, build, plan, [], window)
         ids = np.load(build / "ids.npy")
         np.save(partial / "ids.npy", ids)
-        write_meta(partial / "meta", zip(ids.tolist(), (it for _, it in iter_items(store, np.load(build / "rows.npy")))))
+        domains = []
+        items = (it for _, it in iter_items(store, np.load(build / "rows.npy")))
+        np.save(partial / "domains.npy", write_meta(partial / "meta", zip(ids.tolist(), items), domains))
         model = store.manifest.get("model") or {}
         manifest = {
             "format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "git_commit": git_commit(),
@@ -208,7 +210,7 @@ def merge_step(store, out, max_memory: int | None = None, target_recall: float =
             "normalized": bool(store.manifest.get("normalized", True)), "kind": plan["key"], "key": plan["key"],
             "search_params": {}, "count": int(plan["count"]), "next_id": int(store.count), "vectors_dtype": "float16",
             "built_on": plan["train"]["on"],
-            "on_disk": {"ivfdata": IVFDATA, "ivfdata_bytes": ivf_bytes, "shards": len(plan["shards"]),
+            "on_disk": {"ivfdata": IVFDATA, "ivfdata_bytes": ivf_bytes, "domains": domains, "shards": len(plan["shards"]),
                         "shard_rows": plan["shard_rows"], "memory": plan["memory"], "train": plan["train"],
                         **(extra or {})},
             "history": [{"op": "build", "store": str(store.path.resolve()), "added": int(plan["count"]),

@@ -64,9 +64,11 @@ def add_ondisk(root: Path, store, max_memory: int | None = None, workers: int | 
         partial, ivf_bytes = merge_version(root, build, plan, before, window)
         np.save(partial / "ids.npy", np.concatenate([np.load(cur / "ids.npy"), new_ids]))
         copy_meta(cur, partial)
-        write_meta(partial / "meta", zip(new_ids.tolist(), (it for _, it in iter_items(store, rows))))
+        domains = list(manifest["on_disk"]["domains"])
+        new_codes = write_meta(partial / "meta", zip(new_ids.tolist(), (it for _, it in iter_items(store, rows))), domains)
+        np.save(partial / "domains.npy", np.concatenate([np.load(cur / "domains.npy"), new_codes]))
         manifest = dict(manifest, count=int(manifest["count"] + len(rows)), next_id=int(new_ids[-1] + 1),
-                        on_disk=dict(manifest["on_disk"], ivfdata_bytes=ivf_bytes),
+                        on_disk=dict(manifest["on_disk"], ivfdata_bytes=ivf_bytes, domains=domains),
                         history=manifest["history"] + [{"op": "add", "store": str(store.path.resolve()), **counts}])
         final = publish(root, partial, manifest)
     shutil.rmtree(build, ignore_errors=True)
@@ -89,6 +91,7 @@ def remove_ondisk(root: Path, remove_ids: np.ndarray, max_memory: int | None = N
         before = [(ListSource.of_version(cur, manifest), RawVectors(cur / "vectors.npy"))]
         partial, ivf_bytes = merge_version(root, None, None, before, window, drop=ids[gone], keep=~gone, trained=trained)
         np.save(partial / "ids.npy", ids[~gone])
+        np.save(partial / "domains.npy", np.load(cur / "domains.npy")[~gone])
         copy_meta(cur, partial)
         db = MetadataDB(partial / "meta", write=True)
         try:

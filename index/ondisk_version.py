@@ -57,13 +57,15 @@ def merge_version(root: Path, build: Path | None, plan: dict | None, before: lis
     return partial, ivf_bytes
 
 
-def write_meta(dest: Path, id_items, batch: int = 10_000, reopen_every: int = 50) -> None:
+def write_meta(dest: Path, id_items, domains: list, batch: int = 10_000, reopen_every: int = 50) -> np.ndarray:
     """Put (id, Item) pairs into the LMDB at ``dest`` in batches, reopening it now and then so that
-    the B-tree pages it touched leave this process's RSS."""
-    db, buffer, batches = MetadataDB(dest, write=True), [], 0
+    the B-tree pages it touched leave this process's RSS. Returns each item's domain as an index
+    into ``domains`` (extended with domains not seen before): the version's ``domains.npy``."""
+    db, buffer, batches, codes, known = MetadataDB(dest, write=True), [], 0, [], {d: i for i, d in enumerate(domains)}
     try:
         for pair in id_items:
             buffer.append(pair)
+            codes.append(known.setdefault(pair[1].domain, len(known)))
             if len(buffer) == batch:
                 db.put_items(np.array([i for i, _ in buffer]), [it for _, it in buffer])
                 buffer, batches = [], batches + 1
@@ -74,6 +76,8 @@ def write_meta(dest: Path, id_items, batch: int = 10_000, reopen_every: int = 50
             db.put_items(np.array([i for i, _ in buffer]), [it for _, it in buffer])
     finally:
         db.close()
+    domains.extend(list(known)[len(domains):])
+    return np.asarray(codes, dtype=np.int32)
 
 
 def copy_meta(cur: Path, partial: Path) -> None:

@@ -105,6 +105,9 @@ class Searcher:
     @cached_property
     def row_domains(self) -> np.ndarray:
         """The domain of every row (object array), read once from the metadata."""
+        names = (self.manifest.get("on_disk") or {}).get("domains")
+        if names is not None:  # on-disk versions keep a domain code per row: no scan of the metadata
+            return np.array(names, dtype=object)[np.load(self.version_dir / "domains.npy")]
         return np.array([m["domain"] if m else None for m in self.meta.get(self.ids.tolist())], dtype=object)
 
     @cached_property

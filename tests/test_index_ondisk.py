@@ -196,6 +196,8 @@ def test_add_and_remove_on_disk(tmp_path, capsys):
     assert s.metadata([1200])[0]["path"] == "img1200.png"  # new items keep their store metadata
     _, top = s.search(x[1200:1203], 1)
     assert top[:, 0].tolist() == [1200, 1201, 1202]
+    _, top = s.search(x[1200:1202], 1, domain="b")  # domain codes kept per row (domains.npy)
+    assert top[0, 0] != 1200 and top[1, 0] == 1201 and set(s.row_domains[s.rows_of(top[:, 0])]) == {"b"}
     ref = twin(s, x, np.arange(1600))  # store b's rows 100..699 got ids 1000..1599
     d_disk, i_disk = s.index.search(x[::50], 10)
     d_ram, i_ram = ref.search(x[::50], 10)
@@ -209,6 +211,7 @@ def test_add_and_remove_on_disk(tmp_path, capsys):
     s = Searcher.open(idx, gpu="off", device="cpu")
     scores, ids = s.search(x[[3, 1200]], 50)
     assert not np.isin(ids, [3, 1200]).any() and s.metadata([3])[0] is None
+    assert s.row_domains.tolist() == [m["domain"] for m in s.metadata(s.ids)]
     import faiss
 
     ref.remove_ids(faiss.IDSelectorBatch(np.array([3, 1200], dtype=np.int64)))
