@@ -32,7 +32,7 @@ from .keys import KINDS, check_lists, index_key, new_index
 from .layout import FORMAT, writer_lock
 from .ondisk import IVFDATA
 from .ondisk_tune import tune_ondisk
-from .ondisk_version import merge_version, publish, write_meta
+from .ondisk_version import iter_array, merge_version, publish, write_meta
 from .shards import (
     encode_shards,
     iter_items,
@@ -43,7 +43,9 @@ from .shards import (
     split_positions,
     store_key,
     write_plan,
+    write_valid_rows,
 )
+from .vectors import ArrayWriter
 
 logger = logging.getLogger("uniret")
 
@@ -69,12 +71,13 @@ def ondisk_key(kind: str, n: int, dim: int):
     return key, index
 
 
-def _train(store, rows: np.ndarray, key: str, index, sample: int, seed: int, gpu: str, gpus: int | None):
-    """Train ``index`` on ``sample`` of the store's ``rows`` (fp16-rounded, as encoded later)."""
+def _train(store, build: Path, key: str, index, sample: int, seed: int, gpu: str, gpus: int | None):
+    """Train ``index`` on ``sample`` of the plan's rows (fp16-rounded, as encoded later)."""
     use_gpu, ngpu = gpu_util.resolve(gpu, gpus)
+    rows = np.load(build / "rows.npy", mmap_mode="r")
     pick = np.sort(np.random.default_rng(seed).choice(len(rows), sample, replace=False)) if sample < len(rows) \
         else np.arange(len(rows))
-    x = read_store_rows(store, rows[pick]).astype(np.float16).astype(np.float32)
+    x = read_store_rows(store, np.asarray(rows[pick])).astype(np.float16).astype(np.float32)
     t0, where = time.perf_counter(), "cpu"
     try:
         if use_gpu and gpu_util.gpu_capable(key):
@@ -94,14 +97,13 @@ def _train(store, rows: np.ndarray, key: str, index, sample: int, seed: int, gpu
     return index, {"rows": int(len(x)), "seconds": round(time.perf_counter() - t0, 3), "on": where}
 
 
-def _ensure_plan(build: Path, store, rows: np.ndarray, ids: np.ndarray, op: str, key: str, index,
-                 budget: int, workers: int, shard_rows: int | None, seed: int, train=None) -> dict:
-    """The plan in ``build`` when it was made from the same inputs; else a new one (old work removed).
+def _ensure_plan(build: Path, store, fingerprint: dict, write_rows, key: str, index, budget: int, workers: int,
+                 shard_rows: int | None, seed: int, train=None) -> dict:
+    """The plan in ``build`` when it was made with the same ``fingerprint`` (inputs and options); else
+    a new one, old work removed. ``write_rows(build) -> n`` writes rows.npy and ids.npy;
     ``train(sample) -> (index, info)`` trains; without it ``index`` is already trained."""
-    from ..utils import stable_hash
+    import faiss
 
-    fingerprint = {"op": op, "store": store_key(store), "key": key, "seed": seed, "shard_rows": shard_rows,
-                   "rows": stable_hash([len(rows), int(rows[0]), int(rows[-1]), int(ids[0]), int(rows.sum() % (1 << 62))])}
     plan = read_plan(build)
     if plan is not None and plan["fingerprint"] == fingerprint:
         logger.info("index: resuming the build in %s (%d of %d shards done)", build,
@@ -110,19 +112,18 @@ def _ensure_plan(build: Path, store, rows: np.ndarray, ids: np.ndarray, op: str,
     if build.exists():
         logger.info("index: %s was left by a build of other inputs or options; starting over", build)
         shutil.rmtree(build)
-    import faiss
-
-    ivf = faiss.extract_index_ivf(index)
-    mem = plan_memory(budget, len(rows), store.dim, ivf.nlist, ivf.code_size, workers, shard_rows)
     (build / "shards").mkdir(parents=True)
+    n = write_rows(build)
+    ivf = faiss.extract_index_ivf(index)
+    mem = plan_memory(budget, n, store.dim, ivf.nlist, ivf.code_size, workers, shard_rows)
     info = {"rows": 0, "seconds": 0.0, "on": "reused"}
     if train is not None:
         index, info = train(mem.train_rows)
     plan = {"fingerprint": fingerprint, "key": key, "dim": store.dim, "nlist": int(ivf.nlist),
-            "code_size": int(ivf.code_size), "count": int(len(rows)), "store": str(store.path.resolve()),
-            "shard_rows": mem.shard_rows, "shards": split_positions(len(rows), mem.shard_rows),
+            "code_size": int(ivf.code_size), "count": n, "store": str(store.path.resolve()),
+            "shard_rows": mem.shard_rows, "shards": split_positions(n, mem.shard_rows),
             "memory": mem.to_json(), "train": info, "seed": seed}
-    write_plan(build, plan, rows, ids, index)
+    write_plan(build, plan, index)
     trained = f"trained on {info['rows']:,} vectors in {info['seconds']:.0f} s" if train else "the live version's quantizer"
     logger.info("index: %s, %s; %d shard(s) of up to %s rows, %d worker(s), budget %s", key, trained,
                 len(plan["shards"]), f"{mem.shard_rows:,}", mem.workers, fmt_bytes(budget))
@@ -151,13 +152,17 @@ def train_step(store, out, kind: str = "auto", gpu: str = "auto", gpus: int | No
     store, root = _open_store(store), Path(out)
     check_build_args(root, 0.95)
     workers = check_workers(workers)
-    rows = np.flatnonzero(store.valid_mask).astype(np.int64)
-    if len(rows) == 0:
+    n = int(store.valid_mask.sum())
+    if n == 0:
         raise UniretError(f"{store.path} has no usable embeddings; re-embed it")
-    key, index = ondisk_key(kind, len(rows), store.dim)
+    key, index = ondisk_key(kind, n, store.dim)
+    build = root / BUILD_DIR
+    # the rows to index follow from the store (its valid mask), so the store's key covers them
+    fingerprint = {"op": "build", "store": store_key(store), "key": key, "seed": seed, "shard_rows": shard_rows}
     with writer_lock(root):
-        return _ensure_plan(root / BUILD_DIR, store, rows, rows, "build", key, index, _budget(max_memory), workers,
-                            shard_rows, seed, train=lambda n: _train(store, rows, key, index, n, seed, gpu, gpus))
+        return _ensure_plan(build, store, fingerprint, lambda b: write_valid_rows(store, b), key, index,
+                            _budget(max_memory), workers, shard_rows, seed,
+                            train=lambda sample: _train(store, build, key, index, sample, seed, gpu, gpus))
 
 
 def encode_step(store, out, max_memory: int | None = None, workers: int | None = None,
@@ -198,11 +203,12 @@ def merge_step(store, out, max_memory: int | None = None, target_recall: float =
         window = plan_memory(_budget(max_memory), plan["count"], plan["dim"], plan["nlist"], plan["code_size"], 1,
                              plan["shard_rows"]).window_bytes
         partial, ivf_bytes = merge_version(root, build, plan, [], window)
-        ids = np.load(build / "ids.npy")
-        np.save(partial / "ids.npy", ids)
-        domains = []
-        items = (it for _, it in iter_items(store, np.load(build / "rows.npy")))
-        np.save(partial / "domains.npy", write_meta(partial / "meta", zip(ids.tolist(), items), domains))
+        shutil.copyfile(build / "ids.npy", partial / "ids.npy")
+        ids = np.load(partial / "ids.npy", mmap_mode="r")
+        domains, codes = [], ArrayWriter(partial / "domains.npy", (plan["count"],), np.int32)
+        items = (it for _, it in iter_items(store, np.load(build / "rows.npy", mmap_mode="r")))
+        write_meta(partial / "meta", zip(iter_array(ids), items), domains, codes)
+        codes.close()
         model = store.manifest.get("model") or {}
         manifest = {
             "format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "git_commit": git_commit(),

@@ -17,7 +17,7 @@ import numpy as np
 from .exact import REFINE_FACTOR, rescore
 from .keys import is_lossy, ivf_of, set_search_param, tune
 from .ondisk import read_version_index
-from .vectors import RawVectors, exact_search_chunked
+from .vectors import MappedArray, exact_search_chunked
 
 LIST_IMBALANCE = 3  # probed lists are the popular ones: assume 3x the mean list size
 
@@ -25,7 +25,7 @@ LIST_IMBALANCE = 3  # probed lists are the popular ones: assume 3x the mean list
 def tune_ondisk(version_dir: Path, manifest: dict, ids: np.ndarray, k: int, target: float, sample: int,
                 seed: int, window_bytes: int) -> dict:
     """Tune nprobe on ``sample`` stored vectors used as queries; returns :func:`tune`'s dict."""
-    raw = RawVectors(Path(version_dir) / "vectors.npy")
+    raw = MappedArray(Path(version_dir) / "vectors.npy")
     n = len(raw)
     k = min(k, n)
     rows = np.random.default_rng(seed + 1).choice(n, min(sample, n), replace=False)

@@ -22,8 +22,8 @@ from .layout import MetadataDB, current_version, read_manifest, writer_lock
 from .ondisk import ListSource, load_trained
 from .ondisk_build import UPDATE_DIR, _budget, _encode, _ensure_plan
 from .ondisk_version import copy_meta, merge_version, publish, write_meta
-from .shards import iter_items
-from .vectors import RawVectors
+from .shards import iter_items, store_key
+from .vectors import ArrayWriter, MappedArray
 
 
 def _live(root: Path) -> tuple[Path, dict]:
@@ -55,18 +55,31 @@ def add_ondisk(root: Path, store, max_memory: int | None = None, workers: int | 
             return dict(counts, count=manifest["count"], version=cur.name)
         new_ids = np.arange(manifest["next_id"], manifest["next_id"] + len(rows), dtype=np.int64)
         build, trained = root / UPDATE_DIR, load_trained(cur, manifest)
-        plan = _ensure_plan(build, store, rows, new_ids, f"add:{cur.name}", manifest["key"], trained, budget,
-                            workers, None, 0)
+
+        def write_rows(build: Path) -> int:
+            np.save(build / "rows.npy", rows)
+            np.save(build / "ids.npy", new_ids)
+            return len(rows)
+
+        # which rows are new follows from the store and the live version
+        fingerprint = {"op": "add", "version": cur.name, "store": store_key(store), "key": manifest["key"]}
+        plan = _ensure_plan(build, store, fingerprint, write_rows, manifest["key"], trained, budget, workers, None, 0)
         _encode(build, store, plan, budget, workers, None)
         window = plan_memory(budget, plan["count"], plan["dim"], plan["nlist"], plan["code_size"], 1,
                              plan["shard_rows"]).window_bytes
-        before = [(ListSource.of_version(cur, manifest), RawVectors(cur / "vectors.npy"))]
+        before = [(ListSource.of_version(cur, manifest), MappedArray(cur / "vectors.npy"))]
         partial, ivf_bytes = merge_version(root, build, plan, before, window)
-        np.save(partial / "ids.npy", np.concatenate([np.load(cur / "ids.npy"), new_ids]))
+        total = manifest["count"] + len(rows)
+        ids_out = ArrayWriter(partial / "ids.npy", (total,), np.int64)
+        ids_out.copy_from(MappedArray(cur / "ids.npy"))
+        ids_out.write(new_ids)
+        ids_out.close()
+        codes = ArrayWriter(partial / "domains.npy", (total,), np.int32)
+        codes.copy_from(MappedArray(cur / "domains.npy"))
         copy_meta(cur, partial)
         domains = list(manifest["on_disk"]["domains"])
-        new_codes = write_meta(partial / "meta", zip(new_ids.tolist(), (it for _, it in iter_items(store, rows))), domains)
-        np.save(partial / "domains.npy", np.concatenate([np.load(cur / "domains.npy"), new_codes]))
+        write_meta(partial / "meta", zip(new_ids.tolist(), (it for _, it in iter_items(store, rows))), domains, codes)
+        codes.close()
         manifest = dict(manifest, count=int(manifest["count"] + len(rows)), next_id=int(new_ids[-1] + 1),
                         on_disk=dict(manifest["on_disk"], ivfdata_bytes=ivf_bytes, domains=domains),
                         history=manifest["history"] + [{"op": "add", "store": str(store.path.resolve()), **counts}])
@@ -80,22 +93,26 @@ def remove_ondisk(root: Path, remove_ids: np.ndarray, max_memory: int | None = N
     root, remove_ids = Path(root), np.unique(np.asarray(remove_ids, dtype=np.int64))
     with writer_lock(root):
         cur, manifest = _live(root)
-        ids = np.load(cur / "ids.npy")
-        gone = np.isin(ids, remove_ids)
+        ids = np.load(cur / "ids.npy", mmap_mode="r")
+        gone = np.concatenate([np.isin(ids[s:s + (1 << 22)], remove_ids) for s in range(0, len(ids), 1 << 22)]
+                              or [np.zeros(0, dtype=bool)])
         counts = {"removed": int(gone.sum()), "not_present": int(len(remove_ids) - gone.sum())}
         if not gone.any():
             return dict(counts, count=manifest["count"], version=cur.name)
         trained = load_trained(cur, manifest)
         ivf = ivf_of(trained)
         window = plan_memory(_budget(max_memory), len(ids), manifest["dim"], ivf.nlist, ivf.code_size, 1).window_bytes
-        before = [(ListSource.of_version(cur, manifest), RawVectors(cur / "vectors.npy"))]
-        partial, ivf_bytes = merge_version(root, None, None, before, window, drop=ids[gone], keep=~gone, trained=trained)
-        np.save(partial / "ids.npy", ids[~gone])
-        np.save(partial / "domains.npy", np.load(cur / "domains.npy")[~gone])
+        before = [(ListSource.of_version(cur, manifest), MappedArray(cur / "vectors.npy"))]
+        dropped = np.asarray(ids[gone])
+        partial, ivf_bytes = merge_version(root, None, None, before, window, drop=dropped, keep=~gone, trained=trained)
+        for name, dtype in (("ids.npy", np.int64), ("domains.npy", np.int32)):
+            writer = ArrayWriter(partial / name, (int((~gone).sum()),), dtype)
+            writer.copy_from(MappedArray(cur / name), keep=~gone)
+            writer.close()
         copy_meta(cur, partial)
         db = MetadataDB(partial / "meta", write=True)
         try:
-            db.delete_ids(ids[gone].tolist())
+            db.delete_ids(dropped.tolist())
         finally:
             db.close()
         manifest = dict(manifest, count=int((~gone).sum()), on_disk=dict(manifest["on_disk"], ivfdata_bytes=ivf_bytes),

@@ -7,6 +7,7 @@ LMDB, the manifest, then publication (:mod:`.layout`). Shared by ``index build -
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ from ..utils import atomic_write_json
 from .layout import MetadataDB, next_version_name, publish_version
 from .ondisk import IVFDATA, ListSource, attach_lists, write_lists
 from .shards import TRAINED, check_shard
-from .vectors import RawVectors, RawVectorWriter
+from .vectors import ArrayWriter, MappedArray
 
 
 def new_partial(root: Path) -> Path:
@@ -26,9 +27,9 @@ def new_partial(root: Path) -> Path:
     return partial
 
 
-def merge_version(root: Path, build: Path | None, plan: dict | None, before: list[tuple[ListSource, RawVectors]],
-           window: int, drop: np.ndarray | None = None, keep: np.ndarray | None = None,
-           trained=None) -> tuple[Path, int]:
+def merge_version(root: Path, build: Path | None, plan: dict | None, before: list[tuple[ListSource, MappedArray]],
+                  window: int, drop: np.ndarray | None = None, keep: np.ndarray | None = None,
+                  trained=None) -> tuple[Path, int]:
     """Lists and raw vectors of ``before`` (a live version) and of the plan's shards -> a new partial
     version (index.faiss, lists.ivfdata, vectors.npy); returns (partial, lists bytes)."""
     import faiss
@@ -38,7 +39,7 @@ def merge_version(root: Path, build: Path | None, plan: dict | None, before: lis
         for s in range(len(plan["shards"])):
             path = check_shard(build, s, plan)
             sources.append((ListSource.of_shard(path / "ivf.faiss", plan["nlist"], plan["code_size"]),
-                            RawVectors(path / "vectors.npy")))
+                            MappedArray(path / "vectors.npy")))
         trained = faiss.read_index(str(build / TRAINED))
     nlist, code_size = faiss.extract_index_ivf(trained).nlist, faiss.extract_index_ivf(trained).code_size
     partial = new_partial(root)
@@ -50,34 +51,44 @@ def merge_version(root: Path, build: Path | None, plan: dict | None, before: lis
                           f"the shards are inconsistent: delete {build or root} and rebuild")
     attach_lists(trained, sizes, ivf_bytes)
     faiss.write_index(trained, str(partial / "index.faiss"))
-    writer = RawVectorWriter(partial / "vectors.npy", total, sources[0][1].dim)
+    writer = ArrayWriter(partial / "vectors.npy", (total, sources[0][1].dim), np.float16)
     for _, raw in sources:
         writer.copy_from(raw, keep)
     writer.close()
     return partial, ivf_bytes
 
 
-def write_meta(dest: Path, id_items, domains: list, batch: int = 10_000, reopen_every: int = 50) -> np.ndarray:
+def iter_array(values) -> Iterator[int]:
+    """The ints of a 1-D array or memory map, read a block at a time."""
+    for start in range(0, len(values), 1 << 20):
+        yield from np.asarray(values[start:start + (1 << 20)]).tolist()
+
+
+def write_meta(dest: Path, id_items, domains: list, codes: ArrayWriter, batch: int = 10_000,
+               reopen_every: int = 50) -> None:
     """Put (id, Item) pairs into the LMDB at ``dest`` in batches, reopening it now and then so that
-    the B-tree pages it touched leave this process's RSS. Returns each item's domain as an index
-    into ``domains`` (extended with domains not seen before): the version's ``domains.npy``."""
-    db, buffer, batches, codes, known = MetadataDB(dest, write=True), [], 0, [], {d: i for i, d in enumerate(domains)}
+    the B-tree pages it touched leave this process's RSS; write each item's domain to ``codes`` as
+    an index into ``domains`` (extended with domains not seen before): the version's domains.npy."""
+    db, buffer, batches, known = MetadataDB(dest, write=True), [], 0, {d: i for i, d in enumerate(domains)}
+
+    def flush(buffer):
+        db.put_items(np.array([i for i, _ in buffer]), [it for _, it in buffer])
+        codes.write(np.array([known.setdefault(it.domain, len(known)) for _, it in buffer], dtype=np.int32))
+
     try:
         for pair in id_items:
             buffer.append(pair)
-            codes.append(known.setdefault(pair[1].domain, len(known)))
             if len(buffer) == batch:
-                db.put_items(np.array([i for i, _ in buffer]), [it for _, it in buffer])
+                flush(buffer)
                 buffer, batches = [], batches + 1
                 if batches % reopen_every == 0:
                     db.close()
                     db = MetadataDB(dest, write=True)
         if buffer:
-            db.put_items(np.array([i for i, _ in buffer]), [it for _, it in buffer])
+            flush(buffer)
     finally:
         db.close()
     domains.extend(list(known)[len(domains):])
-    return np.asarray(codes, dtype=np.int32)
 
 
 def copy_meta(cur: Path, partial: Path) -> None:

@@ -34,7 +34,7 @@ from .layout import MODEL_DIR, MetadataDB, current_version, read_manifest
 from .ondisk import read_version_index
 from .rerank import candidate_depth
 from .rerank import rerank as apply_rerank
-from .vectors import RawVectors, exact_search_chunked
+from .vectors import MappedArray, exact_search_chunked
 
 logger = logging.getLogger("uniret")
 
@@ -48,7 +48,7 @@ class Searcher:
         self.manifest = read_manifest(self.version_dir)
         self.index = read_version_index(self.version_dir, self.manifest)
         # On-disk indexes: ids and raw vectors stay memory-mapped (never read whole).
-        self._raw = RawVectors(self.version_dir / "vectors.npy") if self.manifest.get("on_disk") else None
+        self._raw = MappedArray(self.version_dir / "vectors.npy") if self.manifest.get("on_disk") else None
         self.ids = np.load(self.version_dir / "ids.npy", mmap_mode="r" if self._raw else None)
         self.vectors = self._raw.array if self._raw else np.load(self.version_dir / "vectors.npy", mmap_mode="r")
         self.meta = MetadataDB(self.version_dir / "meta")

@@ -30,7 +30,7 @@ from ..data.collection import Item
 from ..errors import UniretError
 from ..utils import atomic_write_json, read_json, stable_hash
 from .budget import CHUNK_ROWS
-from .vectors import RawVectorWriter, sync_and_evict
+from .vectors import ArrayWriter, sync_and_evict
 
 logger = logging.getLogger("uniret")
 
@@ -73,8 +73,9 @@ def read_store_rows(store, rows: np.ndarray) -> np.ndarray:
 
 
 def iter_items(store, rows: np.ndarray) -> Iterator[tuple[int, Item]]:
-    """(row, Item) for ascending ``rows``, streamed from the store's metadata (never all at once)."""
-    wanted = iter(rows.tolist())
+    """(row, Item) for ascending ``rows`` (an array or a memory map), streamed from the store's
+    metadata (never all at once)."""
+    wanted = (int(r) for start in range(0, len(rows), CHUNK_ROWS) for r in np.asarray(rows[start:start + CHUNK_ROWS]))
     nxt = next(wanted, None)
     with open(store.path / "metadata.jsonl") as f:
         for row, line in enumerate(f):
@@ -96,12 +97,24 @@ def read_plan(build_dir: Path) -> dict | None:
     return plan if plan.get("format") == PLAN_FORMAT and (build_dir / TRAINED).is_file() else None
 
 
-def write_plan(build_dir: Path, plan: dict, rows: np.ndarray, ids: np.ndarray, trained) -> None:
-    """Write the plan's files; ``plan.json`` goes last, so its presence means the rest is complete."""
+def write_valid_rows(store, build_dir: Path) -> int:
+    """``rows.npy`` and ``ids.npy`` of a build: the store rows with an embedding (they keep their row
+    number as id), streamed from the valid mask. Returns how many."""
+    mask = store.valid_mask
+    count = int(mask.sum())
+    writer = ArrayWriter(build_dir / "rows.npy", (count,), np.int64)
+    for start in range(0, len(mask), 1 << 22):
+        writer.write(start + np.flatnonzero(mask[start:start + (1 << 22)]))
+    writer.close()
+    shutil.copyfile(build_dir / "rows.npy", build_dir / "ids.npy")
+    return count
+
+
+def write_plan(build_dir: Path, plan: dict, trained) -> None:
+    """Write the trained index, then ``plan.json``: its presence means the plan is complete (rows.npy
+    and ids.npy are written before both)."""
     import faiss
 
-    np.save(build_dir / "rows.npy", rows.astype(np.int64))
-    np.save(build_dir / "ids.npy", ids.astype(np.int64))
     tmp = build_dir / f".{TRAINED}.tmp-{os.getpid()}"
     faiss.write_index(trained, str(tmp))
     os.replace(tmp, build_dir / TRAINED)
@@ -158,7 +171,7 @@ def encode_shard(build_dir: str, store_path: str, no: int, threads: int) -> int:
     index = faiss.read_index(str(build / TRAINED))
     tmp = build / "shards" / f"s{no:05d}.tmp-{os.getpid()}"
     tmp.mkdir(parents=True)
-    writer = RawVectorWriter(tmp / "vectors.npy", b - a, store.dim)
+    writer = ArrayWriter(tmp / "vectors.npy", (b - a, store.dim), np.float16)
     for c in range(0, b - a, CHUNK_ROWS):
         # Round through fp16: the lists then hold exactly the raw vectors kept beside the index.
         x16 = read_store_rows(store, np.asarray(rows[c:c + CHUNK_ROWS])).astype(np.float16)

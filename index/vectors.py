@@ -1,12 +1,12 @@
 """The raw fp16 vectors kept beside an on-disk index (``vectors.npy``), written and read without ever
 holding them whole.
 
-:class:`RawVectorWriter` streams rows into a ``.npy`` file with plain writes. :class:`RawVectors`
-memory-maps one for reading (rescoring, reranking, exact search). Pages a search maps in stay in its
+:class:`ArrayWriter` streams rows into a ``.npy`` file with plain writes (also ids and domain
+codes). :class:`MappedArray` memory-maps one for reading (rescoring, reranking, exact search). Pages a search maps in stay in its
 RSS (file-backed and clean: the kernel reclaims them under memory pressure; each random row read maps
 its neighbourhood too, so handing them back per search would cost more than the search). Scans over
-the whole file (:meth:`RawVectors.blocks`, used by the build and by exact search) hand each block's
-pages back (:meth:`RawVectors.release`), so they never hold the file in RSS.
+the whole file (:meth:`MappedArray.blocks`, used by the build and by exact search) hand each block's
+pages back (:meth:`MappedArray.release`), so they never hold the file in RSS.
 :func:`exact_search_chunked` is exact top-k over such a file, block by block, merged with Faiss's
 result heap.
 """
@@ -22,8 +22,6 @@ import numpy as np
 
 from ..errors import UniretError
 
-DTYPE = np.dtype(np.float16)
-
 
 def sync_and_evict(f) -> None:
     """fsync an open file, then drop its pages from the page cache: a build writing gigabytes does
@@ -34,36 +32,37 @@ def sync_and_evict(f) -> None:
     os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
 
 
-class RawVectorWriter:
-    """Write an (n, dim) float16 ``.npy`` file row block by row block; n is known up front."""
+class ArrayWriter:
+    """Write a ``.npy`` file of ``shape`` (length known up front) a block of rows at a time, with
+    plain writes: raw vectors (n, dim) float16, ids (n,) int64, domain codes (n,) int32."""
 
-    def __init__(self, path: Path, n: int, dim: int):
-        self.path, self.n, self.dim, self.written = Path(path), int(n), int(dim), 0
+    def __init__(self, path: Path, shape: tuple[int, ...], dtype=np.float16):
+        self.path, self.shape, self.dtype, self.written = Path(path), tuple(int(s) for s in shape), np.dtype(dtype), 0
         self.f = open(self.path, "wb")
-        header = {"descr": np.lib.format.dtype_to_descr(DTYPE), "fortran_order": False, "shape": (self.n, self.dim)}
+        header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": self.shape}
         np.lib.format.write_array_header_1_0(self.f, header)
 
     def write(self, rows: np.ndarray) -> None:
-        rows = np.ascontiguousarray(rows, dtype=DTYPE)
-        if rows.ndim != 2 or rows.shape[1] != self.dim or self.written + len(rows) > self.n:
-            raise ValueError(f"rows of shape {rows.shape} do not fit {self.path} ({self.written}/{self.n} written)")
+        rows = np.ascontiguousarray(rows, dtype=self.dtype)
+        if rows.shape[1:] != self.shape[1:] or self.written + len(rows) > self.shape[0]:
+            raise ValueError(f"rows of shape {rows.shape} do not fit {self.path} ({self.written}/{self.shape} written)")
         self.f.write(rows.tobytes())
         self.written += len(rows)
 
-    def copy_from(self, other: RawVectors, keep: np.ndarray | None = None, step: int = 1 << 18) -> None:
+    def copy_from(self, other: MappedArray, keep: np.ndarray | None = None, step: int = 1 << 18) -> None:
         """Append ``other``'s rows (those where ``keep`` is True), streamed in blocks."""
-        for start, block in other.blocks(step, dtype=DTYPE):
+        for start, block in other.blocks(step, dtype=self.dtype):
             self.write(block if keep is None else block[keep[start:start + len(block)]])
 
     def close(self) -> None:
-        if self.written != self.n:
-            raise ValueError(f"{self.path}: {self.written} rows written, {self.n} declared")
+        if self.written != self.shape[0]:
+            raise ValueError(f"{self.path}: {self.written} rows written, {self.shape[0]} declared")
         sync_and_evict(self.f)
         self.f.close()
 
 
-class RawVectors:
-    """Read-only view of an (n, dim) ``.npy`` file through a memory map (``.array``)."""
+class MappedArray:
+    """Read-only view of a 1-D or 2-D ``.npy`` file through a memory map (``.array``)."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -75,12 +74,12 @@ class RawVectors:
                 shape, fortran, dtype = read_header(f)
                 offset = f.tell()
                 size = os.fstat(f.fileno()).st_size
-                if len(shape) != 2 or fortran or size != offset + shape[0] * shape[1] * dtype.itemsize:
+                if len(shape) not in (1, 2) or fortran or size != offset + int(np.prod(shape)) * dtype.itemsize:
                     raise ValueError(f"shape {shape}, {size} bytes")
                 self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         except (OSError, ValueError) as exc:
-            raise UniretError(f"{self.path}: damaged or truncated vectors file ({exc}); rebuild the index") from None
-        self.array = np.frombuffer(self._mm, dtype=dtype, count=shape[0] * shape[1], offset=offset).reshape(shape)
+            raise UniretError(f"{self.path}: damaged or truncated array file ({exc}); rebuild the index") from None
+        self.array = np.frombuffer(self._mm, dtype=dtype, count=int(np.prod(shape)), offset=offset).reshape(shape)
 
     def __len__(self) -> int:
         return self.array.shape[0]
@@ -110,7 +109,7 @@ class RawVectors:
             yield start, block
 
 
-def exact_search_chunked(xq: np.ndarray, vectors: RawVectors, k: int, rows: np.ndarray | None = None,
+def exact_search_chunked(xq: np.ndarray, vectors: MappedArray, k: int, rows: np.ndarray | None = None,
                          prefix_dim: int | None = None, step: int = 1 << 18) -> tuple[np.ndarray, np.ndarray]:
     """Exact inner-product top-k of ``xq`` over ``vectors`` (all rows, or only ``rows``), one block
     at a time. ``prefix_dim`` searches the re-normalised prefixes (Matryoshka funnel). Returns
