@@ -7,22 +7,20 @@ Every operation writes a complete new version beside the live one and swaps ``CU
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 
 from .. import testing
-from ..embed.store import EmbeddingStore
 from ..errors import UniretError, UsageError
-from ..utils import atomic_write_json, git_commit, publish_dir, read_json
+from ..utils import atomic_write_json, git_commit
 from . import gpu as gpu_util
 from .exact import REFINE_FACTOR, exact_search, rescore
+from .inputs import check_build_args, copy_model, model_to_copy, open_store
 from .keys import check_lists, index_key, is_lossy, new_index, nlist_for, set_search_param, tune
 from .layout import (
     FORMAT,
-    MODEL_DIR,
     MetadataDB,
     current_version,
     next_version_name,
@@ -34,17 +32,6 @@ from .layout import (
 logger = logging.getLogger("uniret")
 
 ADD_CHUNK = 262_144
-WORK_DIRS = ("ondisk-build", "ondisk-update")  # on-disk builds' shards (index/shards.py)
-
-
-def _open_store(store) -> EmbeddingStore:
-    return store if isinstance(store, EmbeddingStore) else EmbeddingStore(store)
-
-
-def _model_hash_of_dir(model_dir: Path) -> str:
-    from ..embed.model import CONFIG_NAME, resolve_model_dir
-
-    return read_json(resolve_model_dir(model_dir) / CONFIG_NAME).get("config_hash")
 
 
 def _add_vectors(index, vectors: np.ndarray, ids: np.ndarray) -> None:
@@ -117,47 +104,6 @@ def _write_version(root: Path, manifest: dict, index, ids: np.ndarray, vectors: 
     return publish_version(root, partial)
 
 
-def _copy_model(root: Path, model_dir: Path | None) -> str | None:
-    if model_dir is None:
-        return MODEL_DIR if (root / MODEL_DIR / "config.json").is_file() else None
-    from ..embed.model import resolve_model_dir
-
-    src = resolve_model_dir(model_dir)
-    tmp = root / f".{MODEL_DIR}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
-    publish_dir(tmp, root / MODEL_DIR)
-    return MODEL_DIR
-
-
-def _is_leftover(path: Path) -> bool:
-    """Files an interrupted first build leaves behind (a re-run may reuse the directory)."""
-    return (path.name in (".lock", MODEL_DIR, f".{MODEL_DIR}.tmp", f"{MODEL_DIR}.old", *WORK_DIRS)
-            or path.name.endswith(".partial"))
-
-
-def check_build_args(root: Path, target_recall: float) -> None:
-    if root.exists() and not (root / "CURRENT").is_file() and not all(_is_leftover(p) for p in root.iterdir()):
-        raise UniretError(f"{root} exists and is not an index directory; pick another --out")
-    if not 0 < target_recall <= 1:
-        raise UsageError(f"--target-recall must be in (0, 1], got {target_recall}")
-
-
-def resolve_model_dir(store: EmbeddingStore, model_dir) -> Path | None:
-    """The model to copy into the index: ``--model`` (checked against the store), else the one the
-    store records, when it is there and matches."""
-    recorded = (store.manifest.get("model") or {}).get("path")
-    if model_dir is None and recorded and Path(recorded, "config.json").is_file():
-        if _model_hash_of_dir(Path(recorded)) == store.model_hash:
-            model_dir = recorded  # the store says where its model is: copy it without --model
-    if model_dir is not None:
-        model_hash = _model_hash_of_dir(Path(model_dir))
-        if model_hash != store.model_hash:
-            raise UniretError(f"--model {model_dir} is model {model_hash}, but {store.path} was embedded by "
-                              f"{store.model_hash}; pass the model that made the store")
-    return Path(model_dir) if model_dir is not None else None
-
-
 def build_index(store, out, kind: str = "auto", gpu: str = "auto", gpus: int | None = None,
                 max_memory: int | None = None, target_recall: float = 0.95, recall_k: int = 100,
                 model_dir=None, tune_sample: int = 1000, shard: bool = False, seed: int = 0) -> Path:
@@ -165,10 +111,10 @@ def build_index(store, out, kind: str = "auto", gpu: str = "auto", gpus: int | N
 
     Building over an existing index directory publishes a new version of it (crash-safe rebuild).
     """
-    store = _open_store(store)
+    store = open_store(store)
     root = Path(out)
     check_build_args(root, target_recall)
-    model_dir = resolve_model_dir(store, model_dir)
+    model_dir = model_to_copy(store, model_dir)
     use_gpu, ngpu = gpu_util.resolve(gpu, gpus)
     ids = np.flatnonzero(store.valid_mask).astype(np.int64)
     vectors = store.embeddings[ids] if len(ids) < store.count else np.asarray(store.embeddings)
@@ -200,7 +146,7 @@ def build_index(store, out, kind: str = "auto", gpu: str = "auto", gpus: int | N
     build_s = time.perf_counter() - t0
     recall = _measure_recall(index, key, vectors, ids, recall_k, target_recall, tune_sample, seed)
     with writer_lock(root):
-        model_ref = _copy_model(root, Path(model_dir) if model_dir is not None else None)
+        model_ref = copy_model(root, Path(model_dir) if model_dir is not None else None)
         manifest = {
             "format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "git_commit": git_commit(),
             "model": store.manifest.get("model") or {}, "model_dir": model_ref,
@@ -239,7 +185,7 @@ def add_to_index(index_dir, store, max_memory: int | None = None, workers: int |
         from .ondisk_update import add_ondisk
 
         return add_ondisk(root, store, max_memory=max_memory, workers=workers)
-    store = _open_store(store)
+    store = open_store(store)
     with writer_lock(root):
         cur, manifest, index, ids, vectors = _load_current(root)
         want = (manifest.get("model") or {}).get("config_hash")

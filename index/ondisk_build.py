@@ -27,7 +27,7 @@ from ..errors import UniretError, UsageError
 from ..utils import git_commit
 from . import gpu as gpu_util
 from .budget import DEFAULT_BUDGET, check_workers, fmt_bytes, plan_memory
-from .build import WORK_DIRS, _copy_model, _open_store, check_build_args, resolve_model_dir
+from .inputs import WORK_DIRS, check_build_args, copy_model, model_to_copy, open_store
 from .keys import KINDS, check_lists, index_key, new_index
 from .layout import FORMAT, writer_lock
 from .ondisk import IVFDATA
@@ -149,7 +149,7 @@ def train_step(store, out, kind: str = "auto", gpu: str = "auto", gpus: int | No
                max_memory: int | None = None, workers: int | None = None, shard_rows: int | None = None,
                seed: int = 0) -> dict:
     """Step 1: train and plan (kept when a plan of the same inputs is there). Returns the plan."""
-    store, root = _open_store(store), Path(out)
+    store, root = open_store(store), Path(out)
     check_build_args(root, 0.95)
     workers = check_workers(workers)
     n = int(store.valid_mask.sum())
@@ -169,7 +169,7 @@ def encode_step(store, out, max_memory: int | None = None, workers: int | None =
                 part: tuple[int, int] | None = None) -> dict:
     """Step 2: encode the missing shards (of part ``(i, n)`` when given). Needs no lock: several
     machines may encode parts of one build directory at once."""
-    store, build = _open_store(store), Path(out) / BUILD_DIR
+    store, build = open_store(store), Path(out) / BUILD_DIR
     plan = _step_plan(build, store)
     return _encode(build, store, plan, _budget(max_memory), check_workers(workers), part)
 
@@ -189,9 +189,9 @@ def _encode(build: Path, store, plan: dict, budget: int, workers: int, part: tup
 def merge_step(store, out, max_memory: int | None = None, target_recall: float = 0.95, recall_k: int = 100,
                model_dir=None, tune_sample: int = 1000, extra: dict | None = None) -> Path:
     """Step 3: merge every shard into a new version and publish it; returns the version directory."""
-    store, root = _open_store(store), Path(out)
+    store, root = open_store(store), Path(out)
     check_build_args(root, target_recall)
-    model_dir = resolve_model_dir(store, model_dir)
+    model_dir = model_to_copy(store, model_dir)
     build = root / BUILD_DIR
     with writer_lock(root):
         plan = _step_plan(build, store)
@@ -212,7 +212,7 @@ def merge_step(store, out, max_memory: int | None = None, target_recall: float =
         model = store.manifest.get("model") or {}
         manifest = {
             "format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "git_commit": git_commit(),
-            "model": model, "model_dir": _copy_model(root, model_dir), "dim": store.dim, "metric": "inner_product",
+            "model": model, "model_dir": copy_model(root, model_dir), "dim": store.dim, "metric": "inner_product",
             "normalized": bool(store.manifest.get("normalized", True)), "kind": plan["key"], "key": plan["key"],
             "search_params": {}, "count": int(plan["count"]), "next_id": int(store.count), "vectors_dtype": "float16",
             "built_on": plan["train"]["on"],
@@ -237,9 +237,9 @@ def build_ondisk(store, out, kind: str = "auto", gpu: str = "auto", gpus: int | 
                  target_recall: float = 0.95, recall_k: int = 100, model_dir=None, tune_sample: int = 1000,
                  seed: int = 0) -> Path:
     """All three steps; a re-run after a kill keeps the trained quantizer and the shards written."""
-    store = _open_store(store)
+    store = open_store(store)
     check_build_args(Path(out), target_recall)
-    resolve_model_dir(store, model_dir)  # a wrong --model fails before hours of work
+    model_to_copy(store, model_dir)  # a wrong --model fails before hours of work
     train_step(store, out, kind, gpu, gpus, max_memory, workers, shard_rows, seed)
     encoded = encode_step(store, out, max_memory, workers)
     return merge_step(store, out, max_memory, target_recall, recall_k, model_dir, tune_sample,

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..errors import UniretError
 from .budget import check_workers, plan_memory
-from .build import _open_store
+from .inputs import open_store
 from .keys import ivf_of
 from .layout import MetadataDB, current_version, read_manifest, writer_lock
 from .ondisk import ListSource, load_trained
@@ -34,7 +34,7 @@ def _live(root: Path) -> tuple[Path, dict]:
 def add_ondisk(root: Path, store, max_memory: int | None = None, workers: int | None = None) -> dict:
     """Encode the store's new items (same domain, split and path are skipped) into shards with the
     live version's quantizer and merge them with its lists into a new version."""
-    store, root = _open_store(store), Path(root)
+    store, root = open_store(store), Path(root)
     workers, budget = check_workers(workers), _budget(max_memory)
     with writer_lock(root):
         cur, manifest = _live(root)
