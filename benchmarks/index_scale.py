@@ -10,8 +10,9 @@ process:
   encode  ``--encode-part 0/1``   every shard, with ``--workers`` processes
   merge   ``--merge``             lists.ivfdata, raw vectors, metadata, nprobe tuning, publish
 
-Per step it records the wall time and the peak RSS, sampled every 0.1 s: of the largest single
-process (VmHWM, the step's worker processes included) and of the whole process tree (VmRSS summed). Search runs in a process of its own with one Faiss thread:
+Per step it records the wall time, the CPU time (the step's worker processes included: on a CPU
+shared with other jobs it is the steadier figure) and the peak RSS, sampled every 0.1 s: of the
+largest single process (VmHWM) and of the whole process tree (VmRSS summed). Search runs in a process of its own with one Faiss thread:
 the queries one at a time through ``Searcher.search``, a first pass (lists read from disk: the build
 drops what it writes from the page cache) and a second, warm one; QPS, recall@k against the exact
 top-k, and the process's peak RSS.
@@ -152,8 +153,9 @@ def _tree_rss(root: int, hwm: dict[int, int]) -> int:
 
 
 def run_measured(argv: list[str]) -> dict:
-    """Run a command; wall time, the peak RSS of its largest process (VmHWM) and of its whole
-    process tree (VmRSS summed), both sampled every 0.1 s."""
+    """Run a command; wall time, CPU time (user + system, its worker processes included), the peak
+    RSS of its largest process (VmHWM) and of its whole process tree (VmRSS summed), both sampled
+    every 0.1 s."""
     t0 = time.perf_counter()
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(argv, stdout=out, stderr=err, text=True)
@@ -166,7 +168,8 @@ def run_measured(argv: list[str]) -> dict:
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
-        proc.wait()
+        _, status, usage = os.wait4(proc.pid, 0)  # its rusage holds the CPU time of the whole tree
+        proc.returncode = os.waitstatus_to_exitcode(status)
         done.set()
         sampler.join()
         out.seek(0)
@@ -174,8 +177,9 @@ def run_measured(argv: list[str]) -> dict:
         stdout, stderr = out.read(), err.read()
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(argv)} failed ({proc.returncode}):\n{stderr[-3000:]}")
-    return {"seconds": round(time.perf_counter() - t0, 1), "peak_rss_process": max(hwm.values(), default=0),
-            "peak_rss_tree": peak[0], "stdout": stdout, "stderr": stderr}
+    return {"seconds": round(time.perf_counter() - t0, 1), "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1),
+            "peak_rss_process": max(hwm.values(), default=0), "peak_rss_tree": peak[0], "stdout": stdout,
+            "stderr": stderr}
 
 
 def gib(n: float | None) -> str:
