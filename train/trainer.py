@@ -71,16 +71,12 @@ def build_embedder(config: TrainConfig):
 
     embedder = build_model(config.backbone, dim=config.dim, nested_dims=config.nested_dims,
                            pretrained=config.pretrained, weights=config.weights, image_size=config.image_size,
-                           pool=config.pool)
-    if config.crop_pct is not None:
-        embedder.config.preprocess["crop_pct"] = float(config.crop_pct)
+                           pool=config.pool, crop_pct=config.crop_pct)
     return embedder
 
 
 class Trainer:
     def __init__(self, config: TrainConfig, resume: bool = False):
-        from ..embed.preprocess import eval_transform, train_transform
-
         self.config = config
         self.ctx = DistContext.from_env()
         if config.batch_size % self.ctx.world_size:
@@ -96,9 +92,10 @@ class Trainer:
         self.ctx.barrier()  # every rank has looked before rank 0 writes the run directory
         torch.manual_seed(config.seed)
         embedder = build_embedder(config)
+        train_transform, eval_transform = embedder.transforms()
         method = method_class(config.method)
         self.data = TrainData(config.data, method.training_domains(config),
-                              train_transform(embedder.config.preprocess), config.workers)
+                              train_transform, config.workers)
         self.domains = self.data.domains
         self.method = method(config, self.data.num_classes)
         self.model = TrainingModel(embedder, self.method).to(self.device)
@@ -107,7 +104,7 @@ class Trainer:
         self.sampler = make_domain_sampler(config.sampler, self.data.sizes, config.seed,
                                            config.dynamic_interval, config.dynamic_window)
         self.index_samplers = [InfiniteIndexSampler(n, config.seed, key=i) for i, n in enumerate(self.data.sizes)]
-        self.val = ValData(config.data, self.domains, config.val_split, eval_transform(embedder.config.preprocess))
+        self.val = ValData(config.data, self.domains, config.val_split, eval_transform)
         self.autocast = config.amp != "off" and self.device.type == "cuda"
         self.step = 0
         self.best = {"R@1": None, "step": None}
