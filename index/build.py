@@ -7,6 +7,7 @@ Every operation writes a complete new version beside the live one and swaps ``CU
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -14,17 +15,22 @@ import numpy as np
 
 from .. import testing
 from ..errors import UniretError, UsageError
+from ..guards import claim_output, in_range
+from ..safeio import check_finite
 from ..utils import atomic_write_json, git_commit
 from . import gpu as gpu_util
 from .exact import REFINE_FACTOR, exact_search, rescore
-from .inputs import check_build_args, copy_model, model_to_copy, open_store
+from .inputs import copy_model, is_own_index, model_to_copy, open_store
 from .keys import check_lists, index_key, is_lossy, new_index, nlist_for, set_search_param, tune
 from .layout import (
     FORMAT,
     MetadataDB,
     current_version,
+    is_index_dir,
+    load_ids_vectors,
     next_version_name,
     publish_version,
+    read_index,
     read_manifest,
     writer_lock,
 )
@@ -86,40 +92,67 @@ def _write_version(root: Path, manifest: dict, index, ids: np.ndarray, vectors: 
 
     partial = root / (next_version_name(root) + ".partial")
     partial.mkdir(parents=True)
-    faiss.write_index(gpu_util.to_cpu(index), str(partial / "index.faiss"))
-    np.save(partial / "ids.npy", ids.astype(np.int64))
-    np.save(partial / "vectors.npy", vectors.astype(np.float16, copy=False))
-    if meta_from is not None:
-        MetadataDB(meta_from).copy_to(partial / "meta")
-    db = MetadataDB(partial / "meta", write=True)
     try:
-        if new_items is not None:
-            db.put_items(*new_items)
-        if removed is not None and len(removed):
-            db.delete_ids(removed.tolist())
-    finally:
-        db.close()
-    atomic_write_json(partial / "manifest.json", manifest)
-    testing.sleep_point("index")  # lets tests kill a real update before it is published
+        # Serialised here and written by Python, so that a full disk is an OSError (ENOSPC) with its path
+        # rather than a Faiss assertion.
+        with open(partial / "index.faiss", "wb") as f:
+            f.write(faiss.serialize_index(gpu_util.to_cpu(index)).tobytes())
+        np.save(partial / "ids.npy", ids.astype(np.int64))
+        np.save(partial / "vectors.npy", vectors.astype(np.float16, copy=False))
+        if meta_from is not None:
+            MetadataDB(meta_from).copy_to(partial / "meta")
+        db = MetadataDB(partial / "meta", write=True)
+        try:
+            if new_items is not None:
+                db.put_items(*new_items)
+            if removed is not None and len(removed):
+                db.delete_ids(removed.tolist())
+        finally:
+            db.close()
+        atomic_write_json(partial / "manifest.json", manifest)
+        testing.sleep_point("index")  # lets tests kill a real update before it is published
+    except BaseException:
+        # A failed write (a full disk, Ctrl-C) leaves the live version as it was and no half version.
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     return publish_version(root, partial)
 
 
 def build_index(store, out, kind: str = "auto", gpu: str = "auto", gpus: int | None = None,
                 max_memory: int | None = None, target_recall: float = 0.95, recall_k: int = 100,
-                model_dir=None, tune_sample: int = 1000, shard: bool = False, seed: int = 0) -> Path:
+                model_dir=None, tune_sample: int = 1000, shard: bool = False, seed: int = 0,
+                overwrite: bool = False) -> Path:
     """Build ``out`` (an index directory) from an embedding store; returns the version directory.
 
-    Building over an existing index directory publishes a new version of it (crash-safe rebuild).
+    ``out`` is a new or empty directory, what an interrupted build left, or (with ``overwrite``) an
+    index, which then gets a new version (crash-safe rebuild); never inside the store or the model.
+    A failed first build leaves no directory behind.
     """
     store = open_store(store)
     root = Path(out)
-    check_build_args(root, target_recall)
+    in_range(target_recall, "--target-recall", 0, 1, low_open=True)
+    in_range(recall_k, "--recall-k", 1, 10_000)
+    with claim_output(root, "index directory", is_own_index, inputs=[store.path, model_dir],
+                      overwrite=overwrite or not is_index_dir(root)):
+        created = not root.exists()
+        try:
+            return _build(store, root, kind, gpu, gpus, max_memory, target_recall, recall_k, model_dir,
+                          tune_sample, shard, seed)
+        except BaseException:
+            if created:  # no half-made index under the final name
+                shutil.rmtree(root, ignore_errors=True)
+            raise
+
+
+def _build(store, root: Path, kind: str, gpu: str, gpus: int | None, max_memory: int | None, target_recall: float,
+           recall_k: int, model_dir, tune_sample: int, shard: bool, seed: int) -> Path:
     model_dir = model_to_copy(store, model_dir)
     use_gpu, ngpu = gpu_util.resolve(gpu, gpus)
     ids = np.flatnonzero(store.valid_mask).astype(np.int64)
     vectors = store.embeddings[ids] if len(ids) < store.count else np.asarray(store.embeddings)
     if len(ids) == 0:
         raise UniretError(f"{store.path} has no usable embeddings; re-embed it")
+    check_finite(vectors, f"{store.path}", ids=ids)
     key = index_key(kind, len(ids), store.dim, max_memory=max_memory, gpu=use_gpu)
     t0 = time.perf_counter()
     index = new_index(key, store.dim)
@@ -145,7 +178,7 @@ def build_index(store, out, kind: str = "auto", gpu: str = "auto", gpus: int | N
         _add_vectors(index, vectors, ids)
     build_s = time.perf_counter() - t0
     recall = _measure_recall(index, key, vectors, ids, recall_k, target_recall, tune_sample, seed)
-    with writer_lock(root):
+    with writer_lock(root, create=True):
         model_ref = copy_model(root, Path(model_dir) if model_dir is not None else None)
         manifest = {
             "format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "git_commit": git_commit(),
@@ -166,13 +199,10 @@ def _on_disk(root: Path) -> bool:
 
 
 def _load_current(root: Path):
-    import faiss
-
     cur = current_version(root)
     manifest = read_manifest(cur)
-    index = faiss.read_index(str(cur / "index.faiss"))
-    ids = np.load(cur / "ids.npy")
-    vectors = np.load(cur / "vectors.npy", mmap_mode="r")
+    index = read_index(cur / "index.faiss")
+    ids, vectors = load_ids_vectors(cur, manifest)
     return cur, manifest, index, ids, vectors
 
 
@@ -202,6 +232,7 @@ def add_to_index(index_dir, store, max_memory: int | None = None, workers: int |
         if len(rows) == 0:
             return dict(counts, count=manifest["count"], version=cur.name)
         new_vectors = np.asarray(store.embeddings[rows], dtype=np.float32)
+        check_finite(new_vectors, f"{store.path}", ids=rows)
         _add_vectors(index, new_vectors, new_ids)
         manifest = dict(manifest, count=int(len(ids) + len(rows)), next_id=int(new_ids[-1] + 1),
                         history=manifest["history"] + [{"op": "add", "store": str(store.path.resolve()), **counts}])

@@ -11,6 +11,7 @@ import typer
 
 from ..display import OutputFormat, display_score, emit
 from ..errors import UsageError
+from ..guards import check_output_file, file_has_format
 from .rerank import reranker_names
 
 logger = logging.getLogger("uniret")
@@ -78,7 +79,8 @@ def _storage(manifest: dict) -> str:
 @index_app.command("build")
 def index_build(
     store: Path = typer.Argument(..., help="Embedding store (from `uniret embed`)."),
-    out: Path = typer.Option(..., "--out", help="Index directory to write (an existing index gets a new version)."),
+    out: Path = typer.Option(..., "--out", help="Index directory to write (an existing index gets a new version "
+                                                "with --overwrite)."),
     kind: str = typer.Option("auto", "--kind", help="auto, flat, ivf-flat, ivf-sq8, ivf-pq, hnsw or a Faiss factory string."),
     gpu: GpuMode = GpuOpt,
     gpus: int = typer.Option(None, "--gpus", help="How many GPUs to use (default: all Faiss sees)."),
@@ -99,6 +101,7 @@ def index_build(
     encode_part: str = typer.Option(None, "--encode-part", metavar="I/N", help="--on-disk step 2: encode the shards "
                                     "of part I of N (0-based; one machine each)."),
     merge: bool = typer.Option(False, "--merge", help="--on-disk step 3: merge all shards into a new index version."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Build a new version of the index already at --out."),
     fmt: OutputFormat = FormatOpt,
 ) -> None:
     """Build an index from an embedding store (in RAM, or --on-disk in resumable steps)."""
@@ -110,7 +113,7 @@ def index_build(
         step, part = od.check_step_options(on_disk, train_only, encode_part, merge, kind)
         budget = parse_bytes(max_memory)
         if step == "train":
-            plan = od.train_step(store, out, kind, gpu.value, gpus, budget, workers, shard_rows)
+            plan = od.train_step(store, out, kind, gpu.value, gpus, budget, workers, shard_rows, overwrite=overwrite)
             return emit([{"step": "train", "key": plan["key"], "shards": len(plan["shards"]),
                           "shard_rows": plan["shard_rows"], "trained_on": plan["train"]["on"]}],
                         ["step", "key", "shards", "shard_rows", "trained_on"], fmt, extra={"plan": plan})
@@ -119,10 +122,10 @@ def index_build(
             return emit([dict(res, step=f"encode {part[0]}/{part[1]}")],
                         ["step", "shards", "encoded", "workers", "seconds"], fmt)
         if step == "merge":
-            version = od.merge_step(store, out, budget, target_recall, recall_k, model)
+            version = od.merge_step(store, out, budget, target_recall, recall_k, model, overwrite=overwrite)
         else:
             version = od.build_ondisk(store, out, kind, gpu.value, gpus, budget, workers, shard_rows, target_recall,
-                                      recall_k, model)
+                                      recall_k, model, overwrite=overwrite)
     else:
         from .build import build_index
         from .ondisk_build import check_step_options
@@ -131,7 +134,8 @@ def index_build(
         if workers is not None or shard_rows is not None:
             raise UsageError("--workers and --shard-rows apply to --on-disk builds; add --on-disk")
         version = build_index(store, out, kind=kind, gpu=gpu.value, gpus=gpus, max_memory=parse_bytes(max_memory),
-                              target_recall=target_recall, recall_k=recall_k, model_dir=model, shard=shard)
+                              target_recall=target_recall, recall_k=recall_k, model_dir=model, shard=shard,
+                              overwrite=overwrite)
     manifest = read_manifest(version)
     emit(_summary_rows(manifest, out), ["field", "value"], fmt, extra={"manifest": manifest})
 
@@ -175,20 +179,28 @@ def index_info(index: Path = typer.Argument(..., help="Index directory."), fmt: 
     emit(_summary_rows(manifest, index), ["field", "value"], fmt, extra={"manifest": manifest})
 
 
+def _check_html(path: Path | None, inputs: list, overwrite: bool) -> None:
+    """``--html``: a new .html file, or (with ``--overwrite``) a page uniret wrote; never inside an input."""
+    from ..pages import is_page
+
+    if path is not None:
+        check_output_file(path, "page", is_page, inputs, overwrite, option="--html", suffixes=(".html", ".htm"))
+
+
 def _write_html(path: Path, page: str) -> None:
     from ..utils import atomic_write_text
 
-    if path.suffix.lower() not in (".html", ".htm"):
-        raise UsageError(f"--html {path}: give a file name ending in .html")
-    if path.is_dir():
-        raise UsageError(f"--html {path} is a directory; give a file name ending in .html")
     atomic_write_text(path, page)
     logger.info("wrote %s", path)
+
+
+DEDUP_FORMAT = "uniret-dedup/1"
 
 
 ImagesOpt = typer.Option(None, "--images", help="Packed store or collection/image folder of the indexed items "
                                                 "(thumbnails in --html).")
 HtmlOpt = typer.Option(None, "--html", help="Also write a self-contained page of thumbnails here (OUT.html).")
+OverwriteOpt = typer.Option(False, "--overwrite", help="Replace a page (or JSON) that uniret wrote there before.")
 
 
 def search_command(
@@ -203,12 +215,14 @@ def search_command(
     model: Path = typer.Option(None, "--model", help="Model directory for image queries (default: the index's copy)."),
     images: Path = ImagesOpt,
     html: Path = HtmlOpt,
+    overwrite: bool = OverwriteOpt,
     gpu: GpuMode = GpuOpt,
     fmt: OutputFormat = FormatOpt,
 ) -> None:
     """Search an index by image, folder, stored id or embeddings; prints rank, id, score and metadata."""
     from .api import open_index
 
+    _check_html(html, [index, images, model, *queries], overwrite)
     if shortlist_k is not None and shortlist_dim is None:
         raise UsageError("--shortlist-k needs --shortlist-dim")
     if k < 1:
@@ -235,6 +249,7 @@ def dedup_command(
                                                  "(`uniret index remove --ids` reads it)."),
     images: Path = ImagesOpt,
     html: Path = HtmlOpt,
+    overwrite: bool = OverwriteOpt,
     fmt: OutputFormat = FormatOpt,
 ) -> None:
     """Find groups of near-duplicate items and which one of each group to keep."""
@@ -243,13 +258,15 @@ def dedup_command(
     from .images import open_image_source
     from .searcher import Searcher
 
-    if out is not None and out.is_dir():
-        raise UsageError(f"--out {out} is a directory; give a file name for the JSON")
+    if out is not None:
+        check_output_file(out, "dedup result", lambda p: file_has_format(p, DEDUP_FORMAT.split("/")[0]),
+                          [index, images], overwrite, option="--out")
+    _check_html(html, [index, images], overwrite)
     image_source = open_image_source(images)
     searcher = Searcher.open(index)
     res = find_duplicates(searcher, threshold=threshold, fraction=fraction, neighbors=neighbors)
     if out is not None:
-        atomic_write_json(out, res)
+        atomic_write_json(out, {"format": DEDUP_FORMAT, **res})
     group_ids = [i for g in res["groups"] for i in g]
     meta = dict(zip(group_ids, searcher.metadata(group_ids)))
     if html is not None:

@@ -1,9 +1,9 @@
 """What every index build starts from, in RAM or on disk: the store, the output directory, the model
 copied beside the index.
 
-``check_build_args`` refuses an ``--out`` that is neither an index directory nor what an interrupted
-first build left; ``model_to_copy`` picks and checks the model to copy; ``copy_model`` publishes
-the copy as ``INDEX/model``.
+``is_own_index`` recognises an ``--out`` uniret may write into (an index directory, or what an
+interrupted first build left, on-disk work directories included); ``model_to_copy`` picks and checks
+the model to copy; ``copy_model`` publishes the copy as ``INDEX/model``.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import shutil
 from pathlib import Path
 
 from ..embed.store import EmbeddingStore
-from ..errors import UniretError, UsageError
+from ..errors import UniretError
 from ..utils import publish_dir, read_json
-from .layout import MODEL_DIR
+from .layout import MODEL_DIR, is_index_dir
 
 WORK_DIRS = ("ondisk-build", "ondisk-update")  # on-disk builds' shards (index/shards.py)
 
@@ -48,11 +48,9 @@ def is_leftover(path: Path) -> bool:
             or path.name.endswith(".partial"))
 
 
-def check_build_args(root: Path, target_recall: float) -> None:
-    if root.exists() and not (root / "CURRENT").is_file() and not all(is_leftover(p) for p in root.iterdir()):
-        raise UniretError(f"{root} exists and is not an index directory; pick another --out")
-    if not 0 < target_recall <= 1:
-        raise UsageError(f"--target-recall must be in (0, 1], got {target_recall}")
+def is_own_index(path: Path) -> bool:
+    """An index directory, or what an interrupted first build left (a re-run may reuse it)."""
+    return is_index_dir(path) or (path.is_dir() and any(path.iterdir()) and all(is_leftover(p) for p in path.iterdir()))
 
 
 def model_to_copy(store: EmbeddingStore, model_dir) -> Path | None:

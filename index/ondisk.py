@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UniretError
+from .layout import read_index
 from .vectors import sync_and_evict
 
 IVFDATA = "lists.ivfdata"
@@ -161,9 +162,9 @@ def read_version_index(version_dir: Path, manifest: dict, mmap: bool = True):
 
     path = Path(version_dir) / "index.faiss"
     info = manifest.get("on_disk")
+    if not info:
+        return read_index(path)
     try:
-        if not info:
-            return faiss.read_index(str(path))
         index = faiss.read_index(str(path), faiss.IO_FLAG_SKIP_IVF_DATA | faiss.IO_FLAG_READ_ONLY)
     except RuntimeError as exc:
         raise UniretError(f"{path} is damaged ({_last_line(exc)}); rebuild the index") from None

@@ -16,6 +16,7 @@ quantizer and every complete shard are kept when the store and options are the s
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import time
@@ -24,12 +25,13 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UniretError, UsageError
+from ..guards import claim_output, in_range
 from ..utils import git_commit
 from . import gpu as gpu_util
 from .budget import DEFAULT_BUDGET, check_workers, fmt_bytes, plan_memory
-from .inputs import WORK_DIRS, check_build_args, copy_model, model_to_copy, open_store
+from .inputs import WORK_DIRS, copy_model, is_own_index, model_to_copy, open_store
 from .keys import KINDS, check_lists, index_key, new_index
-from .layout import FORMAT, writer_lock
+from .layout import FORMAT, is_index_dir, writer_lock
 from .ondisk import IVFDATA
 from .ondisk_tune import tune_ondisk
 from .ondisk_version import iter_array, merge_version, publish, write_meta
@@ -145,12 +147,29 @@ def _budget(max_memory: int | None) -> int:
     return DEFAULT_BUDGET if max_memory is None else int(max_memory)
 
 
+@contextlib.contextmanager
+def _claim(root: Path, store, model_dir, overwrite: bool):
+    """The index build's output guard (:func:`uniret.guards.claim_output`): a new path, what an
+    interrupted build left, or with ``overwrite`` an index that gets a new version; never inside
+    the store or the model. A failed first build removes the directory, unless it holds a planned
+    on-disk build: re-running resumes it."""
+    with claim_output(root, "index directory", is_own_index, inputs=[store.path, model_dir],
+                      overwrite=overwrite or not is_index_dir(root)):
+        created = not root.exists()
+        try:
+            with writer_lock(root, create=True):
+                yield
+        except BaseException:
+            if created and read_plan(root / BUILD_DIR) is None:
+                shutil.rmtree(root, ignore_errors=True)
+            raise
+
+
 def train_step(store, out, kind: str = "auto", gpu: str = "auto", gpus: int | None = None,
                max_memory: int | None = None, workers: int | None = None, shard_rows: int | None = None,
-               seed: int = 0) -> dict:
+               seed: int = 0, overwrite: bool = False) -> dict:
     """Step 1: train and plan (kept when a plan of the same inputs is there). Returns the plan."""
     store, root = open_store(store), Path(out)
-    check_build_args(root, 0.95)
     workers = check_workers(workers)
     n = int(store.valid_mask.sum())
     if n == 0:
@@ -159,7 +178,7 @@ def train_step(store, out, kind: str = "auto", gpu: str = "auto", gpus: int | No
     build = root / BUILD_DIR
     # the rows to index follow from the store (its valid mask), so the store's key covers them
     fingerprint = {"op": "build", "store": store_key(store), "key": key, "seed": seed, "shard_rows": shard_rows}
-    with writer_lock(root):
+    with _claim(root, store, None, overwrite):
         return _ensure_plan(build, store, fingerprint, lambda b: write_valid_rows(store, b), key, index,
                             _budget(max_memory), workers, shard_rows, seed,
                             train=lambda sample: _train(store, build, key, index, sample, seed, gpu, gpus))
@@ -187,13 +206,14 @@ def _encode(build: Path, store, plan: dict, budget: int, workers: int, part: tup
 
 
 def merge_step(store, out, max_memory: int | None = None, target_recall: float = 0.95, recall_k: int = 100,
-               model_dir=None, tune_sample: int = 1000, extra: dict | None = None) -> Path:
+               model_dir=None, tune_sample: int = 1000, extra: dict | None = None, overwrite: bool = False) -> Path:
     """Step 3: merge every shard into a new version and publish it; returns the version directory."""
     store, root = open_store(store), Path(out)
-    check_build_args(root, target_recall)
+    in_range(target_recall, "--target-recall", 0, 1, low_open=True)
+    in_range(recall_k, "--recall-k", 1, 10_000)
     model_dir = model_to_copy(store, model_dir)
     build = root / BUILD_DIR
-    with writer_lock(root):
+    with _claim(root, store, model_dir, overwrite):
         plan = _step_plan(build, store)
         missing = missing_shards(build, plan)
         if missing:
@@ -235,15 +255,16 @@ def merge_step(store, out, max_memory: int | None = None, target_recall: float =
 def build_ondisk(store, out, kind: str = "auto", gpu: str = "auto", gpus: int | None = None,
                  max_memory: int | None = None, workers: int | None = None, shard_rows: int | None = None,
                  target_recall: float = 0.95, recall_k: int = 100, model_dir=None, tune_sample: int = 1000,
-                 seed: int = 0) -> Path:
+                 seed: int = 0, overwrite: bool = False) -> Path:
     """All three steps; a re-run after a kill keeps the trained quantizer and the shards written."""
     store = open_store(store)
-    check_build_args(Path(out), target_recall)
+    in_range(target_recall, "--target-recall", 0, 1, low_open=True)
+    in_range(recall_k, "--recall-k", 1, 10_000)
     model_to_copy(store, model_dir)  # a wrong --model fails before hours of work
-    train_step(store, out, kind, gpu, gpus, max_memory, workers, shard_rows, seed)
+    train_step(store, out, kind, gpu, gpus, max_memory, workers, shard_rows, seed, overwrite)
     encoded = encode_step(store, out, max_memory, workers)
     return merge_step(store, out, max_memory, target_recall, recall_k, model_dir, tune_sample,
-                      extra={"workers": encoded["workers"], "encode_seconds": encoded["seconds"]})
+                      extra={"workers": encoded["workers"], "encode_seconds": encoded["seconds"]}, overwrite=overwrite)
 
 
 def check_step_options(on_disk: bool, train_only: bool, encode_part: str | None, merge: bool,

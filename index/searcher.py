@@ -30,7 +30,7 @@ from ..utils import resolve_device
 from . import gpu as gpu_util
 from .exact import REFINE_FACTOR, exact_search, rescore, torch_search
 from .keys import is_lossy, search_param_name, set_search_param
-from .layout import MODEL_DIR, MetadataDB, current_version, read_manifest
+from .layout import MODEL_DIR, MetadataDB, current_version, load_ids_vectors, read_manifest
 from .ondisk import read_version_index
 from .rerank import candidate_depth
 from .rerank import rerank as apply_rerank
@@ -47,10 +47,11 @@ class Searcher:
         self.version_dir = current_version(self.root)
         self.manifest = read_manifest(self.version_dir)
         self.index = read_version_index(self.version_dir, self.manifest)
-        # On-disk indexes: ids and raw vectors stay memory-mapped (never read whole).
-        self._raw = MappedArray(self.version_dir / "vectors.npy") if self.manifest.get("on_disk") else None
-        self.ids = np.load(self.version_dir / "ids.npy", mmap_mode="r" if self._raw else None)
-        self.vectors = self._raw.array if self._raw else np.load(self.version_dir / "vectors.npy", mmap_mode="r")
+        on_disk = bool(self.manifest.get("on_disk"))
+        self.ids, self.vectors = load_ids_vectors(self.version_dir, self.manifest, mmap_ids=on_disk)
+        # On-disk indexes: ids and raw vectors stay memory-mapped (never read whole); the exact paths
+        # stream the raw vectors block by block through this map.
+        self._raw = MappedArray(self.version_dir / "vectors.npy") if on_disk else None
         self.meta = MetadataDB(self.version_dir / "meta")
         self.key = self.manifest["key"]
         self.dim = int(self.manifest["dim"])
