@@ -21,7 +21,7 @@ from .keys import ivf_of
 from .layout import MetadataDB, current_version, read_manifest, writer_lock
 from .ondisk import ListSource, load_trained
 from .ondisk_build import UPDATE_DIR, _budget, _encode, _ensure_plan
-from .ondisk_version import copy_meta, merge_version, publish, write_meta
+from .ondisk_version import copy_meta, merge_version, publish, settle_meta, write_meta
 from .shards import iter_items, store_key
 from .vectors import ArrayWriter, MappedArray
 
@@ -115,6 +115,7 @@ def remove_ondisk(root: Path, remove_ids: np.ndarray, max_memory: int | None = N
             db.delete_ids(dropped.tolist())
         finally:
             db.close()
+        settle_meta(partial / "meta")
         manifest = dict(manifest, count=int((~gone).sum()), on_disk=dict(manifest["on_disk"], ivfdata_bytes=ivf_bytes),
                         history=manifest["history"] + [{"op": "remove", **counts}])
         final = publish(root, partial, manifest)

@@ -6,6 +6,7 @@ LMDB, the manifest, then publication (:mod:`.layout`). Shared by ``index build -
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -88,7 +89,24 @@ def write_meta(dest: Path, id_items, domains: list, codes: ArrayWriter, batch: i
             flush(buffer)
     finally:
         db.close()
+    settle_meta(dest)
     domains.extend(list(known)[len(domains):])
+
+
+def settle_meta(dest: Path) -> None:
+    """Extend a just-written ``data.mdb`` with zeros up to the last page its header names. LMDB
+    counts pages it allocated and freed within one transaction without ever writing them, so the
+    file may end before that page; the reader's check (:func:`uniret.safeio.check_lmdb`) would take
+    such a file for a truncated one. The added pages are free: LMDB never reads them as data."""
+    import lmdb
+
+    env = lmdb.open(str(dest), readonly=True, lock=False)
+    try:
+        need = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+    finally:
+        env.close()
+    if (dest / "data.mdb").stat().st_size < need:
+        os.truncate(dest / "data.mdb", need)
 
 
 def copy_meta(cur: Path, partial: Path) -> None:
