@@ -80,9 +80,12 @@ def clustered_chunks(n: int, dim: int, clusters: int, noise: float, seed: int, s
 
 
 def write_store(path: Path, n: int, dim: int, clusters: int, noise: float, seed: int) -> None:
-    """A single-part embedding store written row chunk by row chunk (reused when it is there)."""
+    """A one-part store in the single-directory layout (format 1, which every reader still opens),
+    written row chunk by row chunk: writers of the parted format take the items as a list (reused
+    when it is there)."""
     from uniret.data.collection import Item
-    from uniret.embed.store import FORMAT, EmbeddingStore
+    from uniret.embed.layout import FORMAT_V1
+    from uniret.embed.store import EmbeddingStore
 
     source = {"synthetic": {"n": n, "dim": dim, "clusters": clusters, "noise": noise, "seed": seed, "version": 2}}
     if (path / "manifest.json").is_file() and json.loads((path / "manifest.json").read_text()).get("source") == source:
@@ -98,7 +101,7 @@ def write_store(path: Path, n: int, dim: int, clusters: int, noise: float, seed:
         for i in range(n):
             item = Item(path=f"{i:09d}.jpg", domain="synthetic", split="index", position=i)
             f.write(json.dumps({"id": i, **item.to_json()}) + "\n")
-    manifest = {"format": FORMAT, "dim": dim, "count": n, "dtype": "float32", "normalized": True,
+    manifest = {"format": FORMAT_V1, "dim": dim, "count": n, "dtype": "float32", "normalized": True,
                 "model": {"config_hash": "benchmark", "backbone": "synthetic"}, "source": source, "failed": {}}
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
     shutil.rmtree(path, ignore_errors=True)

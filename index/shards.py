@@ -11,12 +11,11 @@ A build directory (``INDEX/ondisk-build``, ``INDEX/ondisk-update`` for ``index a
 
 so a killed build re-runs only the shards that are missing, and N machines can each encode a part.
 The store is read with plain reads, a range of rows at a time (:func:`read_store_rows`), and its
-metadata streamed (:func:`iter_items`); these two functions are where sharded stores plug in.
+metadata streamed (:func:`iter_items`), part by part for stores in parts.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -41,49 +40,36 @@ TRAINED = "trained.faiss"
 # -- reading the store a range at a time ------------------------------------------------------------
 def store_key(store) -> str:
     """Changes when the store is rewritten: its manifest and the size and mtime of its vectors."""
-    st = (store.path / "embeddings.npy").stat()
-    return stable_hash({"manifest": store.manifest, "size": st.st_size, "mtime_ns": st.st_mtime_ns})
-
-
-def _read_range(store, start: int, stop: int) -> np.ndarray:
-    """Store rows [start, stop) as float32, read from the file (not through the memory map, whose
-    pages would stay in this process's RSS)."""
-    arr = store.embeddings
-    if not isinstance(arr, np.memmap) or not arr.filename:
-        return np.array(arr[start:stop], dtype=np.float32)
-    row_bytes = arr.shape[1] * arr.dtype.itemsize
-    with open(arr.filename, "rb") as f:
-        f.seek(arr.offset + start * row_bytes)
-        out = np.fromfile(f, dtype=arr.dtype, count=(stop - start) * arr.shape[1])
-    if len(out) != (stop - start) * arr.shape[1]:
-        raise UniretError(f"{store.path}: embeddings file is truncated (rows {start}..{stop}); re-embed the store")
-    return out.reshape(stop - start, arr.shape[1]).astype(np.float32, copy=False)
+    stats = [p.file("embeddings.npy").stat() for p in store.parts]
+    return stable_hash({"manifest": store.manifest, "files": [[st.st_size, st.st_mtime_ns] for st in stats]})
 
 
 def read_store_rows(store, rows: np.ndarray) -> np.ndarray:
-    """float32 vectors of ascending store ``rows``, read at most CHUNK_ROWS store rows at a time."""
+    """float32 vectors of ascending store ``rows``, read at most CHUNK_ROWS store rows at a time
+    with plain reads across the store's parts (``EmbeddingStore.read_rows``), never through its
+    memory maps, whose pages would stay in this process's RSS."""
     out = np.empty((len(rows), store.dim), dtype=np.float32)
     i = 0
     while i < len(rows):
         start = int(rows[i])
         j = int(np.searchsorted(rows, start + CHUNK_ROWS, side="left"))
-        out[i:j] = _read_range(store, start, int(rows[j - 1]) + 1)[rows[i:j] - start]
+        block = store.read_rows(start, int(rows[j - 1]) + 1)
+        out[i:j] = block[np.asarray(rows[i:j]) - start]
         i = j
     return out
 
 
 def iter_items(store, rows: np.ndarray) -> Iterator[tuple[int, Item]]:
     """(row, Item) for ascending ``rows`` (an array or a memory map), streamed from the store's
-    metadata (never all at once)."""
+    metadata part by part (``EmbeddingStore.iter_items``, never all at once)."""
     wanted = (int(r) for start in range(0, len(rows), CHUNK_ROWS) for r in np.asarray(rows[start:start + CHUNK_ROWS]))
     nxt = next(wanted, None)
-    with open(store.path / "metadata.jsonl") as f:
-        for row, line in enumerate(f):
-            if nxt is None:
-                return
-            if row == nxt:
-                yield row, Item.from_json(json.loads(line))
-                nxt = next(wanted, None)
+    for item_id, item in store.iter_items():
+        if nxt is None:
+            return
+        if item_id - store.start == nxt:
+            yield nxt, item
+            nxt = next(wanted, None)
     if nxt is not None:
         raise UniretError(f"{store.path}: metadata ends before row {nxt}; the store is damaged, re-embed it")
 

@@ -315,10 +315,14 @@ def plant(kind: str, target: Path, marker: Path) -> None:
         env.close()
 
 
+#: The one part of a store written by one process (embed/store.py's layout).
+PART0 = "parts/part-00000-of-00001"
+
+
 PICKLES = {  # case: (artefact copied, file planted (relative), how, command given the copy)
-    "store embeddings (object npy) -> index build": ("store", "embeddings.npy", "npy",
+    "store embeddings (object npy) -> index build": ("store", f"{PART0}/embeddings.npy", "npy",
                                                      lambda w, c, t: ["index", "build", c, "--out", t / "i"]),
-    "store embeddings (raw pickle) -> index build": ("store", "embeddings.npy", "raw",
+    "store embeddings (raw pickle) -> index build": ("store", f"{PART0}/embeddings.npy", "raw",
                                                      lambda w, c, t: ["index", "build", c, "--out", t / "i"]),
     "store manifest (raw pickle) -> index build": ("store", "manifest.json", "raw",
                                                    lambda w, c, t: ["index", "build", c, "--out", t / "i"]),
@@ -420,13 +424,13 @@ DAMAGED = {  # case: (artefact, damage(copy, tmp), command(world, copy, tmp))
                                 lambda w, c, t: ["model", "info", c]),
     "model weights of another shape": ("model", lambda c, t: shutil.copy(t / "wide" / "model.safetensors", c),
                                        lambda w, c, t: ["model", "info", c]),
-    "store embeddings truncated": ("store", lambda c, t: truncate(c / "embeddings.npy"),
+    "store embeddings truncated": ("store", lambda c, t: truncate(c / PART0 / "embeddings.npy"),
                                    lambda w, c, t: ["index", "build", c, "--out", t / "i"]),
     "store manifest count wrong": ("store", lambda c, t: edit_json(c / "manifest.json", lambda o: o.update(count=10**6)),
                                    lambda w, c, t: ["index", "build", c, "--out", t / "i"]),
     "store manifest dim text": ("store", lambda c, t: edit_json(c / "manifest.json", lambda o: o.update(dim="8")),
                                 lambda w, c, t: ["index", "add", w.index, c]),
-    "store metadata not json": ("store", lambda c, t: (c / "metadata.jsonl").write_text("{not json\n"),
+    "store metadata not parquet": ("store", lambda c, t: (c / PART0 / "metadata.parquet").write_text("{not json\n"),
                                 lambda w, c, t: ["index", "build", c, "--out", t / "i"]),
     "index ids truncated": ("index", lambda c, t: truncate(c / "v000001" / "ids.npy"),
                             lambda w, c, t: ["index", "add", c, w.store]),
