@@ -110,6 +110,23 @@ def test_ivf_flat_and_pq_search_equal_in_ram(tmp_path):
             assert top[:, 0].tolist() == [4, s.search(x[5:6], 2, domain="a")[1][0, 0]]
 
 
+def test_store_in_parts_and_extra_fields(tmp_path):
+    from test_store_parts import write_parts
+
+    x = clustered(1500, seed=11)
+    items = [Item(f"p{i}.png", "ab"[i % 2], "test", i, (i % 5,), {"url": f"https://example.org/{i}"})
+             for i in range(1500)]
+    write_parts(tmp_path / "s", items, x, [0, 1, 2], 3, model_hash="m1", failed=[4], dim=16)
+    # shards of 400 rows cross the parts' boundaries (500 rows each)
+    build_ondisk(tmp_path / "s", tmp_path / "idx", kind="ivf-flat", workers=1, shard_rows=400, tune_sample=100,
+                 recall_k=10)
+    s = Searcher.open(tmp_path / "idx", gpu="off", device="cpu")
+    assert s.count == 1499 and 4 not in s.ids and s.manifest["on_disk"]["shards"] == 4
+    ref = twin(s, x[s.ids], s.ids)
+    np.testing.assert_array_equal(s.index.search(x[::40], 10)[1], ref.search(x[::40], 10)[1])
+    assert s.metadata([700])[0]["url"] == "https://example.org/700"
+
+
 def test_resume_after_sigkill_of_a_real_build(tmp_path):
     x = clustered(2000, seed=3)
     make_store(tmp_path / "s", x)
