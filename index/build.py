@@ -14,17 +14,16 @@ from pathlib import Path
 import numpy as np
 
 from .. import testing
-from ..embed.store import EmbeddingStore
 from ..errors import UniretError, UsageError
 from ..guards import claim_output, in_range
 from ..safeio import check_finite, settle_lmdb
-from ..utils import atomic_write_json, git_commit, publish_dir, read_json
+from ..utils import atomic_write_json, git_commit
 from . import gpu as gpu_util
 from .exact import REFINE_FACTOR, exact_search, rescore
-from .keys import index_key, is_lossy, new_index, nlist_for, set_search_param, tune
+from .inputs import copy_model, is_own_index, model_to_copy, open_store
+from .keys import check_lists, index_key, is_lossy, new_index, nlist_for, set_search_param, tune
 from .layout import (
     FORMAT,
-    MODEL_DIR,
     MetadataDB,
     current_version,
     is_index_dir,
@@ -41,16 +40,6 @@ logger = logging.getLogger("uniret")
 ADD_CHUNK = 262_144
 
 
-def _open_store(store) -> EmbeddingStore:
-    return store if isinstance(store, EmbeddingStore) else EmbeddingStore(store)
-
-
-def _model_hash_of_dir(model_dir: Path) -> str:
-    from ..embed.model import CONFIG_NAME, resolve_model_dir
-
-    return read_json(resolve_model_dir(model_dir) / CONFIG_NAME).get("config_hash")
-
-
 def _add_vectors(index, vectors: np.ndarray, ids: np.ndarray) -> None:
     for start in range(0, len(ids), ADD_CHUNK):
         # Round through fp16 first: the index then holds exactly the raw vectors kept beside it, so
@@ -63,6 +52,7 @@ def _train(index, vectors: np.ndarray, key: str, seed: int) -> None:
     if index.is_trained:
         return
     n = len(vectors)
+    check_lists(index, n, key)
     ivf_lists = nlist_for(n) if key.startswith("IVF") else 1
     # k-means needs ~39-256 points per list; 64 per list keeps CPU training to seconds at 1M.
     size = min(n, max(64 * ivf_lists, 65_536))
@@ -129,30 +119,6 @@ def _write_version(root: Path, manifest: dict, index, ids: np.ndarray, vectors: 
     return publish_version(root, partial)
 
 
-def _copy_model(root: Path, model_dir: Path | None) -> str | None:
-    if model_dir is None:
-        return MODEL_DIR if (root / MODEL_DIR / "config.json").is_file() else None
-    from ..embed.model import resolve_model_dir
-
-    src = resolve_model_dir(model_dir)
-    tmp = root / f".{MODEL_DIR}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
-    publish_dir(tmp, root / MODEL_DIR)
-    return MODEL_DIR
-
-
-def _is_leftover(path: Path) -> bool:
-    """Files an interrupted first build leaves behind (a re-run may reuse the directory)."""
-    return path.name in (".lock", MODEL_DIR, f".{MODEL_DIR}.tmp", f"{MODEL_DIR}.old") or path.name.endswith(".partial")
-
-
-def _is_own_index(path: Path) -> bool:
-    """An index directory, or what an interrupted first build left (a re-run may reuse it)."""
-    return is_index_dir(path) or (path.is_dir() and any(path.iterdir())
-                                  and all(_is_leftover(p) for p in path.iterdir()))
-
-
 def build_index(store, out, kind: str = "auto", gpu: str = "auto", gpus: int | None = None,
                 max_memory: int | None = None, target_recall: float = 0.95, recall_k: int = 100,
                 model_dir=None, tune_sample: int = 1000, shard: bool = False, seed: int = 0,
@@ -163,11 +129,11 @@ def build_index(store, out, kind: str = "auto", gpu: str = "auto", gpus: int | N
     index, which then gets a new version (crash-safe rebuild); never inside the store or the model.
     A failed first build leaves no directory behind.
     """
-    store = _open_store(store)
+    store = open_store(store)
     root = Path(out)
     in_range(target_recall, "--target-recall", 0, 1, low_open=True)
     in_range(recall_k, "--recall-k", 1, 10_000)
-    with claim_output(root, "index directory", _is_own_index, inputs=[store.path, model_dir],
+    with claim_output(root, "index directory", is_own_index, inputs=[store.path, model_dir],
                       overwrite=overwrite or not is_index_dir(root)):
         created = not root.exists()
         try:
@@ -181,15 +147,7 @@ def build_index(store, out, kind: str = "auto", gpu: str = "auto", gpus: int | N
 
 def _build(store, root: Path, kind: str, gpu: str, gpus: int | None, max_memory: int | None, target_recall: float,
            recall_k: int, model_dir, tune_sample: int, shard: bool, seed: int) -> Path:
-    recorded = (store.manifest.get("model") or {}).get("path")
-    if model_dir is None and recorded and Path(recorded, "config.json").is_file():
-        if _model_hash_of_dir(Path(recorded)) == store.model_hash:
-            model_dir = recorded  # the store says where its model is: copy it without --model
-    if model_dir is not None:
-        model_hash = _model_hash_of_dir(Path(model_dir))
-        if model_hash != store.model_hash:
-            raise UniretError(f"--model {model_dir} is model {model_hash}, but {store.path} was embedded by "
-                              f"{store.model_hash}; pass the model that made the store")
+    model_dir = model_to_copy(store, model_dir)
     use_gpu, ngpu = gpu_util.resolve(gpu, gpus)
     ids = np.flatnonzero(store.valid_mask).astype(np.int64)
     vectors = store.embeddings[ids] if len(ids) < store.count else np.asarray(store.embeddings)
@@ -222,7 +180,7 @@ def _build(store, root: Path, kind: str, gpu: str, gpus: int | None, max_memory:
     build_s = time.perf_counter() - t0
     recall = _measure_recall(index, key, vectors, ids, recall_k, target_recall, tune_sample, seed)
     with writer_lock(root, create=True):
-        model_ref = _copy_model(root, Path(model_dir) if model_dir is not None else None)
+        model_ref = copy_model(root, Path(model_dir) if model_dir is not None else None)
         manifest = {
             "format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "git_commit": git_commit(),
             "model": store.manifest.get("model") or {}, "model_dir": model_ref,
@@ -237,6 +195,10 @@ def _build(store, root: Path, kind: str, gpu: str, gpus: int | None, max_memory:
         return _write_version(root, manifest, index, ids, vectors, None, (ids, [store.items[i] for i in ids]))
 
 
+def _on_disk(root: Path) -> bool:
+    return bool(read_manifest(current_version(root)).get("on_disk"))
+
+
 def _load_current(root: Path):
     cur = current_version(root)
     manifest = read_manifest(cur)
@@ -245,11 +207,16 @@ def _load_current(root: Path):
     return cur, manifest, index, ids, vectors
 
 
-def add_to_index(index_dir, store) -> dict:
+def add_to_index(index_dir, store, max_memory: int | None = None, workers: int | None = None) -> dict:
     """Add the items of ``store`` that the index does not hold yet (same domain, split and path are
-    skipped); new items get fresh ids after the largest id ever given. Returns counts."""
+    skipped); new items get fresh ids after the largest id ever given. Returns counts. On-disk
+    indexes are updated by :func:`uniret.index.ondisk_update.add_ondisk` (``max_memory``, ``workers``)."""
     root = Path(index_dir)
-    store = _open_store(store)
+    if _on_disk(root):
+        from .ondisk_update import add_ondisk
+
+        return add_ondisk(root, store, max_memory=max_memory, workers=workers)
+    store = open_store(store)
     with writer_lock(root):
         cur, manifest, index, ids, vectors = _load_current(root)
         want = (manifest.get("model") or {}).get("config_hash")
@@ -281,6 +248,10 @@ def remove_from_index(index_dir, remove_ids) -> dict:
     import faiss
 
     root = Path(index_dir)
+    if _on_disk(root):
+        from .ondisk_update import remove_ondisk
+
+        return remove_ondisk(root, remove_ids)
     remove_ids = np.unique(np.asarray(remove_ids, dtype=np.int64))
     with writer_lock(root):
         cur, manifest, index, ids, vectors = _load_current(root)

@@ -17,6 +17,7 @@ from .rerank import reranker_names
 logger = logging.getLogger("uniret")
 # faiss announces which SIMD build it loads at INFO level; that is noise on the command line.
 logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+logging.getLogger("faiss.contrib").setLevel(logging.WARNING)
 
 index_app = typer.Typer(no_args_is_help=True)
 
@@ -53,6 +54,7 @@ def _summary_rows(manifest: dict, root: Path) -> list[dict]:
     return [
         {"field": "index", "value": str(root)},
         {"field": "key", "value": manifest["key"]},
+        {"field": "storage", "value": _storage(manifest)},
         {"field": "count", "value": manifest["count"]},
         {"field": "dim", "value": manifest["dim"]},
         {"field": "metric", "value": manifest["metric"]},
@@ -63,6 +65,15 @@ def _summary_rows(manifest: dict, root: Path) -> list[dict]:
         {"field": "next id", "value": manifest["next_id"]},
         {"field": "updates", "value": len(manifest.get("history", []))},
     ]
+
+
+def _storage(manifest: dict) -> str:
+    info = manifest.get("on_disk")
+    if not info:
+        return "in RAM (index.faiss is read whole)"
+    from .budget import fmt_bytes
+
+    return f"on-disk: {info['ivfdata']} ({fmt_bytes(info['ivfdata_bytes'])}) memory-mapped, {info['shards']} shard(s)"
 
 
 @index_app.command("build")
@@ -79,16 +90,52 @@ def index_build(
     recall_k: int = typer.Option(100, "--recall-k", help="k of the recall target."),
     model: Path = typer.Option(None, "--model", help="Model directory that made the store; copied into the index "
                                                      "so that `uniret search` can embed query images."),
+    on_disk: bool = typer.Option(False, "--on-disk", help="IVF lists on disk, searched memory-mapped (--kind ivf-flat|"
+                                 "ivf-sq8|ivf-pq; auto = ivf-sq8); --max-memory is then the build's peak RSS (default 4G)."),
+    workers: int = typer.Option(None, "--workers", help="--on-disk: encoding processes (default: CPU count, as "
+                                                        "--max-memory allows)."),
+    shard_rows: int = typer.Option(None, "--shard-rows", help="--on-disk: store rows per IVF shard (default: what "
+                                                              "--max-memory allows, at most 1M)."),
+    train_only: bool = typer.Option(False, "--train-only", help="--on-disk step 1 of 3: train the quantizer, plan "
+                                                                "the shards (in INDEX/ondisk-build)."),
+    encode_part: str = typer.Option(None, "--encode-part", metavar="I/N", help="--on-disk step 2: encode the shards "
+                                    "of part I of N (0-based; one machine each)."),
+    merge: bool = typer.Option(False, "--merge", help="--on-disk step 3: merge all shards into a new index version."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Build a new version of the index already at --out."),
     fmt: OutputFormat = FormatOpt,
 ) -> None:
-    """Build an index from an embedding store."""
-    from .build import build_index
+    """Build an index from an embedding store (in RAM, or --on-disk in resumable steps)."""
     from .layout import read_manifest
 
-    version = build_index(store, out, kind=kind, gpu=gpu.value, gpus=gpus, max_memory=parse_bytes(max_memory),
-                          target_recall=target_recall, recall_k=recall_k, model_dir=model, shard=shard,
-                          overwrite=overwrite)
+    if on_disk:
+        from . import ondisk_build as od
+
+        step, part = od.check_step_options(on_disk, train_only, encode_part, merge, kind)
+        budget = parse_bytes(max_memory)
+        if step == "train":
+            plan = od.train_step(store, out, kind, gpu.value, gpus, budget, workers, shard_rows, overwrite=overwrite)
+            return emit([{"step": "train", "key": plan["key"], "shards": len(plan["shards"]),
+                          "shard_rows": plan["shard_rows"], "trained_on": plan["train"]["on"]}],
+                        ["step", "key", "shards", "shard_rows", "trained_on"], fmt, extra={"plan": plan})
+        if step == "encode":
+            res = od.encode_step(store, out, budget, workers, part)
+            return emit([dict(res, step=f"encode {part[0]}/{part[1]}")],
+                        ["step", "shards", "encoded", "workers", "seconds"], fmt)
+        if step == "merge":
+            version = od.merge_step(store, out, budget, target_recall, recall_k, model, overwrite=overwrite)
+        else:
+            version = od.build_ondisk(store, out, kind, gpu.value, gpus, budget, workers, shard_rows, target_recall,
+                                      recall_k, model, overwrite=overwrite)
+    else:
+        from .build import build_index
+        from .ondisk_build import check_step_options
+
+        check_step_options(on_disk, train_only, encode_part, merge, kind)
+        if workers is not None or shard_rows is not None:
+            raise UsageError("--workers and --shard-rows apply to --on-disk builds; add --on-disk")
+        version = build_index(store, out, kind=kind, gpu=gpu.value, gpus=gpus, max_memory=parse_bytes(max_memory),
+                              target_recall=target_recall, recall_k=recall_k, model_dir=model, shard=shard,
+                              overwrite=overwrite)
     manifest = read_manifest(version)
     emit(_summary_rows(manifest, out), ["field", "value"], fmt, extra={"manifest": manifest})
 
@@ -97,12 +144,14 @@ def index_build(
 def index_add(
     index: Path = typer.Argument(..., help="Index directory."),
     store: Path = typer.Argument(..., help="Embedding store of the same model."),
+    max_memory: str = typer.Option(None, "--max-memory", help="On-disk indexes: peak RSS of the update (default 4G)."),
+    workers: int = typer.Option(None, "--workers", help="On-disk indexes: encoding processes (default: CPU count)."),
     fmt: OutputFormat = FormatOpt,
 ) -> None:
     """Add a store's items to an index (items already present are skipped); crash-safe."""
     from .build import add_to_index
 
-    res = add_to_index(index, store)
+    res = add_to_index(index, store, max_memory=parse_bytes(max_memory), workers=workers)
     emit([res], ["added", "skipped_present", "skipped_failed", "count", "version"], fmt)
 
 

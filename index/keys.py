@@ -90,6 +90,16 @@ def new_index(key: str, dim: int):
     return index
 
 
+def check_lists(index, n: int, key: str) -> None:
+    """Refuse an IVF with more lists than training vectors (Faiss would fail with a traceback)."""
+    ivf = ivf_of(index)
+    if ivf is not None and ivf.nlist > n:
+        most = max(1, n // MIN_POINTS_PER_LIST)
+        raise UniretError(f"--kind {key!r} has {ivf.nlist} lists but there are only {n:,} vectors to train them; "
+                          f"use at most {most} lists (e.g. IVF{most},Flat) or --kind ivf-flat|ivf-sq8|ivf-pq, "
+                          "which size the lists to the data")
+
+
 def ivf_of(index):
     import faiss
 

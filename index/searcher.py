@@ -6,6 +6,8 @@ float32, ids (nq, k) int64)`` with -1 / -inf where fewer than k results exist. P
 - Flat indexes search exactly: Faiss on the CPU or GPU, or torch on CUDA when Faiss has no GPU;
 - IVF indexes search with the tuned nprobe, on the GPU(s) when Faiss has some and k, nprobe <= ``GPU_MAX_K``;
   lossy codes (SQ8, PQ) fetch 4k candidates and rescore them with the raw fp16 vectors;
+- on-disk IVF indexes (``index build --on-disk``) search on the CPU with their lists, ids and raw
+  vectors memory-mapped; exact paths (domain filter, funnel) stream the raw vectors in blocks;
 - ``domain=D`` searches exactly among that domain's vectors (a filtered IVF probe could miss them);
 - ``shortlist_dim=d`` (Matryoshka funnel) searches the re-normalised d-prefix of the raw vectors for
   ``shortlist_k`` candidates and rescores them with the full vectors;
@@ -28,9 +30,11 @@ from ..utils import resolve_device
 from . import gpu as gpu_util
 from .exact import REFINE_FACTOR, exact_search, rescore, torch_search
 from .keys import is_lossy, search_param_name, set_search_param
-from .layout import MODEL_DIR, MetadataDB, current_version, load_ids_vectors, read_index, read_manifest
+from .layout import MODEL_DIR, MetadataDB, current_version, load_ids_vectors, read_manifest
+from .ondisk import read_version_index
 from .rerank import candidate_depth
 from .rerank import rerank as apply_rerank
+from .vectors import MappedArray, exact_search_chunked
 
 logger = logging.getLogger("uniret")
 
@@ -42,14 +46,19 @@ class Searcher:
         self.root = Path(root)
         self.version_dir = current_version(self.root)
         self.manifest = read_manifest(self.version_dir)
-        self.index = read_index(self.version_dir / "index.faiss")
-        self.ids, self.vectors = load_ids_vectors(self.version_dir, self.manifest)
+        self.index = read_version_index(self.version_dir, self.manifest)
+        on_disk = bool(self.manifest.get("on_disk"))
+        self.ids, self.vectors = load_ids_vectors(self.version_dir, self.manifest, mmap_ids=on_disk)
+        # On-disk indexes: ids and raw vectors stay memory-mapped (never read whole); the exact paths
+        # stream the raw vectors block by block through this map.
+        self._raw = MappedArray(self.version_dir / "vectors.npy") if on_disk else None
         self.meta = MetadataDB(self.version_dir / "meta")
         self.key = self.manifest["key"]
         self.dim = int(self.manifest["dim"])
         self.search_params = dict(self.manifest.get("search_params") or {})
         set_search_param(self.index, next(iter(self.search_params.values()), None))
         self.use_gpu, self.ngpu = gpu_util.resolve(gpu)
+        self.use_gpu = self.use_gpu and self._raw is None  # a GPU clone would read all on-disk lists
         self._device_request = device if gpu != "off" else "cpu"
         self._gpu_index = None
         self._model = None
@@ -96,6 +105,9 @@ class Searcher:
     @cached_property
     def row_domains(self) -> np.ndarray:
         """The domain of every row (object array), read once from the metadata."""
+        names = (self.manifest.get("on_disk") or {}).get("domains")
+        if names is not None:  # on-disk versions keep a domain code per row: no scan of the metadata
+            return np.array(names, dtype=object)[np.load(self.version_dir / "domains.npy")]
         return np.array([m["domain"] if m else None for m in self.meta.get(self.ids.tolist())], dtype=object)
 
     @cached_property
@@ -122,9 +134,13 @@ class Searcher:
                 return self.index
         return self._gpu_index
 
-    def _exact_rows(self, xq: np.ndarray, rows: np.ndarray | None, k: int, xb: np.ndarray | None = None):
-        """Exact search over all raw vectors (rows=None) or a subset of rows; returns (scores, ids)."""
-        base = self._full_vectors if xb is None else xb
+    def _exact_rows(self, xq: np.ndarray, rows: np.ndarray | None, k: int, prefix_dim: int | None = None):
+        """Exact search over all raw vectors (rows=None) or a subset of rows, optionally of their
+        re-normalised ``prefix_dim`` prefixes; returns (scores, ids)."""
+        if self._raw is not None:  # on-disk: stream the raw vectors block by block
+            scores, hit = exact_search_chunked(xq, self._raw, k, rows=rows, prefix_dim=prefix_dim)
+            return scores, np.where(hit >= 0, self.ids[np.maximum(hit, 0)], -1)
+        base = self._full_vectors if prefix_dim is None else self.prefix_vectors(prefix_dim)
         sub = base if rows is None else base[rows]
         scores, hit = exact_search(xq, sub, k, device=self.device)
         mapped = hit if rows is None else np.where(hit >= 0, rows[np.maximum(hit, 0)], -1)
@@ -176,7 +192,7 @@ class Searcher:
         if nested and d not in nested:
             logger.warning("--shortlist-dim %d is not one of the model's nested dims %s", d, nested)
         q_pre = xq[:, :d] / np.maximum(np.linalg.norm(xq[:, :d], axis=1, keepdims=True), 1e-12)
-        _, cand = self._exact_rows(q_pre, rows, max(shortlist_k, k), xb=self.prefix_vectors(d))
+        _, cand = self._exact_rows(q_pre, rows, max(shortlist_k, k), prefix_dim=d)
         return rescore(xq, cand, self.vectors_for, k)
 
     def search(self, queries, k: int = 10, rerank: str | None = None, domain: str | None = None,
