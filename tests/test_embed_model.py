@@ -243,3 +243,15 @@ def test_gpu_made_model_gives_the_same_embeddings_on_cpu(tmp_path):
     model.save(tmp_path / "m")
     on_cpu = load_model(tmp_path / "m", device="cpu").encode(x)
     assert torch.allclose(on_cpu, on_gpu, atol=1e-4)
+
+
+def test_timm_model_with_a_conv_head_reports_its_output_size():
+    """LCNet (like MobileNetV3/V4) puts a 1x1 conv head after pooling: the embedding head must take
+    its output size (head_hidden_size), not the trunk's num_features."""
+    import torch
+
+    from uniret.embed.model import build_model
+
+    model = build_model("timm:lcnet_050", dim=8, image_size=32)
+    assert model.config.feature_dim == 1280
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 8)
