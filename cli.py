@@ -15,9 +15,10 @@ import sys
 import typer
 
 from .data.commands import app as data_app
+from .demo import demo_command
 from .embed.commands import embed_command, model_app
 from .errors import UniretError
-from .eval.commands import demo_command, eval_app
+from .eval.commands import eval_app
 from .index.commands import dedup_command, index_app, search_command
 from .serve.commands import serve_command
 from .train.commands import train_command
@@ -30,6 +31,24 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        typer.echo(f"uniret {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True,
+                                 callback=_print_version),
+) -> None:
+    """Universal image embedding and retrieval: train (UDON), embed, index, search, evaluate."""
+
+
 app.add_typer(data_app, name="data", help="Collections: validate, pack into LMDB, make demo data.")
 app.add_typer(model_app, name="model", help="Model directories: create and inspect.")
 app.command("embed")(embed_command)

@@ -1,16 +1,34 @@
-"""Printing results: a plain-text table or JSON on stdout (``--format table|json``)."""
+"""Printing results: a plain-text table or JSON on stdout (``--format table|json``).
+
+One convention for numbers a user compares: retrieval metrics are fractions (0-1, as in UnED and
+the README), shown with :data:`DECIMALS` decimals in the terminal and in report.md/html alike
+(:func:`format_metric`); similarity scores are clipped to [-1, 1] (:func:`display_score`).
+"""
 
 from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from enum import Enum
 
 
 class OutputFormat(str, Enum):
     table = "table"
     json = "json"
+
+
+DECIMALS = 4
+
+
+def format_metric(value: float | None) -> str:
+    """A metric (a fraction) or a score as it is shown everywhere: ``0.6140``; ``-`` for None."""
+    return "-" if value is None else f"{value:.{DECIMALS}f}"
+
+
+def display_score(value: float) -> float:
+    """A cosine similarity for display: clipped to [-1, 1] (fp16 vectors can score 1.0001)."""
+    return round(min(1.0, max(-1.0, float(value))), 6)
 
 
 def format_cell(value) -> str:
@@ -23,9 +41,11 @@ def format_cell(value) -> str:
     return str(value)
 
 
-def render_table(rows: Sequence[dict], columns: Sequence[str], title: str | None = None) -> str:
-    """Columns aligned with spaces; numbers right-aligned."""
-    cells = [[format_cell(r.get(c)) for c in columns] for r in rows]
+def render_table(rows: Sequence[dict], columns: Sequence[str], title: str | None = None,
+                 metrics: Collection[str] = ()) -> str:
+    """Columns aligned with spaces; numbers right-aligned; ``metrics`` columns by :func:`format_metric`."""
+    cells = [[format_metric(r.get(c)) if c in metrics and isinstance(r.get(c), float) else format_cell(r.get(c))
+              for c in columns] for r in rows]
     widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
     numeric = [all(isinstance(r.get(c), (int, float)) for r in rows if r.get(c) is not None) for c in columns]
 
@@ -42,12 +62,13 @@ def render_table(rows: Sequence[dict], columns: Sequence[str], title: str | None
 
 
 def emit(rows: Sequence[dict], columns: Sequence[str], fmt: OutputFormat | str = "table", title: str | None = None,
-         extra: dict | None = None) -> None:
-    """Print rows as a table, or as JSON (``{"rows": [...], **extra}``)."""
+         extra: dict | None = None, metrics: Collection[str] = ()) -> None:
+    """Print rows as a table (``metrics``: columns of metrics or scores, see :func:`format_metric`),
+    or as JSON (``{"rows": [...], **extra}``)."""
     if str(getattr(fmt, "value", fmt)) == "json":
         payload = {"rows": list(rows)}
         if extra:
             payload.update(extra)
         sys.stdout.write(json.dumps(payload, indent=2, default=str) + "\n")
     else:
-        sys.stdout.write(render_table(rows, columns, title) + "\n")
+        sys.stdout.write(render_table(rows, columns, title, metrics) + "\n")

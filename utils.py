@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -176,11 +177,68 @@ def stderr_console():
     return Console(stderr=True)
 
 
+class _LineProgress:
+    """Progress as plain lines on stderr, for logs and pipes where a bar cannot redraw: a line every
+    ``every_s`` seconds, or at each further 5% of the total (at most one a second), and a last line
+    with the total time. The rate is measured from the first ``advance`` on, so a resumed job's
+    starting offset (``advance(done_before)``) does not inflate it."""
+
+    every_s = 10.0
+    steps = 20  # a line at each further 1/20 (5%) of the total
+
+    def __init__(self, description: str, total: int | None):
+        self.description, self.total, self.info = description, total, ""
+        self.done = self.last_done = 0
+        self.start = self.last_t = time.monotonic()
+        self.rate_from: tuple[float, int] | None = None
+
+    def advance(self, n: int = 1, info: str | None = None) -> None:
+        self.done += n
+        self.info = self.info if info is None else info
+        now = time.monotonic()
+        if self.rate_from is None:
+            self.rate_from, self.last_done = (now, self.done), self.done
+            return
+        crossed = bool(self.total) and self.done * self.steps // self.total > self.last_done * self.steps // self.total
+        if now - self.last_t >= self.every_s or (crossed and now - self.last_t >= 1.0):
+            self._line(now)
+
+    def _rate(self, now: float) -> float | None:
+        if self.rate_from is None or now - self.rate_from[0] <= 0 or self.done == self.rate_from[1]:
+            return None
+        return (self.done - self.rate_from[1]) / (now - self.rate_from[0])
+
+    def _line(self, now: float) -> None:
+        rate = self._rate(now)
+        parts = [f"{self.done}/{self.total} ({100 * self.done / self.total:.0f}%)" if self.total else f"{self.done}"]
+        if rate:
+            parts.append(f"{rate:.1f}/s")
+            if self.total and self.done < self.total:
+                parts.append(f"about {(self.total - self.done) / rate:.0f} s left")
+        self._write(", ".join(parts))
+        self.last_t, self.last_done = now, self.done
+
+    def finish(self) -> None:
+        if self.done:
+            rate = self._rate(time.monotonic())
+            self._write(f"{self.done} done in {time.monotonic() - self.start:.1f} s" + (f", {rate:.1f}/s" if rate else ""))
+
+    def _write(self, text: str) -> None:
+        sys.stderr.write(f"{self.description}: {text}{f' ({self.info})' if self.info else ''}\n")
+        sys.stderr.flush()
+
+
 @contextlib.contextmanager
 def progress_bar(description: str, total: int | None, disable: bool = False) -> Iterator:
-    """A rich progress bar on stderr; yields ``advance(n)``. Quiet when stderr is not a terminal."""
-    if disable or not sys.stderr.isatty():
+    """Progress on stderr; yields ``advance(n, info=None)``. A rich bar when stderr is a terminal,
+    otherwise periodic plain lines (:class:`_LineProgress`), so a batch job's log shows progress."""
+    if disable:
         yield lambda n=1, **kw: None
+        return
+    if not sys.stderr.isatty():
+        lines = _LineProgress(description, total)
+        yield lines.advance
+        lines.finish()
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 

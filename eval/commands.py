@@ -1,13 +1,31 @@
-"""CLI: ``uniret eval`` (run an evaluation), ``uniret eval compare`` and ``uniret demo``."""
+"""CLI: ``uniret eval`` (run an evaluation) and ``uniret eval compare``."""
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 
 import typer
 
 from ..display import OutputFormat, emit
 from ..errors import UniretError
+from ..index.commands import RerankChoice
+from ..index.keys import KINDS
+
+
+class Split(str, Enum):
+    test = "test"
+    val = "val"
+
+
+class Protocol(str, Enum):
+    merged = "merged"
+    separate = "separate"
+    both = "both"
+
+
+#: ``--index-kind``: flat (exact search) or a kind of ``uniret index build`` (no free factory strings).
+IndexKind = Enum("IndexKind", {kind: kind for kind in KINDS}, type=str)
 
 eval_app = typer.Typer(
     help="Evaluate retrieval the UnED way (mMP@5, mAP@100, R@1; merged and separate protocols).",
@@ -22,11 +40,13 @@ def eval_main(
                                     help="Model directory (or training run). Repeat as DOMAIN=DIR to embed each "
                                          "domain with its own model (Specialist + Oracle)."),
     data: Path = typer.Option(None, "--data", help="Collection root or packed LMDB store."),
-    split: str = typer.Option("test", "--split", help="test or val."),
-    protocol: str = typer.Option("merged", "--protocol", help="merged, separate or both."),
-    rerank: str = typer.Option("none", "--rerank", help="none, superglobal, aqe or alpha-qe."),
-    index_kind: str = typer.Option("flat", "--index-kind",
-                                   help="flat (exact search) or an index kind of `uniret index build` for the merged index."),
+    split: Split = typer.Option("test", "--split", help="Evaluate on the test or the val split."),
+    protocol: Protocol = typer.Option("merged", "--protocol",
+                                      help="merged (one index of all domains), separate (per domain) or both."),
+    rerank: RerankChoice = typer.Option("none", "--rerank", help="Global-feature reranking of the top candidates."),
+    index_kind: IndexKind = typer.Option("flat", "--index-kind",
+                                         help="flat (exact search) or an index kind of `uniret index build` for the "
+                                              "merged index."),
     out: Path = typer.Option(Path("eval-report"), "--out", help="Report directory (metrics.json, report.md, report.html)."),
     cache_dir: Path = typer.Option(None, "--cache-dir",
                                    help="Where embeddings are cached (default: .cache/embeddings next to the report)."),
@@ -46,9 +66,9 @@ def eval_main(
         raise UniretError(f"--k must be at least 1, not {k}")
     from .run import evaluate
 
-    report = evaluate(parse_models(model), data, split=split, protocol=protocol, rerank=rerank, index_kind=index_kind, out=out,
-                      cache_dir=cache_dir, k=k, device=device, batch_size=batch_size, workers=workers,
-                      samples=samples)
+    report = evaluate(parse_models(model), data, split=split.value, protocol=protocol.value, rerank=rerank.value,
+                      index_kind=index_kind.value, out=out, cache_dir=cache_dir, k=k, device=device,
+                      batch_size=batch_size, workers=workers, samples=samples)
     print_report(report, fmt)
     typer.echo(f"report: {Path(out) / 'report.html'}", err=True)
 
@@ -86,7 +106,7 @@ def print_report(report: dict, fmt: OutputFormat | str = "table") -> None:
                      "queries": summary["queries"], "excluded": summary["excluded"]})
     emit(rows, columns + ["queries", "excluded"], fmt,
          title=f"{report['data']['split']} split, rerank {report['rerank']}",
-         extra={"report": {k: v for k, v in report.items() if k != "results"}})
+         extra={"report": {k: v for k, v in report.items() if k != "results"}}, metrics=columns[2:])
 
 
 @eval_app.command("compare")
@@ -96,23 +116,8 @@ def eval_compare(
     fmt: OutputFormat = typer.Option(OutputFormat.table, "--format", help="table or json."),
 ) -> None:
     """Print several reports side by side: mean metrics, then one metric per domain."""
-    from .report import compare_rows
+    from .report import COMPARE_LABELS, compare_rows
 
     rows, columns = compare_rows([str(r) for r in reports], metric=metric)
-    emit(rows, columns, fmt)
+    emit(rows, columns, fmt, metrics=columns[len(COMPARE_LABELS):])
 
-
-def demo_command(
-    out: Path = typer.Option(Path("uniret-demo"), "--out", help="Folder for the data, model, indexes and reports."),
-    steps: int = typer.Option(None, "--steps", help="Training steps (default: the demo's short schedule)."),
-    scale: float = typer.Option(1.0, "--scale", help="Demo collection size (1.0: about 1000 images)."),
-    device: str = typer.Option(None, "--device", help="cpu, cuda, ... (default: a GPU when there is one)."),
-) -> None:
-    """Run the whole pipeline on the demo data: make data, train UDON briefly, embed, index, evaluate, search."""
-    from .demo import run_demo
-
-    if steps is not None and steps < 2:
-        raise UniretError(f"--steps must be at least 2, not {steps}")
-    if not 0 < scale <= 4:
-        raise UniretError(f"--scale must be in (0, 4], not {scale}")
-    run_demo(out, steps=steps, device=device, scale=scale)

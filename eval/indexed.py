@@ -10,7 +10,6 @@ import numpy as np
 
 from ..embed.store import write_store
 from ..errors import UniretError
-from ..index.keys import KINDS
 from .protocol import evaluate_embeddings
 
 
@@ -20,8 +19,6 @@ def evaluate_with_index(query_vectors: np.ndarray, query_items: list, index_vect
     """Build (or reuse, by ``key``) the merged index of ``index_vectors`` and evaluate through it."""
     from ..index import Searcher, build_index
 
-    if index_kind not in KINDS:
-        raise UniretError(f"--index-kind must be one of {', '.join(KINDS)}, not {index_kind!r}")
     work_dir = Path(work_dir)
     store_dir, index_dir = work_dir / f"{key}-store", work_dir / f"{key}-{index_kind}"
     if not (index_dir / "CURRENT").is_file():

@@ -4,7 +4,8 @@
 ``separate``: each domain's queries search only that domain's index items. When queries are also in
 the index (query split = index split), k + 1 results are retrieved and each query's own id is dropped
 (METHOD.md §2), before any reranking. :func:`evaluate_embeddings` is what training's validation calls;
-:func:`uniret.eval.run.evaluate` drives it from a model directory and a collection.
+:func:`uniret.eval.run.evaluate` drives it from a model directory and a collection. Exact search and
+the rerankers come from :mod:`uniret.index`.
 """
 
 from __future__ import annotations
@@ -14,12 +15,12 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..errors import UniretError
+from ..index.exact import exact_search
+from ..index.rerank import candidate_depth
+from ..index.rerank import rerank as apply_rerank
 from .metrics import retrieval_metrics
 
 PROTOCOLS = ("merged", "separate")
-RERANKERS = ("none", "superglobal", "aqe", "alpha-qe")
-#: Candidates a reranker looks at (SuperGlobal's M); search returns at least this many for it.
-RERANK_DEPTH = {"superglobal": 400, "aqe": 100, "alpha-qe": 100}
 
 
 def label_of(item) -> tuple:
@@ -42,43 +43,9 @@ def self_match_ids(query_items: Sequence, index_items: Sequence) -> np.ndarray:
     return np.array([where.get((it.domain, it.split, it.position), -1) for it in query_items], dtype=np.int64)
 
 
-def numpy_exact_search(xq: np.ndarray, xb: np.ndarray, k: int, block: int = 1024):
-    """Exact inner-product top-k in numpy (blocks of queries); -1 / -inf padding when nb < k."""
-    nq, nb = len(xq), len(xb)
-    kk = min(k, nb)
-    scores = np.full((nq, k), -np.inf, dtype=np.float32)
-    ids = np.full((nq, k), -1, dtype=np.int64)
-    for s in range(0, nq, block):
-        sims = xq[s:s + block] @ xb.T
-        top = np.argpartition(-sims, kk - 1, axis=1)[:, :kk] if kk < nb else np.tile(np.arange(nb), (len(sims), 1))
-        top_s = np.take_along_axis(sims, top, axis=1)
-        order = np.argsort(-top_s, axis=1, kind="stable")
-        ids[s:s + block, :kk] = np.take_along_axis(top, order, axis=1)
-        scores[s:s + block, :kk] = np.take_along_axis(top_s, order, axis=1)
-    return scores, ids
-
-
-def search(xq: np.ndarray, xb: np.ndarray, k: int, device: str | None = None):
-    """Exact top-k: the index package's :func:`exact_search` when present, numpy otherwise."""
-    try:
-        from ..index.exact import exact_search
-    except ImportError:
-        return numpy_exact_search(xq, xb, k)
-    return exact_search(xq, xb, k, device=device)
-
-
 def rerank_results(name: str | None, xq: np.ndarray, xb: np.ndarray, scores: np.ndarray, ids: np.ndarray):
-    """Apply a global-feature reranker (``uniret.index.rerank``) to the candidates, best first."""
-    if name in (None, "none"):
-        return scores, ids
-    if name not in RERANKERS:
-        raise UniretError(f"unknown reranker {name!r}; choose one of {', '.join(RERANKERS)}")
-    try:
-        from ..index.rerank import alpha_qe, aqe, superglobal
-    except ImportError:
-        raise UniretError(f"reranking ({name}) needs uniret.index.rerank, which is not installed") from None
-    fn = {"superglobal": superglobal, "aqe": aqe, "alpha-qe": alpha_qe}[name]
-    out_scores, out_ids = fn(xq, xb, ids, scores)
+    """Apply a registered reranker (:data:`uniret.index.rerank.RERANKERS`) to the candidates."""
+    out_scores, out_ids = apply_rerank(name, xq, xb, ids, scores)
     return np.asarray(out_scores, dtype=np.float32), np.asarray(out_ids, dtype=np.int64)
 
 
@@ -98,10 +65,10 @@ def search_and_rank(xq, xb, k: int, rerank: str | None = None, device: str | Non
     """Top-k, with each query's own id (``query_ids``, -1 = none) dropped BEFORE reranking, so that
     a query never expands itself; a reranker sees a deeper candidate list than k. ``search_fn(xq, k)
     -> (scores, ids)`` replaces exact search (e.g. an approximate index over ``xb``)."""
-    depth = max(k, RERANK_DEPTH.get(rerank or "none", k))
+    depth = candidate_depth(rerank, k)
     extra = 1 if query_ids is not None and (query_ids >= 0).any() else 0
     if search_fn is None:
-        scores, ids = search(xq, xb, depth + extra, device=device)
+        scores, ids = exact_search(xq, xb, depth + extra, device=device)
     else:
         scores, ids = search_fn(xq, depth + extra)
         scores, ids = np.array(scores, dtype=np.float32), np.array(ids, dtype=np.int64)
@@ -175,10 +142,3 @@ def evaluate_embeddings(
     result.update(protocol=protocol, k=k, rerank=rerank or "none", scores=scores, ids=ids)
     return result
 
-
-def evaluate(model_dir, data, **kwargs) -> dict:
-    """A model directory + a collection -> report dict; see :func:`uniret.eval.run.evaluate` (kept
-    there so that this module stays free of the embedding machinery)."""
-    from .run import evaluate as run_evaluate
-
-    return run_evaluate(model_dir, data, **kwargs)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..display import format_metric
 from ..errors import ImageDecodeError, UniretError
 from ..utils import atomic_write_json, atomic_write_text, publish_dir, read_json
 
@@ -80,17 +81,13 @@ def render_markdown(report: dict) -> str:
         lines += [f"## {name} protocol", "", "| domain | " + " | ".join(keys) + " | queries | excluded |",
                   "|---|" + "---:|" * (len(keys) + 2)]
         for d, row in summary["per_domain"].items():
-            lines.append(f"| {d} | " + " | ".join(_fmt(row[m]) for m in keys)
+            lines.append(f"| {d} | " + " | ".join(format_metric(row[m]) for m in keys)
                          + f" | {row['queries']} | {row['excluded']} |")
-        lines.append("| **mean (unweighted)** | " + " | ".join(f"**{_fmt(summary['mean'][m])}**" for m in keys)
+        lines.append("| **mean (unweighted)** | " + " | ".join(f"**{format_metric(summary['mean'][m])}**" for m in keys)
                      + f" | {summary['queries']} | {summary['excluded']} |")
         lines.append("")
     lines.append("Queries with no relevant index item (n_q = 0) are excluded and counted.")
     return "\n".join(lines) + "\n"
-
-
-def _fmt(value) -> str:
-    return "-" if value is None else f"{100 * value:.2f}"
 
 
 CSS = """
@@ -124,7 +121,7 @@ def render_html(report: dict, grid: list[dict]) -> str:
             cls = " class='mean'" if i == len(rows) - 1 else ""
             cells = "".join(
                 f"<td><span class='bar' style='width:{0 if row[m] is None else round(100 * row[m])}px'></span>"
-                f"{_fmt(row[m])}</td>" for m in keys)
+                f"{format_metric(row[m])}</td>" for m in keys)
             parts.append(f"<tr{cls}><td>{esc(d)}</td>{cells}<td>{row['queries']}</td><td>{row['excluded']}</td></tr>")
         parts.append("</tbody></table>")
     parts.append(f"<h2>Sample queries and their top-{TOP}</h2>"
@@ -178,8 +175,13 @@ def load_report(path: str | Path) -> dict:
     return report
 
 
+#: The label columns of :func:`compare_rows`; every other column holds a metric.
+COMPARE_LABELS = ("report", "protocol", "rerank")
+
+
 def compare_rows(paths: list[str], metric: str = "mAP@100") -> tuple[list[dict], list[str]]:
-    """One row per (report, protocol): the mean metrics, then ``metric`` per domain."""
+    """One row per (report, protocol): :data:`COMPARE_LABELS`, the mean metrics, then ``metric`` per
+    domain."""
     rows, domains, means = [], [], []
     for path in paths:
         report = load_report(path)
@@ -193,4 +195,4 @@ def compare_rows(paths: list[str], metric: str = "mAP@100") -> tuple[list[dict],
                 if d not in domains:
                     domains.append(d)
             rows.append(row)
-    return rows, ["report", "protocol", "rerank", *means, *(f"{d} {metric}" for d in domains)]
+    return rows, [*COMPARE_LABELS, *means, *(f"{d} {metric}" for d in domains)]

@@ -1,13 +1,16 @@
 """uniret.index: exact and approximate search over embedding stores, reranking, index directories.
 
-Public API: :func:`exact_search`, the rerankers in :mod:`uniret.index.rerank`, :func:`build_index`,
-:class:`Searcher`, and the search layer :func:`open_index` -> :class:`Index`. Heavy parts (faiss, torch, lmdb) load lazily on first use.
+Public API: :func:`exact_search`, the rerankers and their registry :data:`RERANKERS` (in
+:mod:`uniret.index.rerank`; ``uniret.index.rerank`` is that module, not a function),
+:func:`build_index`, :class:`Searcher`, and the search layer :func:`open_index` -> :class:`Index`.
+Heavy parts (faiss, torch, lmdb) load lazily on first use.
 """
 
 from .exact import exact_search
-from .rerank import alpha_qe, aqe, rerank, superglobal
+from .rerank import RERANKERS, alpha_qe, aqe, superglobal
 
-__all__ = ["exact_search", "superglobal", "aqe", "alpha_qe", "rerank", "build_index", "Searcher", "open_index", "Index", "Results"]
+__all__ = ["exact_search", "superglobal", "aqe", "alpha_qe", "RERANKERS", "build_index", "Searcher", "open_index",
+           "Index", "Results"]
 
 
 def __getattr__(name: str):

@@ -30,7 +30,7 @@ from ..errors import UniretError, UsageError
 from .images import open_image_source
 from .layout import current_version
 from .queries import QueryRows, prepare_queries
-from .rerank import RERANKERS
+from .rerank import get_reranker, reranker_names
 
 logger = logging.getLogger("uniret")
 
@@ -84,11 +84,8 @@ def check_k(k, count: int) -> int:
 
 
 def check_rerank(rerank: str | None) -> str | None:
-    if rerank in (None, "none"):
-        return None
-    if rerank not in RERANKERS:
-        raise UsageError(f"unknown reranker {rerank!r}; use one of none, {', '.join(sorted(RERANKERS))}")
-    return rerank
+    """A registered reranker's name (None for none); the registry's one-line error for anything else."""
+    return None if get_reranker(rerank) is None else rerank
 
 
 class Index:
@@ -127,7 +124,7 @@ class Index:
                 "search_params": m.get("search_params") or {}, "recall": m.get("recall"),
                 "model": {"config_hash": model.get("config_hash"), "backbone": model.get("backbone"),
                           "copy": bool(m.get("model_dir"))},
-                "domains": self.domains(), "rerankers": ["none", *sorted(RERANKERS)], "max_k": MAX_K,
+                "domains": self.domains(), "rerankers": reranker_names(), "max_k": MAX_K,
                 "images": repr(self.images) if self.images is not None else None}
 
     def domains(self) -> list[str]:

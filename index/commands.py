@@ -9,8 +9,9 @@ from pathlib import Path
 
 import typer
 
-from ..display import OutputFormat, emit
+from ..display import OutputFormat, display_score, emit
 from ..errors import UsageError
+from .rerank import reranker_names
 
 logger = logging.getLogger("uniret")
 # faiss announces which SIMD build it loads at INFO level; that is noise on the command line.
@@ -25,11 +26,8 @@ class GpuMode(str, Enum):
     off = "off"
 
 
-class Rerank(str, Enum):
-    none = "none"
-    superglobal = "superglobal"
-    aqe = "aqe"
-    alpha_qe = "alpha-qe"
+#: ``--rerank`` choices: ``none`` and the registered rerankers (read from the registry, never listed here).
+RerankChoice = Enum("RerankChoice", {name: name for name in reranker_names()}, type=str)
 
 
 FormatOpt = typer.Option(OutputFormat.table, "--format", help="table or json.")
@@ -148,7 +146,7 @@ def search_command(
     index: Path = typer.Argument(..., help="Index directory."),
     queries: list[str] = typer.Argument(..., help="Image files, folders of images, id:N or .npy embeddings.", metavar="QUERY..."),
     k: int = typer.Option(10, "--k", help="Results per query (at most the index size and 10000)."),
-    rerank: Rerank = typer.Option(Rerank.none, "--rerank", help="Global-feature reranking of the top candidates."),
+    rerank: RerankChoice = typer.Option("none", "--rerank", help="Global-feature reranking of the top candidates."),
     domain: str = typer.Option(None, "--domain", help="Only results from this domain."),
     threshold: float = typer.Option(None, "--threshold", help="Only results with a similarity at or above this."),
     shortlist_dim: int = typer.Option(None, "--shortlist-dim", help="Matryoshka funnel: shortlist with this prefix size."),
@@ -173,10 +171,10 @@ def search_command(
                          shortlist_dim=shortlist_dim, shortlist_k=shortlist_k)
     if html is not None:
         _write_html(html, results.to_html(title=f"uniret search {index}"))
-    rows = [dict(r, score=round(r["score"], 6),
+    rows = [dict(r, score=display_score(r["score"]),
                  class_id=r["class_ids"][0] if len(r.get("class_ids") or []) == 1 else r.get("class_ids") or None)
             for r in results.rows()]
-    emit(rows, ["query", "rank", "id", "score", "path", "domain", "class_id"], fmt)
+    emit(rows, ["query", "rank", "id", "score", "path", "domain", "class_id"], fmt, metrics=["score"])
 
 
 def dedup_command(

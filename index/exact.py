@@ -3,11 +3,11 @@
 :func:`exact_search` is the one call eval, training's validation and the index use for brute-force
 search. Backends, picked by ``device``:
 
-- faiss GPU (``faiss.get_num_gpus() > 0``): ``faiss.knn_gpu`` on the first GPU, k <= 2048;
+- faiss GPU (``faiss.get_num_gpus() > 0``): ``faiss.knn_gpu`` on the first GPU, k <= ``GPU_MAX_K`` (2048);
 - torch on CUDA (faiss without GPU, torch sees a device): chunked matmul + ``topk``. The matmul runs
   in fp16 to use the tensor cores; a shortlist of ``2k + 16`` candidates per query is then rescored in
   fp32, so scores are fp32-exact and only near-ties at the shortlist border could differ;
-- faiss CPU (``IndexFlatIP``) otherwise, and for k > 2048 (the GPU k-selection limit).
+- faiss CPU (``IndexFlatIP``) otherwise, and for k > ``GPU_MAX_K`` (the GPU k-selection limit).
 
 Results where the database has fewer than k rows are padded with id -1 and score -inf.
 """
@@ -20,10 +20,10 @@ import sys
 import numpy as np
 
 from ..utils import resolve_device
+from .gpu import GPU_MAX_K
 
 logger = logging.getLogger("uniret")
 
-GPU_MAX_K = 2048
 #: Lossy (SQ/PQ) indexes fetch this many times k candidates, then rescore them with the raw vectors.
 REFINE_FACTOR = 4
 

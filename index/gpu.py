@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from ..errors import UsageError
 
-GPU_MAX_K = 2048  # Faiss GPU k-selection limit, also for nprobe
+#: Faiss GPU k-selection limit (k and nprobe); the one limit every GPU search path checks.
+GPU_MAX_K = 2048
 
 
 def num_gpus() -> int:

@@ -1,4 +1,5 @@
-"""Global-feature reranking of a retrieved shortlist: SuperGlobal, average QE and alpha-QE.
+"""Global-feature reranking of a retrieved shortlist (SuperGlobal, average QE, alpha-QE) and the
+registry of rerankers (:data:`RERANKERS`: name -> function and default candidate depth).
 
 All three take the query vectors ``xq`` (nq, d), the database vectors ``xb`` (an array, a tensor or
 a callable that gathers rows by id: ``xb(ids: np.ndarray) -> (len(ids), d)``), the candidate ``ids``
@@ -18,6 +19,7 @@ SuperGlobal, as uniret implements it (METHOD.md §4):
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -153,16 +155,55 @@ def alpha_qe(xq, xb, ids, scores, k: int = 10, alpha: float = 3.0, M: int | None
                            lambda q, D, v: _expanded_query_scores(q, D, v, k, alpha))
 
 
-RERANKERS: dict[str, Callable] = {"superglobal": superglobal, "aqe": aqe, "alpha-qe": alpha_qe,
-                                  "alpha_qe": alpha_qe}
+@dataclass(frozen=True)
+class Reranker:
+    """A registered reranker: ``fn(xq, xb, ids, scores, **options) -> (scores, ids)`` (the contract
+    in the module docstring) and ``depth``, the candidates a search fetches for it by default (the
+    ``M`` it rescores)."""
+
+    fn: Callable
+    depth: int
+    summary: str
+
+
+#: The one list of rerankers: every caller (Searcher, eval, the CLI choices, serve) reads it. Adding a
+#: reranker is a function above plus one entry here (and its tests).
+RERANKERS: dict[str, Reranker] = {
+    "superglobal": Reranker(superglobal, 400, "SuperGlobal: refine the top 400 with their neighbours, expand the query"),
+    "aqe": Reranker(aqe, 100, "average query expansion over the top 10, rescoring the top 100"),
+    "alpha-qe": Reranker(alpha_qe, 100, "alpha-weighted query expansion over the top 10, rescoring the top 100"),
+}
+NONE = "none"
+
+
+def reranker_names() -> list[str]:
+    """``none`` and every registered reranker, in registry order (the CLI's choices)."""
+    return [NONE, *RERANKERS]
+
+
+def get_reranker(name: str | None) -> Reranker | None:
+    """The registered reranker ``name``; None for ``none``/None; a one-line error for anything else."""
+    if name in (None, NONE):
+        return None
+    if name not in RERANKERS:
+        from ..errors import UsageError
+
+        raise UsageError(f"unknown reranker {name!r}; use one of {', '.join(reranker_names())}")
+    return RERANKERS[name]
+
+
+def candidate_depth(name: str | None, k: int, depth: int | None = None) -> int:
+    """How many candidates to fetch for ``k`` results reranked by ``name``: at least k, and the
+    reranker's registered depth unless ``depth`` overrides it."""
+    reranker = get_reranker(name)
+    if reranker is None:
+        return k
+    return max(k, depth or reranker.depth)
 
 
 def rerank(name: str | None, xq, xb, ids, scores, **kwargs):
-    """Dispatch by name (``none``/None returns the input unchanged)."""
-    if name in (None, "none"):
+    """Rerank by registered name (``none``/None returns the input unchanged)."""
+    reranker = get_reranker(name)
+    if reranker is None:
         return scores, ids
-    if name not in RERANKERS:
-        from ..errors import UniretError
-
-        raise UniretError(f"unknown reranker {name!r}; use one of none, superglobal, aqe, alpha-qe")
-    return RERANKERS[name](xq, xb, ids, scores, **kwargs)
+    return reranker.fn(xq, xb, ids, scores, **kwargs)

@@ -4,13 +4,13 @@
 float32, ids (nq, k) int64)`` with -1 / -inf where fewer than k results exist. Paths:
 
 - Flat indexes search exactly: Faiss on the CPU or GPU, or torch on CUDA when Faiss has no GPU;
-- IVF indexes search with the tuned nprobe, on the GPU(s) when Faiss has some and k, nprobe <= 2048;
+- IVF indexes search with the tuned nprobe, on the GPU(s) when Faiss has some and k, nprobe <= ``GPU_MAX_K``;
   lossy codes (SQ8, PQ) fetch 4k candidates and rescore them with the raw fp16 vectors;
 - ``domain=D`` searches exactly among that domain's vectors (a filtered IVF probe could miss them);
 - ``shortlist_dim=d`` (Matryoshka funnel) searches the re-normalised d-prefix of the raw vectors for
   ``shortlist_k`` candidates and rescores them with the full vectors;
-- ``rerank=`` superglobal | aqe | alpha-qe reranks the top ``rerank_depth`` candidates with the raw
-  vectors.
+- ``rerank=`` a name of :data:`uniret.index.rerank.RERANKERS` reranks the top ``rerank_depth``
+  candidates (default: the reranker's registered depth) with the raw vectors.
 
 Queries are L2-normalised before searching (the metric is cosine).
 """
@@ -29,11 +29,10 @@ from . import gpu as gpu_util
 from .exact import REFINE_FACTOR, exact_search, rescore, torch_search
 from .keys import is_lossy, search_param_name, set_search_param
 from .layout import MODEL_DIR, MetadataDB, current_version, read_manifest
+from .rerank import candidate_depth
 from .rerank import rerank as apply_rerank
 
 logger = logging.getLogger("uniret")
-
-RERANK_DEPTH = {"superglobal": 400, "aqe": 100, "alpha-qe": 100, "alpha_qe": 100}
 
 
 class Searcher:
@@ -195,11 +194,9 @@ class Searcher:
         if k < 1:
             raise UniretError(f"--k must be >= 1, got {k}")
         xq = xq / np.maximum(np.linalg.norm(xq, axis=1, keepdims=True), 1e-12)
-        rerank = None if rerank in (None, "none") else rerank
-        depth = max(k, rerank_depth or RERANK_DEPTH.get(rerank, k)) if rerank else k
+        depth = candidate_depth(rerank, k, rerank_depth)
         scores, ids = self._base_search(xq, depth, domain, shortlist_dim, shortlist_k)
-        if rerank:
-            scores, ids = apply_rerank(rerank, xq, self.vectors_for, ids, scores, **rerank_options)
+        scores, ids = apply_rerank(rerank, xq, self.vectors_for, ids, scores, **rerank_options)
         return scores[:, :k], ids[:, :k]
 
     # -- the model that made the index -----------------------------------------------------------

@@ -9,6 +9,7 @@ import pytest
 
 from uniret.cli import main
 from uniret.eval.metrics import retrieval_metrics
+from uniret.index.rerank import RERANKERS
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +80,21 @@ def test_eval_writes_three_files_with_correct_numbers(report_dir, demo_root):
     assert "http" not in html.replace("http-equiv", "")  # self-contained: nothing fetched
 
 
+def test_one_metric_convention_in_terminal_and_reports(report_dir, tiny_model, demo_root, tmp_path, capsys):
+    """Fractions with 4 decimals in the terminal table, report.md and report.html alike."""
+    assert main(["eval", "--model", str(tiny_model), "--data", str(demo_root), "--out", str(tmp_path / "r"),
+                 "--cache-dir", str(report_dir.parent / ".cache" / "embeddings")]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    md, html = (tmp_path / "r" / "report.md").read_text(), (tmp_path / "r" / "report.html").read_text()
+    values = [v for row in report["results"]["merged"]["per_domain"].values() for k, v in row.items() if "@" in k]
+    assert len(values) == 4 * 3
+    for v in values + list(report["results"]["merged"]["mean"].values()):
+        shown = f"{v:.4f}"
+        assert shown in printed and shown in md and shown in html, shown
+    assert not any(f"{100 * v:.2f}" in md for v in values if v > 0.01)  # no percentages left
+
+
 def test_second_run_reuses_embeddings(report_dir, tiny_model, demo_root, tmp_path, capsys):
     cache = json.loads((report_dir / "metrics.json").read_text())["embeddings"]["store"]
     out = tmp_path / "again"
@@ -120,11 +136,7 @@ def test_index_kind_searches_a_built_index(report_dir, tiny_model, demo_root, tm
 
 @pytest.mark.parametrize("args, message", [
     (["eval", "--data", "{data}"], "needs --model"),
-    (["eval", "--model", "{model}", "--data", "{data}", "--split", "train"], "--split must be"),
-    (["eval", "--model", "{model}", "--data", "{data}", "--protocol", "mixed"], "--protocol must be"),
-    (["eval", "--model", "{model}", "--data", "{data}", "--rerank", "magic"], "--rerank must be"),
     (["eval", "--model", "{data}", "--data", "{data}"], "not a model directory"),
-    (["eval", "--model", "{model}", "--data", "{data}", "--index-kind", "bogus"], "--index-kind must be"),
     (["eval", "--model", "{model}", "--data", "{data}/nope"], "no such file"),
     (["eval", "compare", "{data}"], "no metrics.json"),
 ])
@@ -136,11 +148,26 @@ def test_errors_are_one_line(args, message, tiny_model, demo_root, capsys):
     assert not any("Traceback" in line for line in err)
 
 
-def test_eval_on_packed_lmdb(tiny_model, demo_lmdb, report_dir, tmp_path):
+@pytest.mark.parametrize("option, bad, choices", [
+    ("--split", "train", ["test", "val"]),
+    ("--protocol", "mixed", ["merged", "separate", "both"]),
+    ("--rerank", "magic", ["none", *RERANKERS]),
+    ("--index-kind", "bogus", ["flat", "ivf-pq", "hnsw"]),
+])
+def test_fixed_choices_are_usage_errors(option, bad, choices, tiny_model, demo_root, capsys):
+    assert main(["eval", "--model", str(tiny_model), "--data", str(demo_root), option, bad]) == 2
+    err = capsys.readouterr().err
+    assert option in err and all(f"'{c}'" in err for c in choices) and "Traceback" not in err
+
+
+def test_eval_on_packed_lmdb(tiny_model, demo_lmdb, report_dir, tmp_path, capsys):
     out = tmp_path / "lmdb"
     assert main(["eval", "--model", str(tiny_model), "--data", str(demo_lmdb), "--out", str(out),
                  "--split", "val", "--samples", "1"]) == 0
     report = json.loads((out / "metrics.json").read_text())
+    # stderr is not a terminal here: the embedding progress comes as plain lines, the last one a total
+    progress = [line for line in capsys.readouterr().err.splitlines() if line.startswith("embedding: ")]
+    assert progress and progress[-1].startswith(f"embedding: {report['embeddings']['count']} done in ")
     assert report["data"]["split"] == "val" and report["data"]["path"] == str(demo_lmdb.resolve())
     # val searches itself in every domain: one merged index of all val items, self match dropped
     assert all(v == {"query_split": "val", "index_split": "val"} for v in report["data"]["domains"].values())

@@ -1,4 +1,4 @@
-"""evaluate_embeddings: merged and separate protocols, self match, search fallback."""
+"""evaluate_embeddings: merged and separate protocols, self match, rerankers from the registry."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import pytest
 from uniret.data import Item
 from uniret.errors import UniretError
 from uniret.eval.metrics import retrieval_metrics
-from uniret.eval.protocol import evaluate_embeddings, numpy_exact_search, search
+from uniret.eval.protocol import evaluate_embeddings
+from uniret.index.rerank import RERANKERS
 
 
 def unit(rows):
@@ -70,15 +71,6 @@ def test_matches_brute_force_metrics_on_random_data():
         assert row.tolist() == same[np.argsort(-sims[same], kind="stable")][:10].tolist()
 
 
-def test_numpy_fallback_matches_index_exact_search():
-    rng = np.random.default_rng(2)
-    xb, xq = unit(rng.normal(size=(40, 8))), unit(rng.normal(size=(7, 8)))
-    s1, i1 = numpy_exact_search(xq, xb, 45)
-    s2, i2 = search(xq, xb, 45)
-    assert (i1 == i2).all() and np.allclose(s1, s2, atol=1e-5, equal_nan=True)
-    assert (i1[:, 40:] == -1).all()
-
-
 def test_bad_protocol_and_reranker():
     x = unit([[1, 0]])
     with pytest.raises(UniretError, match="protocol"):
@@ -87,10 +79,8 @@ def test_bad_protocol_and_reranker():
         evaluate_embeddings(x, [("a", 0)], x, [("a", 0)], self_match=False, rerank="magic")
 
 
-@pytest.mark.parametrize("name", ["aqe", "alpha-qe", "superglobal"])
+@pytest.mark.parametrize("name", list(RERANKERS))
 def test_rerank_runs_on_candidates_without_self(name):
-    from uniret.index.rerank import alpha_qe, aqe, superglobal
-
     rng = np.random.default_rng(3)
     items = [Item(f"p{i}", "x", "val", i, (i // 3,)) for i in range(30)]
     vectors = unit(rng.normal(size=(30, 8)))
@@ -100,7 +90,6 @@ def test_rerank_runs_on_candidates_without_self(name):
     sims = vectors @ vectors.T
     np.fill_diagonal(sims, -np.inf)
     cand = np.argsort(-sims, axis=1, kind="stable")[:, :29]
-    fn = {"aqe": aqe, "alpha-qe": alpha_qe, "superglobal": superglobal}[name]
-    _, ref_ids = fn(vectors, vectors, cand, np.take_along_axis(sims, cand, axis=1).astype(np.float32))
+    _, ref_ids = RERANKERS[name].fn(vectors, vectors, cand, np.take_along_axis(sims, cand, axis=1).astype(np.float32))
     assert (r["ids"] == ref_ids[:, :5]).all()
     assert r["rerank"] == name

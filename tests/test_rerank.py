@@ -5,7 +5,16 @@ import pytest
 import torch
 
 from uniret.errors import UniretError
-from uniret.index.rerank import alpha_qe, aqe, rerank, superglobal
+from uniret.index.rerank import (
+    RERANKERS,
+    alpha_qe,
+    aqe,
+    candidate_depth,
+    get_reranker,
+    rerank,
+    reranker_names,
+    superglobal,
+)
 
 
 def unit(v) -> np.ndarray:
@@ -125,5 +134,28 @@ def test_rerank_dispatch():
     assert i is ids
     _, i = rerank("alpha-qe", Q3[None].astype(np.float32), AQE_HAND.astype(np.float32), ids, scores, k=1)
     assert i[0].tolist() == [0, 2, 1]
-    with pytest.raises(UniretError, match="unknown reranker"):
+    with pytest.raises(UniretError, match="unknown reranker 'bogus'; use one of none, superglobal"):
         rerank("bogus", Q3[None], AQE_HAND, ids, scores)
+
+
+def test_registry_names_functions_and_depths():
+    assert reranker_names() == ["none", *RERANKERS]
+    assert {name: (r.fn, r.depth) for name, r in RERANKERS.items()} == {
+        "superglobal": (superglobal, 400), "aqe": (aqe, 100), "alpha-qe": (alpha_qe, 100)}
+    assert get_reranker("none") is None and get_reranker(None) is None
+    assert candidate_depth(None, 10) == 10 and candidate_depth("none", 10) == 10
+    assert candidate_depth("superglobal", 10) == 400 and candidate_depth("aqe", 500) == 500
+    assert candidate_depth("aqe", 10, depth=30) == 30
+    with pytest.raises(UniretError, match="unknown reranker"):
+        candidate_depth("alpha_qe", 10)
+
+
+def test_cli_choices_come_from_the_registry():
+    import typer
+
+    from uniret.cli import app
+
+    command = typer.main.get_command(app)
+    for sub in (command.commands["search"], command.commands["eval"]):
+        option = next(p for p in sub.params if "--rerank" in p.opts)
+        assert [m.value for m in option.type_descriptor.annotation] == reranker_names(), sub.name

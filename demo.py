@@ -1,5 +1,8 @@
 """``uniret demo``: the whole pipeline on the generated demo collection, on a CPU, in a few minutes.
 
+It sits beside ``cli.py``, above every package, because it is the one library module besides the
+trainer's own that imports ``uniret.train`` (data/, embed/, index/ and eval/ never do).
+
 make the demo data -> train UDON briefly (a tiny CNN from scratch) -> export the model -> embed ->
 evaluate on the merged protocol without and with SuperGlobal reranking (and the untrained model as
 the baseline) -> build the merged index -> search one query -> print where the HTML report is.
@@ -10,37 +13,29 @@ run (or a run after an interruption) continues instead of starting over.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import typer
 
-from ..display import emit
-from ..utils import read_json
+from .display import display_score, emit
+from .errors import UniretError
+from .utils import read_json
 
 logger = logging.getLogger("uniret")
 
 
-@dataclass(frozen=True)
-class DemoSettings:
-    """The demo's schedule: the training recipe tuned for the demo data on a CPU
-    (``uniret.train.DEMO_RECIPE``: timm's tiny test ResNet at 64 px from scratch, 300 steps)."""
-
-    steps: int | None = None  # None: the recipe's
-    scale: float = 1.0  # demo collection size (about 1000 images)
-
-
-def train_demo_model(data: Path, run: Path, settings: DemoSettings, device: str | None) -> Path:
-    """Train UDON on the demo data (resuming an interrupted run); return the exported model dir."""
-    from ..train.config import demo_config
-    from ..train.trainer import train
+def train_demo_model(data: Path, run: Path, steps: int | None, device: str | None) -> Path:
+    """Train UDON on the demo data with the demo recipe (``uniret.train.DEMO_RECIPE``: timm's tiny
+    test ResNet at 64 px from scratch; ``steps`` None: the recipe's), resuming an interrupted run;
+    return the exported model directory."""
+    from .train.config import demo_config
+    from .train.trainer import train
 
     overrides = {"device": device or "auto"}
-    if settings.steps is not None:
-        overrides.update(steps=settings.steps, val_every=max(1, settings.steps // 3),
-                         ckpt_every=max(1, settings.steps // 3), dynamic_interval=max(1, settings.steps // 6),
-                         dynamic_window=max(1, settings.steps // 6))
+    if steps is not None:
+        overrides.update(steps=steps, val_every=max(1, steps // 3), ckpt_every=max(1, steps // 3),
+                         dynamic_interval=max(1, steps // 6), dynamic_window=max(1, steps // 6))
     config = demo_config(data, run, **overrides)
     if (run / "summary.json").is_file() and (run / "model" / "config.json").is_file():
         if read_json(run / "summary.json").get("steps") == config.steps:
@@ -53,8 +48,8 @@ def train_demo_model(data: Path, run: Path, settings: DemoSettings, device: str 
 
 def search_one_query(report: dict, data: Path, index_dir: Path, kind: str = "flat") -> list[dict]:
     """Build the merged index from the evaluation's embeddings and search with one test query."""
-    from ..data import open_collection
-    from ..embed.store import EmbeddingStore, write_store
+    from .data import open_collection
+    from .embed.store import EmbeddingStore, write_store
 
     store = EmbeddingStore(report["embeddings"]["store"])
     items, vectors = store.items, np.asarray(store.embeddings, dtype=np.float32)
@@ -64,7 +59,7 @@ def search_one_query(report: dict, data: Path, index_dir: Path, kind: str = "fla
     q_row = next(i for i, it in enumerate(items) if it.split == "test" and splits[it.domain][1] == "index")
     index_store = write_store(index_dir.parent / "index-store", vectors[x_rows], [items[i] for i in x_rows],
                               model={"config_hash": store.model_hash})
-    from ..index import Searcher, build_index
+    from .index import Searcher, build_index
 
     build_index(index_store, index_dir, kind=kind)
     scores, ids = Searcher.open(index_dir).search(vectors[q_row:q_row + 1], 5)
@@ -76,31 +71,28 @@ def search_one_query(report: dict, data: Path, index_dir: Path, kind: str = "fla
             continue
         hit = index_store.items[j]
         same = hit.domain == query.domain and bool(set(hit.class_ids) & set(query.class_ids))
-        rows.append({"rank": r + 1, "domain": hit.domain, "class_ids": list(hit.class_ids), "score": float(s),
+        rows.append({"rank": r + 1, "domain": hit.domain, "class_ids": list(hit.class_ids), "score": display_score(s),
                      "match": "yes" if same else "no", "path": hit.path})
     return rows
 
 
 def run_demo(out: str | Path = "uniret-demo", steps: int | None = None, device: str | None = None,
-             scale: float | None = None, settings: DemoSettings | None = None) -> dict:
-    """Run every stage; returns the paths and the mean metrics of each evaluation."""
-    from ..data.demo import make_demo
-    from .report import compare_rows
-    from .run import evaluate
+             scale: float = 1.0) -> dict:
+    """Run every stage (``scale`` 1.0: about 1000 images); returns the paths and the mean metrics of
+    each evaluation."""
+    from .data.demo import make_demo
+    from .eval.report import COMPARE_LABELS, compare_rows
+    from .eval.run import evaluate
 
-    settings = settings or DemoSettings()
-    if steps is not None or scale is not None:
-        settings = DemoSettings(steps=steps if steps is not None else settings.steps,
-                                scale=float(scale or settings.scale))
     out = Path(out)
     data, reports = out / "data", out / "reports"
     if not (data / "info").is_dir():
         logger.info("making the demo collection in %s", data)
-        make_demo(data, seed=0, scale=settings.scale)
-    model_dir = train_demo_model(data, out / "run", settings, device)
+        make_demo(data, seed=0, scale=scale)
+    model_dir = train_demo_model(data, out / "run", steps, device)
 
-    from ..embed.model import build_model
-    from ..train.config import DEMO_RECIPE
+    from .embed.model import build_model
+    from .train.config import DEMO_RECIPE
 
     untrained = build_model(DEMO_RECIPE["backbone"], image_size=DEMO_RECIPE["image_size"])
     cache = reports / ".cache" / "embeddings"
@@ -116,10 +108,26 @@ def run_demo(out: str | Path = "uniret-demo", steps: int | None = None, device: 
     rows, columns = compare_rows([str(reports / name) for name in runs])
     for row in rows:
         row["report"] = Path(row["report"]).name
-    emit(rows, columns, title="merged test protocol (mean over domains, unweighted)")
+    emit(rows, columns, title="merged test protocol (mean over domains, unweighted)",
+         metrics=columns[len(COMPARE_LABELS):])
     hits = search_one_query(results["udon"], data, out / "index")
-    emit(hits, ["rank", "domain", "class_ids", "score", "match", "path"], title="\none query, top 5 of the merged index")
+    emit(hits, ["rank", "domain", "class_ids", "score", "match", "path"], title="\none query, top 5 of the merged index",
+         metrics=["score"])
     html = (reports / "udon" / "report.html").resolve()
     typer.echo(f"\nHTML report: {html}\nopen it in a browser (file://{html})")
     return {"out": str(out), "model": str(model_dir), "report": str(html),
             "mean": {name: r["results"]["merged"]["mean"] for name, r in results.items()}}
+
+
+def demo_command(
+    out: Path = typer.Option(Path("uniret-demo"), "--out", help="Folder for the data, model, indexes and reports."),
+    steps: int = typer.Option(None, "--steps", help="Training steps (default: the demo's short schedule)."),
+    scale: float = typer.Option(1.0, "--scale", help="Demo collection size (1.0: about 1000 images)."),
+    device: str = typer.Option(None, "--device", help="cpu, cuda, ... (default: a GPU when there is one)."),
+) -> None:
+    """Run the whole pipeline on the demo data: make data, train UDON briefly, embed, index, evaluate, search."""
+    if steps is not None and steps < 2:
+        raise UniretError(f"--steps must be at least 2, not {steps}")
+    if not 0 < scale <= 4:
+        raise UniretError(f"--scale must be in (0, 4], not {scale}")
+    run_demo(out, steps=steps, device=device, scale=scale)

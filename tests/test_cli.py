@@ -1,0 +1,49 @@
+"""The command line as a whole: ``--help`` on every command and subcommand, ``--version``."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import typer
+
+import uniret
+from uniret.cli import app, main
+
+
+def command_paths(command=None, path=()) -> list[tuple[str, ...]]:
+    """Every command and group of the click tree, as the words that invoke it."""
+    command = command or typer.main.get_command(app)
+    out = [path]
+    for name, sub in sorted(getattr(command, "commands", {}).items()):
+        out.extend(command_paths(sub, (*path, name)))
+    return out
+
+
+def test_the_tree_has_every_command():
+    paths = command_paths()
+    for expected in [("data", "pack"), ("model", "init"), ("index", "build"), ("search",), ("eval", "compare"),
+                     ("train",), ("demo",)]:
+        assert expected in paths
+
+
+# `model init --help` crashes on rich markup in its help text ([/<pretrained>]), fixed by issue #10's
+# embed half: strict, so the fix shows up as XPASS; then delete this entry.
+PENDING = {("model", "init"): "rich MarkupError in the --backbone help; remove from PENDING once fixed"}
+
+
+@pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.xfail(reason=PENDING[p], strict=True))
+                                  if p in PENDING else p
+                                  for p in command_paths()], ids=lambda p: " ".join(p) or "uniret")
+def test_help_of_every_command(path, capsys):
+    assert main([*path, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "Usage: uniret" in out and " ".join(path) in out
+
+
+def test_version(capsys):
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"uniret {uniret.__version__}\n"
+    pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    assert re.search(r'^version = "(.+)"$', pyproject, re.M).group(1) == uniret.__version__
