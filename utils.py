@@ -42,6 +42,15 @@ def atomic_write_json(path: str | Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def make_readable(path: str | Path) -> None:
+    """Give a file that a library wrote through a private temporary file (mode 0600, e.g.
+    safetensors) the mode every other uniret file has: what ``open()`` creates under the umask
+    (0644 under the usual 022)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def read_json(path: str | Path):
     with open(path) as f:
         return json.load(f)

@@ -192,10 +192,6 @@ class Collection:
                 )
         return ItemList(out, source=self)
 
-    def labels(self, domain: str, split: str) -> list[tuple[str, tuple[int, ...]]]:
-        """Identity labels ``(domain, class_ids)`` of a split, in record order."""
-        return [(domain, r.class_ids) for r in self.records(domain, split)]
-
     def num_classes(self, domain: str, split: str = "train") -> int:
         recs = self.records(domain, split)
         return 1 + max((max(r.class_ids) for r in recs), default=-1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from enum import Enum
 from pathlib import Path
 
 import typer
@@ -11,6 +12,12 @@ from ..display import OutputFormat, emit
 from ..errors import UniretError
 
 app = typer.Typer(no_args_is_help=True)
+
+
+class ImageFormat(str, Enum):
+    jpeg = "jpeg"
+    png = "png"
+
 
 InfoDir = typer.Option("info", "--info-dir", help="Folder of <domain>/<split>.json, relative to ROOT (UnED: info_files).")
 ImageRoot = typer.Option(None, "--image-root", help="Folder the record paths are relative to (default ROOT/images).")
@@ -44,7 +51,7 @@ def pack_command(
     out: Path = typer.Argument(..., help="Output LMDB directory (e.g. demo.lmdb)."),
     max_side: int = typer.Option(256, "--max-side", help="Longer image side after resizing (never enlarges)."),
     quality: int = typer.Option(90, "--quality", help="JPEG quality."),
-    image_format: str = typer.Option("jpeg", "--image-format", help="jpeg or png."),
+    image_format: ImageFormat = typer.Option(ImageFormat.jpeg, "--image-format", help="Encoding of the stored images."),
     workers: int = typer.Option(0, "--workers", help="Encoding processes (0: in this process)."),
     info_dir: str = InfoDir,
     image_root: str = ImageRoot,
@@ -54,9 +61,7 @@ def pack_command(
     """Resize and re-encode every image once into one LMDB store (resumable)."""
     from .store import PackOptions, pack
 
-    if image_format not in ("jpeg", "png"):
-        raise UniretError(f"--image-format must be jpeg or png, not {image_format!r}")
-    summary = pack(root, out, PackOptions(max_side, quality, image_format), workers=workers,
+    summary = pack(root, out, PackOptions(max_side, quality, image_format.value), workers=workers,
                    info_dir=info_dir, image_root=image_root, force=force)
     rows = [{"domain": d, "split": s, "images": n} for d, sp in summary["domains"].items() for s, n in sp.items()]
     emit(rows, ["domain", "split", "images"], fmt, extra={"skipped": summary["skipped"], "out": str(out)})

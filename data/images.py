@@ -8,6 +8,7 @@ report the image instead of crashing.
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
@@ -20,9 +21,19 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".
 
 
 def decode_image(data: bytes) -> Image.Image:
-    """Decode encoded image bytes to an RGB image (fully loaded, so truncation is caught here)."""
+    """Decode encoded image bytes to an RGB image (fully loaded, so truncation is caught here).
+
+    Raises :class:`ImageDecodeError` with a one-line reason, e.g. "cannot decode image: not a known
+    image format" or "cannot decode image: truncated or corrupt PNG (image file is truncated)".
+    """
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        im = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise ImageDecodeError("cannot decode image: not a known image format") from None
+    except _DECODE_ERRORS as exc:
+        raise ImageDecodeError(f"cannot decode image: {_reason(exc)}") from None
+    with im:
+        try:
             im.load()
             if im.mode in ("RGBA", "LA", "P") and ("transparency" in im.info or im.mode != "P"):
                 # Composite transparent artwork on white rather than on black.
@@ -31,8 +42,18 @@ def decode_image(data: bytes) -> Image.Image:
                 canvas.paste(rgba, mask=rgba.getchannel("A"))
                 return canvas
             return im.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise ImageDecodeError(f"cannot decode image ({type(exc).__name__}: {exc})") from None
+        except _DECODE_ERRORS as exc:
+            raise ImageDecodeError(f"cannot decode image: truncated or corrupt {im.format} ({_reason(exc)})") from None
+
+
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+
+
+def _reason(exc: BaseException) -> str:
+    """Pillow's message on one short line, without the object reprs it sometimes embeds."""
+    text = re.sub(r"\s*<[^<>]* object at 0x[0-9a-fA-F]+>", "", str(exc)).strip()
+    text = (text.splitlines() or [""])[0][:160].rstrip(" :")
+    return text or type(exc).__name__
 
 
 def is_image_file(path: Path) -> bool:

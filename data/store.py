@@ -194,7 +194,7 @@ def pack(root: str | Path, out: str | Path, opts: PackOptions = PackOptions(), w
     """
     src = FolderCollection(root, info_dir=info_dir, image_root=image_root)
     out = Path(out)
-    _check_pack_args(src, out, opts, force)
+    _check_pack_args(src, out, opts, workers, force)
     domains = {d: {s: len(src.records(d, s)) for s in src.splits(d)} for d in src.domains}
     partial = PartialDir(out, pack_fingerprint(src, domains, opts))
     env = _open_writable(partial.path, map_size=1 << 30)
@@ -216,7 +216,9 @@ def pack(root: str | Path, out: str | Path, opts: PackOptions = PackOptions(), w
     return {"images": total, "packed": total - len(skipped), "skipped": skipped, "domains": domains}
 
 
-def _check_pack_args(src: FolderCollection, out: Path, opts: PackOptions, force: bool) -> None:
+def _check_pack_args(src: FolderCollection, out: Path, opts: PackOptions, workers: int, force: bool) -> None:
+    if workers < 0:
+        raise UniretError(f"--workers must be 0 or more, not {workers}")
     if opts.max_side < 8:
         raise UniretError(f"--max-side must be at least 8, not {opts.max_side}")
     if not 1 <= opts.quality <= 100:

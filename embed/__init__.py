@@ -15,12 +15,15 @@ _EXPORTS = {
     "ModelConfig": "model",
     "build_model": "model",
     "load_model": "model",
+    "resolve_model_dir": "model",
     "eval_transform": "preprocess",
     "train_transform": "preprocess",
     "embed_items": "extract",
     "EmbeddingStore": "store",
     "StoreWriter": "store",
     "write_store": "store",
+    "store_fingerprint": "store",
+    "open_finished": "store",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -14,16 +14,12 @@ map (timm's pooling, or GeM with ``pool="gem"`` (p learnable, starts at 3) / ``p
 from __future__ import annotations
 
 import difflib
-import logging
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UniretError
-
-logger = logging.getLogger("uniret")
 
 SOURCES = ("timm", "open_clip")
 
@@ -241,15 +237,6 @@ def create_backbone(name: str, pretrained: bool = False, weights: str | Path | N
     if weights is not None and not Path(weights).is_file():
         raise UniretError(f"--weights {weights}: no such file")
     source, spec = split_name(name)
-    if source == "timm":
-        backbone = _timm_backbone(name, spec, pretrained, weights, image_size, pool)
-    else:
-        backbone = _open_clip_backbone(name, spec, pretrained, weights, image_size, pool)
-    # What it takes to rebuild the same architecture (a model directory stores these).
-    backbone.image_size = int(image_size) if image_size else None
-    backbone.pool_name = pool
-    return backbone
+    build = _timm_backbone if source == "timm" else _open_clip_backbone
+    return build(name, spec, pretrained, weights, image_size, pool)
 
-
-def l2_normalize(x: torch.Tensor) -> torch.Tensor:
-    return F.normalize(x, dim=-1)

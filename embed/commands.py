@@ -50,12 +50,16 @@ def quiet_open_clip_warnings() -> None:
 
 @model_app.command("init")
 def model_init(
-    backbone: str = typer.Option(..., "--backbone", help="timm:<model>[.<tag>], open_clip:<arch>[/<pretrained>] or a model directory."),
+    backbone: str = typer.Option(..., "--backbone", help="timm:MODEL or timm:MODEL.TAG, open_clip:ARCH or "
+                                 "open_clip:ARCH/PRETRAINED, or a model (or training run) directory."),
     out: Path = typer.Option(..., "--out", help="Model directory to write."),
     dim: int = typer.Option(64, "--dim", help="Universal embedding size."),
     nested_dims: str = typer.Option(None, "--nested-dims", help="Matryoshka prefix sizes, e.g. 8,16,32,64."),
     image_size: int = typer.Option(None, "--image-size", help="Input size in pixels (default: the backbone's)."),
-    pool: str = typer.Option(None, "--pool", help="timm pooling: avg, max, token, gem (learnable p) or gem:<p>."),
+    pool: str = typer.Option(None, "--pool", help="timm pooling: avg, max, token, gem (learnable p) or gem:P (fixed p)."),
+    crop_pct: float = typer.Option(None, "--crop-pct",
+                                   help="Evaluation crop: resize the short side to input size / crop-pct, centre-crop. "
+                                        "1.0 = the UDON/UnED reference (no margin); default: the backbone's."),
     pretrained: bool = typer.Option(False, "--pretrained", help="Load pretrained weights (hub cache)."),
     weights: Path = typer.Option(None, "--weights", help="Load backbone weights from this file."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random initialisation."),
@@ -68,7 +72,7 @@ def model_init(
     quiet_open_clip_warnings()
     torch.manual_seed(seed)
     model = build_model(backbone, dim=dim, nested_dims=parse_dims(nested_dims), pretrained=pretrained,
-                        weights=weights, image_size=image_size, pool=pool)
+                        weights=weights, image_size=image_size, pool=pool, crop_pct=crop_pct)
     provenance = dict(model.config.provenance, seed=seed)
     model.save(out, provenance=provenance)
     logger.info("wrote %s (%s, %d-d, config hash %s)", out, model.config.backbone, model.config.dim, model.config_hash())
@@ -93,7 +97,7 @@ def model_info_command(
         "parameters": params, "config_hash": model.config_hash(),
     }
     columns = list(row)
-    emit([row], columns, fmt, extra={"config": {**c.__dict__}})
+    emit([row], columns, fmt, extra={"config": c.to_json()})
 
 
 def embed_command(
@@ -104,7 +108,7 @@ def embed_command(
     split: list[str] = typer.Option(None, "--split", help="Only these splits (repeatable)."),
     batch_size: int = typer.Option(128, "--batch-size", help="Images per batch."),
     workers: int = typer.Option(None, "--workers", help="DataLoader worker processes (default: CPU count, at most 16)."),
-    device: str = typer.Option(None, "--device", help="cpu, cuda, cuda:N (default: cuda when visible)."),
+    device: str = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N (default auto: a GPU when visible)."),
     dtype: StoreDtype = typer.Option(StoreDtype.float16, "--dtype", help="Stored embedding type."),
     resume: bool = typer.Option(True, "--resume/--restart", help="Continue an interrupted run, or start over."),
 ) -> None:

@@ -5,7 +5,10 @@ The loader carries each item's id (its row) through DataLoader workers that read
 device and runs the model (``inference_mode``; bf16/fp16 autocast and channels_last on CUDA;
 pinned memory). Rows are written by id into ``StoreWriter``'s partial directory and checkpointed
 every few batches, so a killed run continues with the missing rows only. Images that cannot be read
-are zero rows listed as failed, never a crash.
+(and embeddings that are not finite) are zero rows listed as failed, never a crash.
+
+:func:`embed_items` = resume planning (:func:`_plan`) + the batch generator
+(:func:`embedded_batches`) + the sink (:class:`_RowSink`).
 
 Several processes (``torchrun --nproc-per-node N -m uniret.cli embed ...``): each rank embeds a
 contiguous share of the missing ids and writes chunk files ``<out>.partial/chunks/r<rank>-<seq>.npz``;
@@ -19,6 +22,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Iterator
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -30,8 +34,7 @@ from ..data.images import decode_image
 from ..errors import UniretError
 from ..utils import progress_bar, resolve_device
 from .model import UniversalEmbedder
-from .preprocess import eval_transform
-from .store import EmbeddingStore, StoreWriter, open_finished, store_fingerprint
+from .store import DTYPES, EmbeddingStore, StoreWriter, open_finished, store_fingerprint
 
 logger = logging.getLogger("uniret")
 
@@ -128,14 +131,7 @@ def embed_items(
     Resumes a partial run of the same model, items and options unless ``resume=False``. Under
     torchrun every rank calls this with the same arguments; all return the published store.
     """
-    if batch_size <= 0:
-        raise UniretError(f"--batch-size must be positive, not {batch_size}")
-    if workers < 0:
-        raise UniretError(f"--workers must be 0 or more, not {workers}")
-    if dtype not in ("float16", "float32"):
-        raise UniretError(f"--dtype must be float16 or float32, not {dtype!r}")
-    if len(items) == 0:
-        raise UniretError("nothing to embed: the source has no images")
+    _check_options(items, batch_size, workers, dtype)
     out = Path(out)
     rank, world, local_rank = dist_info()
     if world > 1 and not torch.distributed.is_initialized():
@@ -153,79 +149,17 @@ def embed_items(
         logger.info("%s already holds these %d embeddings; nothing to do", out, done_store.count)
         return done_store
 
-    partial = out.with_name(out.name + ".partial")
-    writer = None
-    if rank == 0:
-        writer = StoreWriter(out, item_list, model.config.dim, dtype, manifest_extra, fingerprint=fingerprint,
-                             restart=not resume)
-        leftover = ingest_chunks(writer)
-        already = int(writer.done.sum())
-        if already:
-            logger.info("resuming %s: %d of %d rows already embedded%s", out, already, len(item_list),
-                        f" ({leftover} from unfinished chunks)" if leftover else "")
-    _barrier(world)
-    done = writer.done if writer is not None else np.load(partial / "done.npy")
-    missing = np.flatnonzero(~done)
-    share = np.array_split(missing, world)[rank] if world > 1 else missing
-
-    model = model.to(dev).eval()
-    use_cuda = dev.type == "cuda"
-    if use_cuda:
-        model = model.to(memory_format=torch.channels_last)
-    amp_dtype = torch.bfloat16 if use_cuda and torch.cuda.is_bf16_supported() else torch.float16
-    autocast = torch.autocast("cuda", dtype=amp_dtype) if (use_cuda and amp) else nullcontext()
-    dataset = EmbedDataset(items, share, eval_transform(model.config.preprocess), model.config.preprocess["input_size"])
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=use_cuda,
-        prefetch_factor=4 if workers > 0 else None, persistent_workers=False,
-    )
-    pending_ids: list[np.ndarray] = []
-    pending_vecs: list[np.ndarray] = []
-    pending_failed: dict[int, str] = {}
-    all_failed = 0
-    seq = int(time.time() * 1000) % 10**6  # distinct chunk names across resumed runs
+    writer, share = _plan(out, item_list, model.config.dim, dtype, manifest_extra, fingerprint, resume, rank, world)
+    sink = _RowSink(writer, out.with_name(out.name + ".partial"), rank, world)
     start = time.perf_counter()
-
-    def flush() -> None:
-        nonlocal seq
-        if not pending_ids:
-            return
-        ids = np.concatenate(pending_ids)
-        if world == 1:
-            writer.checkpoint(ids)
-        else:
-            write_chunk(partial, rank, seq, ids, np.concatenate(pending_vecs), pending_failed)
-            seq += 1
-        pending_ids.clear()
-        pending_vecs.clear()
-        pending_failed.clear()
-
-    with progress_bar(f"embedding{f' (rank {rank})' if world > 1 else ''}", len(share)) as advance, \
-            torch.inference_mode():
-        for batch_no, (ids, x, ok, reasons) in enumerate(loader, start=1):
-            x = x.to(dev, non_blocking=True)
-            if use_cuda:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with autocast:
-                z = model(x)
-            vecs = z.float().cpu().numpy()
-            ids_np = ids.numpy()
-            ok_np = ok.numpy().astype(bool)
-            failed_here = {int(i): r for i, r, good in zip(ids_np, reasons, ok_np) if not good}
-            if world == 1:
-                writer.write(ids_np[ok_np], vecs[ok_np])
-                for i, r in failed_here.items():
-                    writer.mark_failed(i, r)
-            else:
-                vecs[~ok_np] = 0
-                pending_vecs.append(vecs)
-                pending_failed.update(failed_here)
-            all_failed += len(failed_here)
-            pending_ids.append(ids_np)
-            advance(len(ids_np))
+    with progress_bar(f"embedding{f' (rank {rank})' if world > 1 else ''}", len(share)) as advance:
+        for batch_no, (ids, vectors, ok, reasons) in enumerate(
+                embedded_batches(model, items, share, dev, batch_size, workers, amp), start=1):
+            sink.add(ids, vectors, ok, reasons)
+            advance(len(ids))
             if batch_no % checkpoint_every == 0:
-                flush()
-        flush()
+                sink.flush()
+        sink.flush()
     seconds = time.perf_counter() - start
     if len(share):
         logger.info("embedded %d images in %.1fs (%.1f images/s)%s", len(share), seconds, len(share) / max(seconds, 1e-9),
@@ -241,3 +175,101 @@ def embed_items(
                            len(failed), first[0], first[1])
     _barrier(world)
     return store if rank == 0 else EmbeddingStore(out)
+
+
+def _check_options(items, batch_size: int, workers: int, dtype: str) -> None:
+    if batch_size <= 0:
+        raise UniretError(f"--batch-size must be positive, not {batch_size}")
+    if workers < 0:
+        raise UniretError(f"--workers must be 0 or more, not {workers}")
+    if dtype not in DTYPES:
+        raise UniretError(f"--dtype must be float16 or float32, not {dtype!r}")
+    if len(items) == 0:
+        raise UniretError("nothing to embed: the source has no images")
+
+
+def _plan(out: Path, item_list: list, dim: int, dtype: str, manifest_extra: dict, fingerprint: dict,
+          resume: bool, rank: int, world: int) -> tuple[StoreWriter | None, np.ndarray]:
+    """Resume planning: rank 0 opens (or resumes) the partial store and folds in the chunks a killed
+    run left; then every rank takes its contiguous share of the ids still missing."""
+    writer = None
+    if rank == 0:
+        writer = StoreWriter(out, item_list, dim, dtype, manifest_extra, fingerprint=fingerprint, restart=not resume)
+        leftover = ingest_chunks(writer)
+        already = int(writer.done.sum())
+        if already:
+            logger.info("resuming %s: %d of %d rows already embedded%s", out, already, len(item_list),
+                        f" ({leftover} from unfinished chunks)" if leftover else "")
+    _barrier(world)
+    done = writer.done if writer is not None else np.load(out.with_name(out.name + ".partial") / "done.npy")
+    missing = np.flatnonzero(~done)
+    return writer, (np.array_split(missing, world)[rank] if world > 1 else missing)
+
+
+def embedded_batches(model: UniversalEmbedder, items: ItemList, ids: np.ndarray, dev: torch.device,
+                     batch_size: int, workers: int, amp: bool = True) -> Iterator[tuple]:
+    """The batch generator: ``(ids, vectors (n, D) float32, ok (n,) bool, reasons)`` for the items
+    ``ids``, decoded and preprocessed (the model's eval transform) in DataLoader workers. A row is not
+    ok when its image could not be read or its embedding is not finite."""
+    model = model.to(dev).eval()
+    use_cuda = dev.type == "cuda"
+    if use_cuda:
+        model = model.to(memory_format=torch.channels_last)
+    amp_dtype = torch.bfloat16 if use_cuda and torch.cuda.is_bf16_supported() else torch.float16
+    autocast = torch.autocast("cuda", dtype=amp_dtype) if (use_cuda and amp) else nullcontext()
+    dataset = EmbedDataset(items, ids, model.transforms()[1], model.config.preprocess["input_size"])
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=use_cuda,
+        prefetch_factor=4 if workers > 0 else None, persistent_workers=False,
+    )
+    with torch.inference_mode():
+        for batch_ids, x, ok, reasons in loader:
+            x = x.to(dev, non_blocking=True)
+            if use_cuda:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast:
+                z = model(x)
+            vectors = z.float().cpu().numpy()
+            ok = ok.numpy().astype(bool)
+            reasons = list(reasons)
+            finite = np.isfinite(vectors).all(axis=1)
+            for j in np.flatnonzero(ok & ~finite):
+                reasons[j] = "the model gave a non-finite embedding"
+            yield batch_ids.numpy(), vectors, ok & finite, reasons
+
+
+class _RowSink:
+    """Where embedded rows go: straight into the writer (one process) or into chunk files (several
+    ranks, folded in by rank 0). :meth:`flush` makes the rows added so far durable."""
+
+    def __init__(self, writer: StoreWriter | None, partial: Path, rank: int, world: int):
+        self.writer, self.partial, self.rank, self.world = writer, partial, rank, world
+        self.seq = int(time.time() * 1000) % 10**6  # distinct chunk names across resumed runs
+        self.ids: list[np.ndarray] = []
+        self.vectors: list[np.ndarray] = []
+        self.failed: dict[int, str] = {}
+
+    def add(self, ids: np.ndarray, vectors: np.ndarray, ok: np.ndarray, reasons: list[str]) -> None:
+        failed = {int(i): r for i, r, good in zip(ids, reasons, ok) if not good}
+        if self.world == 1:
+            self.writer.write(ids[ok], vectors[ok])
+            for i, r in failed.items():
+                self.writer.mark_failed(i, r)
+        else:
+            vectors[~ok] = 0
+            self.vectors.append(vectors)
+            self.failed.update(failed)
+        self.ids.append(ids)
+
+    def flush(self) -> None:
+        if not self.ids:
+            return
+        ids = np.concatenate(self.ids)
+        if self.world == 1:
+            self.writer.checkpoint(ids)
+        else:
+            write_chunk(self.partial, self.rank, self.seq, ids, np.concatenate(self.vectors), self.failed)
+            self.seq += 1
+        self.ids.clear()
+        self.vectors.clear()
+        self.failed.clear()

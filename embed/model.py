@@ -1,7 +1,8 @@
 """The universal embedding model and its portable directory format.
 
 ``UniversalEmbedder`` = backbone + one linear head (METHOD.md §3): ``features(x)`` is e_b =
-normalize(backbone(x)), ``forward(x)`` is the universal embedding normalize(head(e_b)). With
+normalize(backbone(x)), ``forward(x)`` is the universal embedding normalize(head(e_b)). The head
+starts as the reference's: LeCun-normal weights (timm's ``lecun_normal_``, flax's default), zero bias. With
 Matryoshka nesting (``nested_dims``), every listed prefix, re-normalised, is a usable embedding.
 
 A model directory holds ``config.json`` (backbone name, dims, preprocessing, provenance) and
@@ -19,10 +20,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from timm.layers import lecun_normal_
 from torch import nn
 
 from ..errors import UniretError
-from ..utils import atomic_write_json, publish_dir, read_json, stable_hash
+from ..utils import atomic_write_json, make_readable, publish_dir, read_json, stable_hash
 from .backbones import SOURCES, Backbone, create_backbone
 
 logger = logging.getLogger("uniret")
@@ -30,34 +32,56 @@ logger = logging.getLogger("uniret")
 FORMAT = "uniret-model/1"
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+LEGACY_FIELDS = ("image_size",)
 
 
 @dataclass
 class ModelConfig:
-    """Everything needed to rebuild the model and preprocess its input."""
+    """Everything needed to rebuild the model and preprocess its input.
+
+    ``preprocess`` (``input_size``, ``mean``, ``std``, ``interpolation``, ``crop_pct``, ``crop_mode``)
+    is the only record of the input size: the backbone is rebuilt at ``input_size``.
+    """
 
     backbone: str
     dim: int = 64
     nested_dims: list[int] | None = None
     feature_dim: int = 0
-    image_size: int | None = None
     pool: str | None = None
     preprocess: dict = field(default_factory=dict)
     provenance: dict = field(default_factory=dict)
     format: str = FORMAT
+    #: Fields that directories written before the preprocess config became the one home of the
+    #: input size also carry (``image_size``). Kept as read and written back, because those
+    #: directories' config hashes (and so their stores and indexes) cover them; never set otherwise.
+    legacy: dict = field(default_factory=dict, repr=False)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        return {**d.pop("legacy"), **d}
 
     def architecture(self) -> dict:
         """The fields that define the computation (not where the model came from)."""
-        d = asdict(self)
+        d = self.to_json()
         d.pop("provenance")
         return d
+
+    def backbone_image_size(self) -> int | None:
+        """The ``image_size`` the backbone is rebuilt with: the preprocess config's input size (legacy
+        directories: the image_size they recorded). None (the backbone's default) for a non-square
+        input size, which only a backbone's own default can be (``--image-size`` is square)."""
+        if "image_size" in self.legacy:
+            return self.legacy["image_size"]
+        _, h, w = self.preprocess["input_size"]
+        return int(h) if h == w else None
 
     @staticmethod
     def from_json(obj: dict) -> ModelConfig:
         if obj.get("format") != FORMAT:
             raise UniretError(f"unknown model format {obj.get('format')!r} (expected {FORMAT})")
-        known = set(ModelConfig.__dataclass_fields__)
-        return ModelConfig(**{k: v for k, v in obj.items() if k in known})
+        known = set(ModelConfig.__dataclass_fields__) - {"legacy"}
+        return ModelConfig(**{k: v for k, v in obj.items() if k in known},
+                           legacy={k: obj[k] for k in LEGACY_FIELDS if k in obj})
 
 
 def check_nested_dims(dim: int, nested_dims) -> list[int] | None:
@@ -83,7 +107,12 @@ class UniversalEmbedder(nn.Module):
         self.config = config
         self.source_dir: Path | None = None  # where it was loaded from, if it was
         self.head = nn.Linear(backbone.feature_dim, config.dim)
-        self._transform = None
+        # The reference's head (flax nn.Dense): LeCun-normal weights, a normal truncated at 2 std
+        # with variance 1/fan_in, and zero bias. PyTorch's default uniform bias would give every
+        # untrained embedding a shared offset (mean pairwise cosine ~0.5 on unrelated features, ~0 so).
+        lecun_normal_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+        self._transforms = None
 
     # -- computation -----------------------------------------------------------------------
     def features(self, x: torch.Tensor) -> torch.Tensor:
@@ -113,12 +142,14 @@ class UniversalEmbedder(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
-    def transform(self):
-        if self._transform is None:
-            from .preprocess import eval_transform
+    def transforms(self) -> tuple:
+        """``(train, eval)``: PIL image -> input tensor, both built from ``config.preprocess`` (see
+        :mod:`uniret.embed.preprocess`). Extraction, training and search all take them from here."""
+        if self._transforms is None:
+            from .preprocess import eval_transform, train_transform
 
-            self._transform = eval_transform(self.config.preprocess)
-        return self._transform
+            self._transforms = (train_transform(self.config.preprocess), eval_transform(self.config.preprocess))
+        return self._transforms
 
     @torch.inference_mode()
     def encode(self, images, dim: int | None = None, batch_size: int = 64) -> torch.Tensor:
@@ -131,7 +162,7 @@ class UniversalEmbedder(nn.Module):
             if isinstance(images, torch.Tensor):
                 batches = [images[i:i + batch_size] for i in range(0, len(images), batch_size)]
             else:
-                tf = self.transform()
+                tf = self.transforms()[1]
                 images = list(images)
                 batches = [torch.stack([tf(im) for im in images[i:i + batch_size]])
                            for i in range(0, len(images), batch_size)]
@@ -179,7 +210,8 @@ class UniversalEmbedder(nn.Module):
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
         save_file(self.inference_state_dict(), str(tmp / WEIGHTS_NAME), metadata={"format": FORMAT})
-        config = asdict(self.config)
+        make_readable(tmp / WEIGHTS_NAME)
+        config = self.config.to_json()
         config["config_hash"] = self.config_hash()
         atomic_write_json(tmp / CONFIG_NAME, config)
         publish_dir(tmp, path)
@@ -198,7 +230,7 @@ class UniversalEmbedder(nn.Module):
         if not weights_file.is_file():
             raise UniretError(f"{path}: {WEIGHTS_NAME} is missing; re-export the model")
         config = ModelConfig.from_json(read_json(cfg_file))
-        backbone = create_backbone(config.backbone, image_size=config.image_size, pool=config.pool)
+        backbone = create_backbone(config.backbone, image_size=config.backbone_image_size(), pool=config.pool)
         model = cls(backbone, config)
         try:
             state = load_file(str(weights_file), device="cpu")
@@ -242,21 +274,32 @@ def is_model_dir(name: str | Path) -> bool:
 
 def build_model(backbone: str, dim: int = 64, nested_dims=None, pretrained: bool = False,
                 weights: str | Path | None = None, image_size: int | None = None,
-                pool: str | None = None) -> UniversalEmbedder:
+                pool: str | None = None, crop_pct: float | None = None) -> UniversalEmbedder:
     """A new UniversalEmbedder: the named backbone (or a uniret model or run directory's trained
-    backbone, with its preprocessing) and a freshly initialised head of size ``dim``."""
+    backbone, with its preprocessing) and a freshly initialised head of size ``dim``.
+
+    ``crop_pct`` sets the evaluation crop stored in the preprocess config (1.0: resize the short side
+    to the input size and centre-crop, as the UDON/UnED reference evaluates); None keeps the
+    backbone's default (timm's pretrained config, 1.0 for open_clip).
+    """
+    from .preprocess import check_crop_pct
+
     nested = check_nested_dims(int(dim), nested_dims)
+    crop_pct = check_crop_pct(crop_pct)
     if is_model_dir(backbone):
         if image_size is not None or pool is not None or pretrained or weights is not None:
             raise UniretError(f"{backbone}: a uniret model directory brings its own weights, image size and pooling; "
                               "drop --image-size/--pool/--pretrained/--weights")
-        bb = UniversalEmbedder.load(resolve_model_dir(backbone)).backbone
+        source = UniversalEmbedder.load(resolve_model_dir(backbone))
+        bb, preprocess, pool = source.backbone, dict(source.config.preprocess), source.config.pool
     else:
         bb = create_backbone(backbone, pretrained=pretrained, weights=weights, image_size=image_size, pool=pool)
+        preprocess = dict(bb.data_config)
+    if crop_pct is not None:
+        preprocess["crop_pct"] = crop_pct
     config = ModelConfig(
-        backbone=bb.name, dim=int(dim), nested_dims=nested, feature_dim=bb.feature_dim,
-        image_size=getattr(bb, "image_size", None), pool=getattr(bb, "pool_name", None),
-        preprocess=dict(bb.data_config),
+        backbone=bb.name, dim=int(dim), nested_dims=nested, feature_dim=bb.feature_dim, pool=pool,
+        preprocess=preprocess,
         provenance={"init": {"backbone": str(backbone), "pretrained": bool(pretrained),
                              "weights": str(weights) if weights else None}},
     )

@@ -69,10 +69,6 @@ class EmbeddingStore:
         if self.manifest.get("format") != FORMAT:
             raise UniretError(f"{mf}: unknown store format {self.manifest.get('format')!r} (expected {FORMAT})")
 
-    @classmethod
-    def open(cls, path: str | Path) -> EmbeddingStore:
-        return cls(path)
-
     @property
     def dim(self) -> int:
         return int(self.manifest["dim"])

@@ -28,14 +28,7 @@ def test_the_tree_has_every_command():
         assert expected in paths
 
 
-# `model init --help` crashes on rich markup in its help text ([/<pretrained>]), fixed by issue #10's
-# embed half: strict, so the fix shows up as XPASS; then delete this entry.
-PENDING = {("model", "init"): "rich MarkupError in the --backbone help; remove from PENDING once fixed"}
-
-
-@pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.xfail(reason=PENDING[p], strict=True))
-                                  if p in PENDING else p
-                                  for p in command_paths()], ids=lambda p: " ".join(p) or "uniret")
+@pytest.mark.parametrize("path", command_paths(), ids=lambda p: " ".join(p) or "uniret")
 def test_help_of_every_command(path, capsys):
     assert main([*path, "--help"]) == 0
     out = capsys.readouterr().out

@@ -94,10 +94,11 @@ def test_cli_unknown_backbone_is_one_line(tmp_path, capsys):
 
 # -- the model -------------------------------------------------------------------------------------
 def test_golden_embeddings_of_seeded_random_init(tiny_model):
-    # Regression values for torch.manual_seed(0) + timm vit_tiny at 32 px + 8-d head.
+    # Regression values for torch.manual_seed(0) + timm vit_tiny at 32 px + 8-d head (LeCun-normal
+    # head init since issue 10; the values before it came from PyTorch's default init).
     golden = [
-        [0.41057754, 0.19153436, -0.06670860, 0.62518770, 0.10251743, 0.37400600, 0.42817029, 0.25634125],
-        [0.32171464, -0.17712539, -0.65559572, 0.40660506, 0.13289958, 0.15595250, 0.41160822, 0.24204966],
+        [0.78805470, 0.31624168, -0.21881063, -0.30583635, 0.18623090, -0.16352506, -0.20046179, 0.18957749],
+        [-0.63806289, 0.10671211, 0.18148066, 0.63951492, 0.08627527, -0.19620144, 0.26029837, -0.16087276],
     ]
     torch.manual_seed(0)
     model = build_model(TINY, dim=8, image_size=32)
@@ -150,7 +151,7 @@ def test_save_load_round_trip(tiny_model, tmp_path):
         del tiny_model.teacher_heads
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     assert cfg["backbone"] == TINY and cfg["dim"] == 8 and cfg["nested_dims"] == [2, 4, 8]
-    assert cfg["preprocess"]["input_size"] == [3, 32, 32] and cfg["image_size"] == 32
+    assert cfg["preprocess"]["input_size"] == [3, 32, 32] and "image_size" not in cfg  # one home: preprocess
     assert cfg["provenance"] == {"run": "test"} and cfg["config_hash"] == tiny_model.config_hash()
     with safe_open(str(tmp_path / "m" / "model.safetensors"), "pt") as f:
         keys = set(f.keys())
@@ -243,6 +244,27 @@ def test_gpu_made_model_gives_the_same_embeddings_on_cpu(tmp_path):
     model.save(tmp_path / "m")
     on_cpu = load_model(tmp_path / "m", device="cpu").encode(x)
     assert torch.allclose(on_cpu, on_gpu, atol=1e-4)
+
+
+# -- the head's initialisation ----------------------------------------------------------------------
+def test_head_starts_lecun_normal_with_zero_bias():
+    torch.manual_seed(0)
+    model = build_model("timm:resnet18", dim=256)  # feature_dim 512: enough weights for the statistics
+    w, fan_in = model.head.weight.detach(), model.head.weight.shape[1]
+    assert torch.count_nonzero(model.head.bias) == 0
+    assert abs(w.std().item() * fan_in ** 0.5 - 1) < 0.02  # variance 1/fan_in
+    limit = 2 * fan_in ** -0.5 / 0.87962566103423978
+    assert w.abs().max().item() <= limit and w.abs().max().item() > 0.95 * limit  # truncated at 2 std
+    # Unrelated features stay unrelated: no offset shared by every embedding (PyTorch's default
+    # uniform bias gives a mean pairwise cosine near 0.5).
+    e_b = F.normalize(torch.randn(400, fan_in), dim=-1)
+    with torch.no_grad():
+        z = model.embed_features(e_b)
+        cos = (z @ z.T)[~torch.eye(400, dtype=torch.bool)].mean().item()
+        default = torch.nn.Linear(fan_in, 256)
+        biased = F.normalize(default(e_b), dim=-1)
+        cos_default = (biased @ biased.T)[~torch.eye(400, dtype=torch.bool)].mean().item()
+    assert abs(cos) < 0.02 and cos_default > 0.3, (cos, cos_default)
 
 
 def test_timm_model_with_a_conv_head_reports_its_output_size():

@@ -10,7 +10,7 @@ import torch
 
 from ..errors import UniretError, UsageError
 from ..utils import resolve_device
-from .augment import build_transform, domain_specs
+from .augment import DEFAULT_SPEC, build_transform, domain_specs
 from .config import TrainConfig
 from .distributed import DistContext
 from .rundir import RunDir
@@ -47,15 +47,14 @@ def build_embedder(config: TrainConfig):
     """The model to train, built from the same options as ``uniret model init``."""
     from ..embed.model import build_model
 
-    embedder = build_model(config.backbone, dim=config.dim, nested_dims=config.nested_dims,
-                           pretrained=config.pretrained, weights=config.weights, image_size=config.image_size,
-                           pool=config.pool)
-    if config.crop_pct is not None:
-        embedder.config.preprocess["crop_pct"] = float(config.crop_pct)
-    return embedder
+    return build_model(config.backbone, dim=config.dim, nested_dims=config.nested_dims, pretrained=config.pretrained,
+                       weights=config.weights, image_size=config.image_size, pool=config.pool, crop_pct=config.crop_pct)
 
 
 def domain_transforms(embedder, config: TrainConfig, domains: list[str]) -> dict:
-    """Each training domain's augmentation (``augment`` + ``augment_domains``) on the model's input."""
+    """Each training domain's augmentation (``augment`` + ``augment_domains``) on the model's input;
+    the reference spec is the model's own train transform (``UniversalEmbedder.transforms()``)."""
     specs = domain_specs(config.augment, config.augment_domains, domains)
-    return {d: build_transform(embedder.config.preprocess, spec) for d, spec in zip(domains, specs, strict=True)}
+    reference = embedder.transforms()[0]
+    return {d: reference if spec == DEFAULT_SPEC else build_transform(embedder.config.preprocess, spec)
+            for d, spec in zip(domains, specs, strict=True)}

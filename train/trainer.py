@@ -67,7 +67,6 @@ def method_losses(model: TrainingModel, images: torch.Tensor, labels: torch.Tens
 class Trainer:
     def __init__(self, config: TrainConfig, resume: bool = False):
         from ..data import open_collection
-        from ..embed.preprocess import eval_transform
 
         self.config = config
         self.ctx = DistContext.from_env()
@@ -94,7 +93,7 @@ class Trainer:
         self.sampler = make_domain_sampler(config.sampler, self.data.sizes, config.seed,
                                            config.dynamic_interval, config.dynamic_window)
         self.index_samplers = [InfiniteIndexSampler(n, config.seed, key=i) for i, n in enumerate(self.data.sizes)]
-        self.val = ValData(config.data, self.domains, config.val_split, eval_transform(embedder.config.preprocess))
+        self.val = ValData(config.data, self.domains, config.val_split, embedder.transforms()[1])
         if not len(self.val) and config.val_split != "val":
             raise UniretError(f"val_split {config.val_split!r}: no training domain has that split; "
                               f"choose a split of the collection or leave the default")
