@@ -2,8 +2,9 @@
 
 Command groups live next to the code they drive (``data/commands.py``, ``embed/commands.py``, ...)
 and import their heavy dependencies inside the commands, so ``uniret --help`` stays fast and
-searching never imports the trainer. :func:`main` turns :class:`~uniret.errors.UniretError` into a
-one-line message and an exit code; ``UNIRET_DEBUG=1`` shows the traceback instead.
+searching never imports the trainer. :func:`main` is the one error path: every expected failure
+(:class:`~uniret.errors.UniretError`, bad options, and the classes :func:`uniret.errors.describe`
+knows) becomes one line on stderr and an exit code; ``UNIRET_DEBUG=1`` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -11,13 +12,14 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 
 import typer
 
 from .data.commands import app as data_app
 from .demo import demo_command
 from .embed.commands import embed_command, model_app
-from .errors import UniretError
+from .errors import describe
 from .eval.commands import eval_app
 from .index.commands import dedup_command, index_app, search_command
 from .serve.commands import serve_command
@@ -65,30 +67,107 @@ def debug_enabled() -> bool:
     return os.environ.get("UNIRET_DEBUG", "").strip() not in ("", "0", "false", "no")
 
 
+#: What to tell after Ctrl-C, for the commands that continue where they stopped when re-run.
+RESUMABLE = {
+    "data pack": "re-run the same command to resume",
+    "embed": "re-run the same command to resume",
+    "index build": "re-run the same command to resume",
+    "eval": "re-run the same command to resume",
+    "demo": "re-run the same command to resume",
+    "train": "re-run with --resume to continue from the last checkpoint",
+}
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time of the record (tests swap it per call); of
+    other libraries' records (timm, faiss, the hub client) only warnings and errors."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+        self.addFilter(lambda r: r.name.split(".")[0] == "uniret" or r.levelno >= logging.WARNING)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Library warnings as one ``warning:`` line (no source line, no file path)."""
+    text = " ".join(str(message).split())
+    sys.stderr.write(f"warning: {text[:300]}\n")
+
+
+def command_path(command, argv: list[str]) -> str:
+    """``"data pack"`` for ``["data", "pack", ...]``: the (sub)command names at the start of ``argv``."""
+    names = []
+    for token in argv:
+        sub = getattr(command, "commands", {}).get(token)
+        if sub is None:
+            break
+        names.append(token)
+        command = sub
+    return " ".join(names)
+
+
+def _is_usage_error(exc: Exception) -> bool:
+    """typer's (or click's) parsing errors: unknown options, bad values, missing arguments."""
+    return type(exc).__module__.split(".")[0] in ("typer", "click") and hasattr(exc, "format_message")
+
+
+def _usage_error(exc: Exception, where: str) -> int:
+    if type(exc).__name__ == "NoArgsIsHelpError":  # a group called without a command: its help
+        typer.echo(exc.format_message(), err=True)
+    else:
+        hint = f"; see `uniret {where + ' ' if where else ''}--help`"
+        typer.echo(f"error: {' '.join(exc.format_message().split()).rstrip('.')}{hint}", err=True)
+    return getattr(exc, "exit_code", 2)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; returns (and, as a script, exits with) the exit code."""
-    logging.basicConfig(
-        level=logging.DEBUG if debug_enabled() else logging.INFO,
-        format="%(message)s",
-        stream=sys.stderr,
-    )
+    """Run the CLI; returns (and, as a script, exits with) the exit code.
+
+    Every expected failure ends here as one line on stderr (:func:`uniret.errors.describe`): bad
+    options (exit 2), bad input or a bad machine state such as a full disk (exit 1), Ctrl-C (130,
+    saying whether re-running resumes). ``UNIRET_DEBUG=1`` re-raises them with their traceback.
+    """
+    argv = [os.fspath(a) for a in (sys.argv[1:] if argv is None else argv)]
+    logging.basicConfig(level=logging.DEBUG if debug_enabled() else logging.INFO, format="%(message)s",
+                        handlers=[_StderrHandler()])
     command = typer.main.get_command(app)
+    show_warning = warnings.showwarning
+    warnings.showwarning = _one_line_warning
     try:
-        # standalone mode: typer formats usage errors itself (exit 2) and ends with SystemExit.
-        command.main(args=argv, prog_name="uniret", standalone_mode=True)
+        with command.make_context("uniret", argv) as ctx:
+            command.invoke(ctx)
         return 0
-    except SystemExit as exc:
-        if exc.code is None:
-            return 0
-        return exc.code if isinstance(exc.code, int) else 1
-    except KeyboardInterrupt:
-        typer.echo("uniret: interrupted; re-run the same command to resume", err=True)
-        return 130
-    except UniretError as exc:
+    except typer.Exit as exc:  # --help, --version, typer.Exit(code) from a command
+        return exc.exit_code
+    except (KeyboardInterrupt, typer.Abort):
         if debug_enabled():
             raise
-        typer.echo(f"error: {exc}", err=True)
-        return exc.exit_code
+        resume = RESUMABLE.get(command_path(command, argv))
+        typer.echo(f"uniret: interrupted{'; ' + resume if resume else ''}", err=True)
+        return 130
+    except BrokenPipeError:
+        # stdout closed early (`uniret search ... | head`): nothing left to say, and nowhere to say it;
+        # point stdout at /dev/null so that the interpreter's final flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except Exception as exc:
+        if _is_usage_error(exc):
+            return _usage_error(exc, command_path(command, argv))
+        known = describe(exc)
+        if known is None or debug_enabled():
+            raise
+        message, code = known
+        typer.echo(f"error: {message}", err=True)
+        return code
+    finally:
+        warnings.showwarning = show_warning
 
 
 def run() -> None:

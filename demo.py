@@ -5,7 +5,8 @@ trainer's own that imports ``uniret.train`` (data/, embed/, index/ and eval/ nev
 
 make the demo data -> train UDON briefly (a tiny CNN from scratch) -> export the model -> embed ->
 evaluate on the merged protocol without and with SuperGlobal reranking (and the untrained model as
-the baseline) -> build the merged index -> search one query -> print where the HTML report is.
+the baseline) -> build the merged index (with the model copy) -> search one query -> print where
+the HTML report is and the `uniret serve` command that opens the index in a browser.
 Every stage leaves its output under ``out`` and is skipped when it is already there, so a second
 run (or a run after an interruption) continues instead of starting over.
 """
@@ -13,14 +14,15 @@ run (or a run after an interruption) continues instead of starting over.
 from __future__ import annotations
 
 import logging
+import shlex
 from pathlib import Path
 
 import numpy as np
 import typer
 
 from .display import display_score, emit
-from .errors import UniretError
-from .utils import read_json
+from .guards import claim_output, has_format, in_range
+from .utils import atomic_write_json, read_json
 
 logger = logging.getLogger("uniret")
 
@@ -46,8 +48,10 @@ def train_demo_model(data: Path, run: Path, steps: int | None, device: str | Non
     return Path(train(config, resume=resume)) / "model"
 
 
-def search_one_query(report: dict, data: Path, index_dir: Path, kind: str = "flat") -> list[dict]:
-    """Build the merged index from the evaluation's embeddings and search with one test query."""
+def search_one_query(report: dict, data: Path, index_dir: Path, model_dir: Path | None = None,
+                     kind: str = "flat") -> list[dict]:
+    """Build the merged index from the evaluation's embeddings (with a copy of ``model_dir``, so that
+    ``uniret search`` and ``uniret serve`` embed query images) and search with one test query."""
     from .data import open_collection
     from .embed.store import EmbeddingStore, write_store
 
@@ -61,7 +65,7 @@ def search_one_query(report: dict, data: Path, index_dir: Path, kind: str = "fla
                               model={"config_hash": store.model_hash})
     from .index import Searcher, build_index
 
-    build_index(index_store, index_dir, kind=kind)
+    build_index(index_store, index_dir, kind=kind, model_dir=model_dir, overwrite=True)
     scores, ids = Searcher.open(index_dir).search(vectors[q_row:q_row + 1], 5)
     query = items[q_row]
     rows = [{"rank": 0, "domain": query.domain, "class_ids": list(query.class_ids), "score": None,
@@ -79,12 +83,28 @@ def search_one_query(report: dict, data: Path, index_dir: Path, kind: str = "fla
 def run_demo(out: str | Path = "uniret-demo", steps: int | None = None, device: str | None = None,
              scale: float = 1.0) -> dict:
     """Run every stage (``scale`` 1.0: about 1000 images); returns the paths and the mean metrics of
-    each evaluation."""
+    each evaluation. ``out`` is a new or empty folder, or one an earlier demo run made."""
+    out = Path(out)
+    with claim_output(out, "uniret demo folder", is_demo_dir, overwrite=True):
+        # A demo folder of our own continues where it stopped (no --overwrite needed); anything else
+        # non-empty is refused.
+        atomic_write_json(out / MARKER, {"format": FORMAT})
+        return _run_demo(out, steps, device, scale)
+
+
+MARKER, FORMAT = "uniret-demo.json", "uniret-demo/1"
+
+
+def is_demo_dir(path: Path) -> bool:
+    """A folder that ``uniret demo`` made (its marker file)."""
+    return has_format(path, MARKER, FORMAT.split("/")[0])
+
+
+def _run_demo(out: Path, steps: int | None, device: str | None, scale: float) -> dict:
     from .data.demo import make_demo
     from .eval.report import COMPARE_LABELS, compare_rows
     from .eval.run import evaluate
 
-    out = Path(out)
     data, reports = out / "data", out / "reports"
     if not (data / "info").is_dir():
         logger.info("making the demo collection in %s", data)
@@ -104,18 +124,20 @@ def run_demo(out: str | Path = "uniret-demo", steps: int | None = None, device: 
     results = {}
     for name, kw in runs.items():
         results[name] = evaluate(data=data, split="test", protocol="merged", out=reports / name, cache_dir=cache,
-                                 device=device, **kw)
+                                 device=device, overwrite=True, **kw)
     rows, columns = compare_rows([str(reports / name) for name in runs])
     for row in rows:
         row["report"] = Path(row["report"]).name
     emit(rows, columns, title="merged test protocol (mean over domains, unweighted)",
          metrics=columns[len(COMPARE_LABELS):])
-    hits = search_one_query(results["udon"], data, out / "index")
+    hits = search_one_query(results["udon"], data, out / "index", model_dir=model_dir)
     emit(hits, ["rank", "domain", "class_ids", "score", "match", "path"], title="\none query, top 5 of the merged index",
          metrics=["score"])
     html = (reports / "udon" / "report.html").resolve()
     typer.echo(f"\nHTML report: {html}\nopen it in a browser (file://{html})")
-    return {"out": str(out), "model": str(model_dir), "report": str(html),
+    serve = f"uniret serve {shlex.quote(str(out / 'index'))} --images {shlex.quote(str(data))}"
+    typer.echo(f"\nsearch the index in a browser:\n  {serve}\nthen open http://127.0.0.1:8000/")
+    return {"out": str(out), "model": str(model_dir), "report": str(html), "serve": serve,
             "mean": {name: r["results"]["merged"]["mean"] for name, r in results.items()}}
 
 
@@ -126,8 +148,7 @@ def demo_command(
     device: str = typer.Option(None, "--device", help="cpu, cuda, ... (default: a GPU when there is one)."),
 ) -> None:
     """Run the whole pipeline on the demo data: make data, train UDON briefly, embed, index, evaluate, search."""
-    if steps is not None and steps < 2:
-        raise UniretError(f"--steps must be at least 2, not {steps}")
-    if not 0 < scale <= 4:
-        raise UniretError(f"--scale must be in (0, 4], not {scale}")
+    if steps is not None:
+        in_range(steps, "--steps", 2, 1_000_000)
+    in_range(scale, "--scale", 0, 4, low_open=True)
     run_demo(out, steps=steps, device=device, scale=scale)

@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -59,18 +60,35 @@ def read_json(path: str | Path):
 def publish_dir(tmp: str | Path, final: str | Path) -> None:
     """Move a finished directory ``tmp`` to ``final``, replacing an older ``final`` if present.
 
-    The old directory is renamed aside first, so at every moment either the old or the new
-    complete directory exists under a known name (``final`` or ``final.old``).
+    The old directory is renamed aside first (to a new hidden name beside it, so that nothing else
+    is ever removed), so at every moment either the old or the new complete directory exists.
+    Callers check with :func:`uniret.guards.prepare_output` that an older ``final`` is theirs.
     """
     tmp, final = Path(tmp), Path(final)
-    old = final.with_name(final.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)
-    if final.exists():
-        os.replace(final, old)
+    aside = None
+    if final.exists() or final.is_symlink():
+        aside = final.with_name(f".{final.name}.old-{os.getpid()}-{os.urandom(4).hex()}")
+        os.replace(final, aside)
     os.replace(tmp, final)
-    if old.exists():
-        shutil.rmtree(old)
+    if aside is not None:
+        if aside.is_dir() and not aside.is_symlink():
+            shutil.rmtree(aside)
+        else:
+            aside.unlink()
+
+
+@contextlib.contextmanager
+def scratch_dir(final: str | Path) -> Iterator[Path]:
+    """A new hidden directory beside ``final`` to build it in; removed if the block fails (a full
+    disk, Ctrl-C), kept (for :func:`publish_dir`) if it succeeds."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 class PartialDir:
@@ -94,14 +112,25 @@ class PartialDir:
         self.resumed = not restart and marker.is_file() and _read_marker(marker) == fingerprint
         if self.resumed:
             return
-        if self.path.exists():
+        if self.path.exists() or self.path.is_symlink():
+            if not marker.is_file() or self.path.is_symlink():
+                # Only a directory with our marker is ours to remove.
+                raise UniretError(f"{self.path} exists and was not made by uniret; move it away or choose "
+                                  "another output")
             logger.info("%s: %s; starting over", self.path, "restart asked" if restart else
                         "left by a run with other inputs or options")
             shutil.rmtree(self.path)
         self.path.mkdir(parents=True)
+        # The marker comes first (ours from now on), holding the fingerprint only once ``init`` is
+        # done: a kill during initialisation starts over next time.
+        atomic_write_json(marker, {"initialising": fingerprint})
         if init is not None:
             init(self.path)
         atomic_write_json(marker, fingerprint)
+
+    def discard(self) -> None:
+        """Remove the partial directory (after a failure that makes resuming pointless: a full disk)."""
+        shutil.rmtree(self.path, ignore_errors=True)
 
     def publish(self) -> Path:
         """Move the finished directory into place as ``out``; returns ``out``."""

@@ -5,7 +5,9 @@ A collection root holds ``info/<domain>/<split>.json`` (a JSON list of records
 ``images/`` (paths are relative to that image root). The original UnED download is used as is
 with ``info_dir="info_files"`` and ``image_root=<where its images are>``.
 
-Storage is kept apart from decoding: every source answers ``get_image_bytes`` and callers decode
+Record paths are read only inside the image root (:mod:`uniret.safeio`: no ``..``, no absolute
+path, no symlink leaving it, regular files of a bounded size). Storage is kept apart from decoding:
+every source answers ``get_image_bytes`` and callers decode
 (``uniret.data.images``). :class:`FolderCollection` reads a folder, ``uniret.data.store``'s
 ``LmdbCollection`` reads a packed store, and both expose the same records in the same order;
 ``uniret.data.sources.open_collection`` picks the right one for a path.
@@ -19,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UniretError
+from ..safeio import check_contained, read_contained
+from ..utils import stable_hash
 
 #: Splits in their canonical order. ``index`` exists only where queries search a separate index set.
 SPLITS = ("train", "val", "test", "index")
@@ -138,11 +142,25 @@ class ItemList(Sequence):
         return self.items[i]
 
     def get_image_bytes(self, i: int) -> bytes:
+        """The image bytes of item ``i``; a path that leaves its folder, a FIFO, a device or an oversized
+        file raises :class:`~uniret.safeio.UnsafePath` (a UniretError) instead of being read."""
         item = self.items[i]
         if self.source is not None:
             return self.source.get_image_bytes(item.domain, item.split, item.position)
-        path = Path(item.path) if self.base is None else self.base / item.path
-        return path.read_bytes()
+        if self.base is None:
+            path = Path(item.path)
+            return read_contained(path.parent, path.name)
+        return read_contained(self.base, item.path)
+
+    def content_key(self) -> str:
+        """A hash of the images as they are now (each file's size and modification time; for a packed
+        store, the store file's): part of every fingerprint, so replacing an image invalidates
+        resumable work and caches built from it."""
+        if self.source is not None:
+            return self.source.content_key(self.items)
+        if self.base is None:
+            return stable_hash([file_key(Path(it.path).parent, Path(it.path).name) for it in self.items])
+        return stable_hash([file_key(self.base, it.path) for it in self.items])
 
 
 class Collection:
@@ -158,6 +176,10 @@ class Collection:
         raise NotImplementedError
 
     def get_image_bytes(self, domain: str, split: str, position: int) -> bytes:
+        raise NotImplementedError
+
+    def content_key(self, items: Sequence[Item]) -> str:
+        """See :meth:`ItemList.content_key`."""
         raise NotImplementedError
 
     # -- derived helpers, shared by both kinds -------------------------------------------------
@@ -230,8 +252,22 @@ class FolderCollection(Collection):
             self._records[key] = load_split_file(self.split_file(domain, split))
         return self._records[key]
 
-    def image_path(self, domain: str, split: str, position: int) -> Path:
-        return self.image_root / self.records(domain, split)[position].path
+    def record_path(self, domain: str, split: str, position: int) -> str:
+        return self.records(domain, split)[position].path
 
     def get_image_bytes(self, domain: str, split: str, position: int) -> bytes:
-        return self.image_path(domain, split, position).read_bytes()
+        """The record's image bytes, read only from a regular file inside the image root."""
+        return read_contained(self.image_root, self.record_path(domain, split, position))
+
+    def content_key(self, items: Sequence[Item]) -> str:
+        return stable_hash([file_key(self.image_root, self.record_path(it.domain, it.split, it.position))
+                            for it in items])
+
+
+def file_key(root: Path, rel: str) -> list:
+    """(size, modification time) of a record's image file, or why it cannot be read."""
+    try:
+        st = check_contained(root, rel)
+    except UniretError as exc:
+        return [rel, str(exc)]
+    return [rel, st.st_size, st.st_mtime_ns]

@@ -9,7 +9,6 @@ from pathlib import Path
 import typer
 
 from ..display import OutputFormat, emit
-from ..errors import UniretError
 
 app = typer.Typer(no_args_is_help=True)
 
@@ -55,14 +54,15 @@ def pack_command(
     workers: int = typer.Option(0, "--workers", help="Encoding processes (0: in this process)."),
     info_dir: str = InfoDir,
     image_root: str = ImageRoot,
-    force: bool = typer.Option(False, "--force", help="Replace an existing store."),
+    overwrite: bool = typer.Option(False, "--overwrite", "--force",
+                                   help="Replace an earlier packed store at OUT (never another kind of directory)."),
     fmt: OutputFormat = typer.Option(OutputFormat.table, "--format", help="table or json."),
 ) -> None:
     """Resize and re-encode every image once into one LMDB store (resumable)."""
     from .store import PackOptions, pack
 
     summary = pack(root, out, PackOptions(max_side, quality, image_format.value), workers=workers,
-                   info_dir=info_dir, image_root=image_root, force=force)
+                   info_dir=info_dir, image_root=image_root, overwrite=overwrite)
     rows = [{"domain": d, "split": s, "images": n} for d, sp in summary["domains"].items() for s, n in sp.items()]
     emit(rows, ["domain", "split", "images"], fmt, extra={"skipped": summary["skipped"], "out": str(out)})
     if summary["skipped"]:
@@ -77,13 +77,12 @@ def demo(
     out: Path = typer.Argument(..., help="Where to write the demo collection."),
     seed: int = typer.Option(0, "--seed", help="Seed: the same seed gives the same images."),
     scale: float = typer.Option(1.0, "--scale", help="Multiplies the number of classes per domain."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier demo collection at OUT."),
 ) -> None:
     """Write the small procedurally drawn demo collection (4 domains, ~1000 images, seconds)."""
     from .demo import make_demo
 
-    if scale <= 0:
-        raise UniretError(f"--scale must be positive, not {scale}")
-    summary = make_demo(out, seed=seed, scale=scale)
+    summary = make_demo(out, seed=seed, scale=scale, overwrite=overwrite)
     rows = [{"domain": d, **sp} for d, sp in summary["domains"].items()]
     emit(rows, ["domain", "train", "val", "test", "index"], "table")
     print(f"wrote the demo collection to {out}", file=sys.stderr)

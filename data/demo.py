@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from ..utils import atomic_write_text, publish_dir
+from ..guards import claim_output, has_format, in_range
+from ..utils import atomic_write_text, publish_dir, scratch_dir
 
 SIZE = 64  # pixels of the written images
 _SS = 2  # supersampling factor when drawing
@@ -225,18 +226,31 @@ def _write_png(img: Image.Image, path: Path) -> None:
     img.save(path, format="PNG", optimize=False, compress_level=6)
 
 
-def make_demo(out: str | Path, seed: int = 0, scale: float = 1.0) -> dict:
-    """Write the demo collection to ``out`` (replacing it atomically); returns a summary.
+FORMAT = "uniret-demo-collection/1"
+
+
+def is_demo_collection(path: Path) -> bool:
+    """A collection that :func:`make_demo` wrote (its summary.json says so)."""
+    return has_format(path, "summary.json", FORMAT.split("/")[0])
+
+
+def make_demo(out: str | Path, seed: int = 0, scale: float = 1.0, overwrite: bool = False) -> dict:
+    """Write the demo collection to ``out`` (a new or empty directory, or with ``overwrite`` an earlier
+    demo collection, replaced atomically); returns a summary.
 
     ``scale`` multiplies every domain's class counts (at least 2 classes per split).
     """
+    in_range(seed, "--seed", 0, 2**32 - 1)
+    in_range(scale, "--scale", 0, 64, low_open=True)
     out = Path(out)
-    tmp = out.with_name(out.name + f".tmp-demo-{seed}")
-    if tmp.exists():
-        import shutil
+    with claim_output(out, "demo collection", is_demo_collection, overwrite=overwrite, option="OUT"), scratch_dir(out) as tmp:
+        summary = _draw(tmp, seed, scale)
+        publish_dir(tmp, out)
+    return summary
 
-        shutil.rmtree(tmp)
-    summary: dict = {"seed": seed, "scale": scale, "size": SIZE, "domains": {}}
+
+def _draw(tmp: Path, seed: int, scale: float) -> dict:
+    summary: dict = {"format": FORMAT, "seed": seed, "scale": scale, "size": SIZE, "domains": {}}
     for d_idx, spec in enumerate(DOMAINS):
         identity_fn, render_fn = RENDERERS[spec.name]
         counts = [max(2, round(c * scale)) for c in (spec.train_classes, spec.val_classes, spec.test_classes)]
@@ -262,5 +276,4 @@ def make_demo(out: str | Path, seed: int = 0, scale: float = 1.0) -> dict:
             atomic_write_text(tmp / "info" / spec.name / f"{split}.json", body)
         summary["domains"][spec.name] = {s: len(r) for s, r in splits.items()}
     atomic_write_text(tmp / "summary.json", json.dumps(summary, indent=2) + "\n")
-    publish_dir(tmp, out)
     return summary

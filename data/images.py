@@ -2,15 +2,18 @@
 
 Decoding is separate from storage: sources hand out bytes, :func:`decode_image` turns them into an
 RGB ``PIL.Image`` or raises :class:`~uniret.errors.ImageDecodeError` so that callers can skip and
-report the image instead of crashing.
+report the image instead of crashing: decompression bombs (over :data:`MAX_PIXELS`) are refused
+before they are decoded, and 16-bit and float images are scaled to 8 bits rather than clipped.
 """
 
 from __future__ import annotations
 
 import io
 import re
+import warnings
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import ImageDecodeError, UniretError
@@ -33,8 +36,14 @@ def decode_image(data: bytes) -> Image.Image:
     except _DECODE_ERRORS as exc:
         raise ImageDecodeError(f"cannot decode image: {_reason(exc)}") from None
     with im:
+        width, height = im.size
+        if width * height > MAX_PIXELS:
+            raise ImageDecodeError(f"cannot decode image: {width} x {height} pixels is over the limit of "
+                                   f"{MAX_PIXELS:,} (a decompression bomb?)")
         try:
             im.load()
+            if im.mode in _WIDE_MODES:
+                return _to_8bit(im).convert("RGB")
             if im.mode in ("RGBA", "LA", "P") and ("transparency" in im.info or im.mode != "P"):
                 # Composite transparent artwork on white rather than on black.
                 rgba = im.convert("RGBA")
@@ -47,6 +56,32 @@ def decode_image(data: bytes) -> Image.Image:
 
 
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+
+#: Largest image decoded (pixels): Pillow's own decompression-bomb limit, refused outright with a
+#: one-line reason instead of Pillow's raw warning (which is therefore silenced).
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+#: Modes of more than 8 bits per channel, which Pillow's convert("RGB") clips instead of scaling
+#: (a 16-bit PNG comes out almost white, a float TIFF almost black).
+_WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
+def _to_8bit(im: Image.Image) -> Image.Image:
+    """A grey image of 16-bit, 32-bit or float samples scaled to 8 bits: 16-bit samples by 1/257,
+    floats in [0, 1] by 255; anything else by its own range."""
+    arr = np.asarray(im, dtype=np.float64)
+    finite = arr[np.isfinite(arr)]
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    if im.mode.startswith("I;16") or (im.mode == "I" and 0 <= lo and hi <= 65535 and hi > 255):
+        scaled = arr / 257.0
+    elif im.mode == "F" and 0 <= lo and hi <= 1:
+        scaled = arr * 255.0
+    elif 0 <= lo and hi <= 255:
+        scaled = arr
+    else:
+        scaled = (arr - lo) * (255.0 / max(hi - lo, 1e-12))
+    return Image.fromarray(np.nan_to_num(scaled, nan=0.0).clip(0, 255).round().astype(np.uint8), mode="L")
 
 
 def _reason(exc: BaseException) -> str:

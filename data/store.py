@@ -30,8 +30,10 @@ from PIL import Image
 
 from .. import testing
 from ..errors import ImageDecodeError, UniretError
+from ..guards import claim_output, in_range, is_disk_full
+from ..safeio import check_lmdb, read_contained
 from ..utils import PartialDir, logger, progress_bar, stable_hash
-from .collection import SPLITS, Collection, FolderCollection, Record
+from .collection import SPLITS, Collection, FolderCollection, Item, Record
 
 FORMAT = "uniret-lmdb/1"
 COMMIT_EVERY = 256  # images per write transaction
@@ -49,6 +51,7 @@ _READERS: dict[tuple, lmdb.Environment] = {}
 def _reader_env(path: Path) -> lmdb.Environment:
     """One read-only environment per process and store file (LMDB allows one open per process)."""
     real = path.resolve()
+    check_lmdb(real, "packed store")  # a truncated file would crash the process (SIGBUS) when read
     key = (os.getpid(), str(real), (real / "data.mdb").stat().st_ino)
     env = _READERS.get(key)
     if env is None:
@@ -74,10 +77,13 @@ class LmdbCollection(Collection):
         meta = self._get(b"meta")
         if meta is None:
             raise UniretError(f"{self.root}: LMDB has no uniret metadata; make it with `uniret data pack`")
-        self.meta = json.loads(meta)
-        if self.meta.get("format") != FORMAT:
-            raise UniretError(f"{self.root}: unknown store format {self.meta.get('format')!r}")
-        self.domains = sorted(self.meta["domains"])
+        self.meta = self._json(meta, "meta")
+        if not isinstance(self.meta, dict) or self.meta.get("format") != FORMAT:
+            raise UniretError(f"{self.root}: not a uniret packed store (format {FORMAT}); make one with `uniret data pack`")
+        domains = self.meta.get("domains")
+        if not isinstance(domains, dict) or not all(isinstance(v, dict) for v in domains.values()):
+            raise UniretError(f"{self.root}: damaged store metadata (domains); re-pack the collection")
+        self.domains = sorted(domains)
         self._records: dict[tuple[str, str], list[Record]] = {}
 
     # Pickling drops the open environment; each process opens its own.
@@ -98,6 +104,13 @@ class LmdbCollection(Collection):
         with self.env.begin(buffers=False) as txn:
             return txn.get(key)
 
+    def _json(self, raw: bytes, key: str):
+        """A metadata value; JSON only (anything else, e.g. a planted pickle, is a damaged store)."""
+        try:
+            return json.loads(raw)
+        except ValueError:
+            raise UniretError(f"{self.root}: damaged store ({key} is not JSON); re-pack the collection") from None
+
     def splits(self, domain: str) -> list[str]:
         return [s for s in SPLITS if s in self.meta["domains"].get(domain, {})]
 
@@ -107,7 +120,11 @@ class LmdbCollection(Collection):
             raw = self._get(f"rec/{domain}/{split}".encode())
             if raw is None:
                 raise UniretError(f"{self.root}: no split {domain}/{split} in the store")
-            self._records[key] = [Record(r["path"], tuple(r["class_ids"])) for r in json.loads(raw)]
+            try:
+                self._records[key] = [Record(r["path"], tuple(int(c) for c in r["class_ids"]))
+                                      for r in self._json(raw, f"rec/{domain}/{split}")]
+            except (TypeError, KeyError, ValueError):
+                raise UniretError(f"{self.root}: damaged records of {domain}/{split}; re-pack the collection") from None
         return self._records[key]
 
     def get_image_bytes(self, domain: str, split: str, position: int) -> bytes:
@@ -115,6 +132,11 @@ class LmdbCollection(Collection):
         if data is None:
             raise ImageDecodeError(f"{domain}/{split}/{position}: image was skipped when packing (unreadable)")
         return data
+
+    def content_key(self, items) -> str:
+        """The store file's size and modification time (a store is only ever replaced whole)."""
+        st = (self.root / "data.mdb").stat()
+        return stable_hash([str(self.root.resolve()), st.st_size, st.st_mtime_ns])
 
     @property
     def skipped(self) -> list[dict]:
@@ -148,13 +170,11 @@ def encode_image(data: bytes, opts: PackOptions) -> bytes:
     return buf.getvalue()
 
 
-def _encode_job(args: tuple[str, PackOptions]) -> tuple[bytes | None, str | None]:
-    path, opts = args
+def _encode_job(args: tuple[str, str, PackOptions]) -> tuple[bytes | None, str | None]:
+    image_root, rel, opts = args
     try:
-        with open(path, "rb") as f:
-            data = f.read()
-        return encode_image(data, opts), None
-    except ImageDecodeError as exc:
+        return encode_image(read_contained(image_root, rel), opts), None
+    except UniretError as exc:  # ImageDecodeError, UnsafePath (outside the root, a FIFO, a device, too big)
         return None, str(exc)
     except OSError as exc:
         return None, f"cannot read ({exc.strerror or exc})"
@@ -177,26 +197,53 @@ def _put_batch(env: lmdb.Environment, batch: list[tuple[bytes, bytes]]) -> lmdb.
 
 
 def pack_fingerprint(src: FolderCollection, domains: dict, opts: PackOptions) -> dict:
-    """What a packed store depends on: the records of every split, where the images are, the options.
-    An interrupted pack resumes only into a partial store of the same fingerprint."""
+    """What a packed store depends on: the records of every split, where the images are and what they
+    are now (sizes and modification times), the options. An interrupted pack resumes only into a
+    partial store of the same fingerprint."""
     records = {f"{d}/{s}": [r.to_json() for r in src.records(d, s)] for d in domains for s in domains[d]}
+    items = [Item(r.path, d, s, i) for d in domains for s in domains[d] for i, r in enumerate(src.records(d, s))]
     return {"format": FORMAT, "domains": domains, "options": opts.to_json(), "records": stable_hash(records),
-            "image_root": str(src.image_root.resolve())}
+            "image_root": str(src.image_root.resolve()), "files": src.content_key(items)}
+
+
+def is_packed_store(path: Path) -> bool:
+    """A store that ``uniret data pack`` made (an LMDB whose metadata says so)."""
+    try:
+        LmdbCollection(path)
+    except UniretError:
+        return False
+    return True
 
 
 def pack(root: str | Path, out: str | Path, opts: PackOptions = PackOptions(), workers: int = 0,
-         info_dir: str = "info", image_root: str | None = None, force: bool = False) -> dict:
+         info_dir: str = "info", image_root: str | None = None, overwrite: bool = False) -> dict:
     """Pack a collection folder into an LMDB store; returns a summary (counts, skipped images).
 
-    Resumable: an interrupted run leaves ``OUT.partial``; running again with the same collection and
-    options keeps the images already written and packs the rest. With ``force`` an existing store at
-    ``out`` is replaced when the new one is complete (never before).
+    Resumable: an interrupted run leaves ``OUT.partial``; running again with the same collection,
+    images and options keeps the images already written and packs the rest (anything changed starts
+    over). ``out`` must be new, empty, or (with ``overwrite``) a packed store, which is replaced when
+    the new one is complete (never before); never inside the collection. Record paths that leave
+    the image root, FIFOs, devices and unreadable images are skipped and listed. A full disk removes
+    the partial store.
     """
     src = FolderCollection(root, info_dir=info_dir, image_root=image_root)
     out = Path(out)
-    _check_pack_args(src, out, opts, workers, force)
-    domains = {d: {s: len(src.records(d, s)) for s in src.splits(d)} for d in src.domains}
-    partial = PartialDir(out, pack_fingerprint(src, domains, opts))
+    _check_pack_args(opts, workers)
+    with claim_output(out, "packed store", is_packed_store, inputs=[src.root, src.image_root], overwrite=overwrite,
+                      option="OUT", flag="--overwrite"):
+        domains = {d: {s: len(src.records(d, s)) for s in src.splits(d)} for d in src.domains}
+        partial = PartialDir(out, pack_fingerprint(src, domains, opts))
+        try:
+            summary = _pack_into(partial, src, domains, opts, workers)
+        except BaseException as exc:
+            if is_disk_full(exc):
+                partial.discard()
+            raise
+        partial.publish()
+    return summary
+
+
+def _pack_into(partial: PartialDir, src: FolderCollection, domains: dict, opts: PackOptions, workers: int) -> dict:
     env = _open_writable(partial.path, map_size=1 << 30)
     skipped = _write_records(env, src, domains)
     todo = _missing_images(env, domains, skipped)
@@ -206,34 +253,21 @@ def pack(root: str | Path, out: str | Path, opts: PackOptions = PackOptions(), w
     env = _pack_images(env, src, todo, opts, workers, skipped)
     skipped.sort(key=lambda r: (r["domain"], SPLITS.index(r["split"]), r["position"]))
     meta = {"format": FORMAT, "domains": domains, "options": opts.to_json(), "skipped": skipped,
-            "source": str(Path(root).resolve())}
+            "source": str(src.root.resolve())}
     with env.begin(write=True) as txn:
         txn.delete(_SKIPPED_SO_FAR)
         txn.put(b"meta", json.dumps(meta).encode())
     env.sync(True)
     env.close()
-    partial.publish()
     return {"images": total, "packed": total - len(skipped), "skipped": skipped, "domains": domains}
 
 
-def _check_pack_args(src: FolderCollection, out: Path, opts: PackOptions, workers: int, force: bool) -> None:
-    if workers < 0:
-        raise UniretError(f"--workers must be 0 or more, not {workers}")
-    if opts.max_side < 8:
-        raise UniretError(f"--max-side must be at least 8, not {opts.max_side}")
-    if not 1 <= opts.quality <= 100:
-        raise UniretError(f"--quality must be within 1..100, not {opts.quality}")
+def _check_pack_args(opts: PackOptions, workers: int) -> None:
+    in_range(workers, "--workers", 0, 256)
+    in_range(opts.max_side, "--max-side", 8, 16_384)
+    in_range(opts.quality, "--quality", 1, 100)
     if opts.image_format not in IMAGE_FORMATS:
         raise UniretError(f"--image-format must be {' or '.join(IMAGE_FORMATS)}, not {opts.image_format!r}")
-    target = out.resolve()
-    for inp in (src.root.resolve(), src.image_root.resolve()):
-        if target == inp or target in inp.parents:
-            raise UniretError(f"{out} holds the collection being packed; choose an output outside {inp}")
-    if out.exists():
-        if not force:
-            raise UniretError(f"{out} already exists; pass --force to pack again, or choose another path")
-        if not (out / "data.mdb").is_file():
-            raise UniretError(f"{out} exists and is not a packed store; --force replaces only a store, choose another path")
 
 
 def _write_records(env: lmdb.Environment, src: FolderCollection, domains: dict) -> list[dict]:
@@ -268,7 +302,7 @@ def _pack_images(env: lmdb.Environment, src: FolderCollection, todo: list[tuple[
         batch.clear()
         testing.sleep_point("pack")  # lets tests kill a real pack between commits
 
-    jobs = ((str(src.image_path(d, s, i)), opts) for d, s, i in todo)
+    jobs = ((str(src.image_root), src.record_path(d, s, i), opts) for d, s, i in todo)
     pool = get_context("spawn").Pool(workers) if workers > 0 else None
     try:
         results = pool.imap(_encode_job, jobs, chunksize=16) if pool else map(_encode_job, jobs)

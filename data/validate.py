@@ -9,6 +9,7 @@ from pathlib import Path
 from statistics import median
 
 from ..errors import UniretError
+from ..safeio import MissingImage, UnsafePath, check_contained
 from .collection import SPLITS, Collection, FolderCollection, Record
 from .sources import open_collection
 
@@ -44,6 +45,20 @@ def _examples(values: list[str]) -> str:
     return shown + (f", ... ({len(values) - _EXAMPLES} more)" if len(values) > _EXAMPLES else "")
 
 
+def _file_problems(coll: FolderCollection, records: list[Record]) -> tuple[list[str], list[str]]:
+    """Record paths whose file is missing, and those refused by :func:`uniret.safeio.check_contained`
+    (with the reason): nothing is opened, so a FIFO or a device cannot hang or flood the check."""
+    missing, unsafe = [], []
+    for r in records:
+        try:
+            check_contained(coll.image_root, r.path)
+        except MissingImage:
+            missing.append(r.path)
+        except UnsafePath as exc:
+            unsafe.append(str(exc))
+    return missing, unsafe
+
+
 def check_collection(path: str | Path, info_dir: str = "info", image_root: str | None = None,
                      required_splits: tuple[str, ...] = REQUIRED_SPLITS, check_files: bool = True) -> CheckResult:
     """Validate every split of every domain; never stops at the first problem."""
@@ -70,10 +85,13 @@ def check_collection(path: str | Path, info_dir: str = "info", image_root: str |
             if dup:
                 res.errors.append(f"{where(s)}: {len(dup)} duplicate paths, e.g. {_examples(dup)}")
             if check_files and is_folder:
-                missing = [r.path for r in recs if not (coll.image_root / r.path).is_file()]
+                missing, unsafe = _file_problems(coll, recs)
                 if missing:
                     res.errors.append(f"{where(s)}: {len(missing)} image files do not exist under "
                                       f"{coll.image_root}, e.g. {_examples(missing)}")
+                if unsafe:
+                    res.errors.append(f"{where(s)}: {len(unsafe)} record paths are refused (outside the image root, "
+                                      f"not regular files or too large; never read), e.g. {_examples(unsafe)}")
             res.rows.append({"domain": domain, "split": s, **_class_stats(recs)})
         train = loaded.get("train")
         if train:

@@ -14,6 +14,10 @@ map (timm's pooling, or GeM with ``pool="gem"`` (p learnable, starts at 3) / ``p
 from __future__ import annotations
 
 import difflib
+import os
+import socket
+import urllib.parse
+import warnings
 from pathlib import Path
 
 import torch
@@ -111,6 +115,27 @@ def split_name(name: str) -> tuple[str, str]:
     )
 
 
+def offline_unless_reachable(timeout: float = 3.0) -> None:
+    """Switch the Hugging Face hub client to its offline mode (the local cache still works) when its
+    server cannot be reached: otherwise it retries for a minute, printing every retry, before the
+    same error. A user's own ``HF_HUB_OFFLINE`` is left alone."""
+    if os.environ.get("HF_HUB_OFFLINE"):
+        return
+    host = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return
+    except OSError:
+        pass
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        import huggingface_hub.constants
+
+        huggingface_hub.constants.HF_HUB_OFFLINE = True  # read once at import: set it there too
+    except ImportError:
+        pass
+
+
 def _timm_backbone(name: str, model_name: str, pretrained: bool, weights: str | None, image_size: int | None,
                    pool: str | None) -> Backbone:
     import timm
@@ -128,21 +153,30 @@ def _timm_backbone(name: str, model_name: str, pretrained: bool, weights: str | 
     if weights is not None:
         kwargs["pretrained_cfg_overlay"] = {"file": str(weights)}
     use_pretrained = bool(pretrained or weights)
+    if pretrained and weights is None:
+        offline_unless_reachable()
 
     def create(**extra):
         return timm.create_model(model_name, pretrained=use_pretrained, **extra, **kwargs)
 
     try:
-        try:
-            model = create(**({"img_size": image_size} if image_size else {}))
-        except TypeError:
-            # CNNs take any input size and have no img_size argument: only the preprocessing changes.
-            model = create()
+        with warnings.catch_warnings():
+            # torch.load's remarks about a refused checkpoint would come before our one-line error.
+            warnings.simplefilter("ignore")
+            try:
+                model = create(**({"img_size": image_size} if image_size else {}))
+            except TypeError:
+                # CNNs take any input size and have no img_size argument: only the preprocessing changes.
+                model = create()
     except Exception as exc:  # noqa: BLE001 - hub, network and checkpoint errors all mean "no weights"
         if not use_pretrained:
             raise
+        why = f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+        if weights is not None:  # a torch checkpoint is read with weights_only=True: a pickle is refused
+            raise UniretError(f"{name}: cannot load --weights {weights} ({why}); give a safetensors file or a "
+                              "plain state-dict checkpoint for this architecture") from None
         raise UniretError(
-            f"{name}: cannot load pretrained weights ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+            f"{name}: cannot load pretrained weights ({why}); "
             "put them in the hub cache, pass --weights FILE, or drop --pretrained"
         ) from None
     cfg = resolve_model_data_config(model)
@@ -183,6 +217,8 @@ def _open_clip_backbone(name: str, spec: str, pretrained: bool, weights: str | N
     source = str(weights) if weights else (tag if pretrained and tag else None)
     if pretrained and not source:
         raise UniretError(f"{name}: --pretrained needs a tag (open_clip:{arch}/<tag>) or --weights FILE")
+    if source is not None and weights is None:
+        offline_unless_reachable()
     try:
         clip = open_clip.create_model(
             arch, pretrained=source, force_quick_gelu=bool(tag_cfg.get("quick_gelu", False)),

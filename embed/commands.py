@@ -13,8 +13,10 @@ from pathlib import Path
 
 import typer
 
+from ..data.collection import SPLITS
 from ..display import OutputFormat, emit
-from ..errors import UniretError
+from ..errors import UniretError, UsageError
+from ..guards import claim_output, in_range
 
 logger = logging.getLogger("uniret")
 
@@ -63,18 +65,25 @@ def model_init(
     pretrained: bool = typer.Option(False, "--pretrained", help="Load pretrained weights (hub cache)."),
     weights: Path = typer.Option(None, "--weights", help="Load backbone weights from this file."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random initialisation."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier model directory at --out."),
 ) -> None:
     """Make an untrained model directory (off-the-shelf backbone + random universal head)."""
+    in_range(dim, "--dim", 1, 65_536)
+    in_range(seed, "--seed", 0, 2**63 - 1)
+    if image_size is not None:
+        in_range(image_size, "--image-size", 8, 4096)
+    inputs = [weights] + ([backbone] if Path(backbone).exists() else [])
     import torch
 
-    from .model import build_model
+    from .model import build_model, is_model_output
 
-    quiet_open_clip_warnings()
-    torch.manual_seed(seed)
-    model = build_model(backbone, dim=dim, nested_dims=parse_dims(nested_dims), pretrained=pretrained,
-                        weights=weights, image_size=image_size, pool=pool, crop_pct=crop_pct)
-    provenance = dict(model.config.provenance, seed=seed)
-    model.save(out, provenance=provenance)
+    with claim_output(out, "model directory", is_model_output, inputs=inputs, overwrite=overwrite):
+        quiet_open_clip_warnings()
+        torch.manual_seed(seed)
+        model = build_model(backbone, dim=dim, nested_dims=parse_dims(nested_dims), pretrained=pretrained,
+                            weights=weights, image_size=image_size, pool=pool, crop_pct=crop_pct)
+        provenance = dict(model.config.provenance, seed=seed)
+        model.save(out, provenance=provenance)
     logger.info("wrote %s (%s, %d-d, config hash %s)", out, model.config.backbone, model.config.dim, model.config_hash())
 
 
@@ -111,6 +120,8 @@ def embed_command(
     device: str = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N (default auto: a GPU when visible)."),
     dtype: StoreDtype = typer.Option(StoreDtype.float16, "--dtype", help="Stored embedding type."),
     resume: bool = typer.Option(True, "--resume/--restart", help="Continue an interrupted run, or start over."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier store at --out that was made "
+                                                              "from other images, model or options."),
 ) -> None:
     """Embed images into a store (row i = item i). Resumable; several GPUs through torchrun."""
     from ..data import open_items
@@ -119,6 +130,12 @@ def embed_command(
     from .model import load_model
 
     resolve_device(device)  # a bad --device fails before any image or weight is read
+    in_range(batch_size, "--batch-size", 1, 65_536)
+    if workers is not None:
+        in_range(workers, "--workers", 0, 256)
+    unknown = [s for s in split or [] if s not in SPLITS]
+    if unknown:
+        raise UsageError(f"--split {unknown[0]!r}: splits are {', '.join(SPLITS)}")
     quiet_open_clip_warnings()
     items = open_items(data, domains=domain or None, splits=split or None)
     embedder = load_model(model)
@@ -126,7 +143,7 @@ def embed_command(
         workers = min(16, os.cpu_count() or 1)
     source = {"path": str(Path(data).resolve()), "domains": list(domain or []), "splits": list(split or [])}
     store = embed_items(embedder, items, out, batch_size=batch_size, workers=workers, device=device,
-                        dtype=dtype.value, resume=resume, source=source)
+                        dtype=dtype.value, resume=resume, source=source, overwrite=overwrite, inputs=[data, model])
     if int(os.environ.get("RANK", "0")) == 0:
         logger.info("wrote %s: %d x %d %s, %d unreadable", out, store.count, store.dim, store.manifest["dtype"],
                     len(store.failed_ids))

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
@@ -32,9 +33,10 @@ import torch
 from ..data.collection import ItemList
 from ..data.images import decode_image
 from ..errors import UniretError
+from ..guards import claim_output, in_range, is_disk_full
 from ..utils import progress_bar, resolve_device
 from .model import UniversalEmbedder
-from .store import DTYPES, EmbeddingStore, StoreWriter, open_finished, store_fingerprint
+from .store import DTYPES, NONFINITE, EmbeddingStore, StoreWriter, is_store, open_finished, store_fingerprint
 
 logger = logging.getLogger("uniret")
 
@@ -125,11 +127,16 @@ def embed_items(
     source: dict | None = None,
     amp: bool = True,
     checkpoint_every: int = 20,
+    overwrite: bool = False,
+    inputs: tuple = (),
 ) -> EmbeddingStore:
     """Embed every item into the store ``out`` (row i = item i) and return it.
 
-    Resumes a partial run of the same model, items and options unless ``resume=False``. Under
-    torchrun every rank calls this with the same arguments; all return the published store.
+    Resumes a partial run of the same model, items, images and options unless ``resume=False``; a
+    finished store of exactly those is returned as it is ("nothing to do"). ``out`` must be new,
+    empty or (with ``overwrite``) another embedding store, and never inside ``inputs`` (the data,
+    the model). A full disk removes the partial store. Under torchrun every rank calls this with the
+    same arguments; all return the published store.
     """
     _check_options(items, batch_size, workers, dtype)
     out = Path(out)
@@ -142,13 +149,32 @@ def embed_items(
         torch.cuda.set_device(dev)
     item_list = list(items.items) if isinstance(items, ItemList) else list(items)
     manifest_extra = {"model": model_info(model), "source": source or {}}
-    fingerprint = store_fingerprint(item_list, model.config.dim, dtype, manifest_extra["model"]["config_hash"], source)
+    files = items.content_key() if isinstance(items, ItemList) else None
+    fingerprint = store_fingerprint(item_list, model.config.dim, dtype, manifest_extra["model"]["config_hash"], source,
+                                    files=files)
 
     done_store = open_finished(out, fingerprint) if resume else None
     if done_store is not None:
         logger.info("%s already holds these %d embeddings; nothing to do", out, done_store.count)
         return done_store
+    if rank == 0 and is_store(out) and not overwrite:
+        made = " made from other images, model or options (changed since?)" if resume else ""
+        raise UniretError(f"{out} already holds an embedding store{made}; pass --overwrite to replace it, "
+                          "or choose another --out")
+    claim = claim_output(out, "embedding store", is_store, inputs, overwrite=True) if rank == 0 else nullcontext()
+    with claim:
+        try:
+            return _embed(model, items, out, item_list, manifest_extra, fingerprint, batch_size, workers, dev,
+                          dtype, resume, amp, checkpoint_every, rank, world)
+        except BaseException as exc:
+            if rank == 0 and is_disk_full(exc):
+                shutil.rmtree(out.with_name(out.name + ".partial"), ignore_errors=True)
+            raise
 
+
+def _embed(model, items, out: Path, item_list: list, manifest_extra: dict, fingerprint: dict, batch_size: int,
+           workers: int, dev, dtype: str, resume: bool, amp: bool, checkpoint_every: int, rank: int,
+           world: int) -> EmbeddingStore:
     writer, share = _plan(out, item_list, model.config.dim, dtype, manifest_extra, fingerprint, resume, rank, world)
     sink = _RowSink(writer, out.with_name(out.name + ".partial"), rank, world)
     start = time.perf_counter()
@@ -178,10 +204,8 @@ def embed_items(
 
 
 def _check_options(items, batch_size: int, workers: int, dtype: str) -> None:
-    if batch_size <= 0:
-        raise UniretError(f"--batch-size must be positive, not {batch_size}")
-    if workers < 0:
-        raise UniretError(f"--workers must be 0 or more, not {workers}")
+    in_range(batch_size, "--batch-size", 1, 65_536)
+    in_range(workers, "--workers", 0, 256)
     if dtype not in DTYPES:
         raise UniretError(f"--dtype must be float16 or float32, not {dtype!r}")
     if len(items) == 0:
@@ -234,7 +258,7 @@ def embedded_batches(model: UniversalEmbedder, items: ItemList, ids: np.ndarray,
             reasons = list(reasons)
             finite = np.isfinite(vectors).all(axis=1)
             for j in np.flatnonzero(ok & ~finite):
-                reasons[j] = "the model gave a non-finite embedding"
+                reasons[j] = NONFINITE
             yield batch_ids.numpy(), vectors, ok & finite, reasons
 
 

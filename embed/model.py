@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -24,7 +25,8 @@ from timm.layers import lecun_normal_
 from torch import nn
 
 from ..errors import UniretError
-from ..utils import atomic_write_json, make_readable, publish_dir, read_json, stable_hash
+from ..guards import has_format
+from ..utils import atomic_write_json, make_readable, publish_dir, read_json, scratch_dir, stable_hash
 from .backbones import SOURCES, Backbone, create_backbone
 
 logger = logging.getLogger("uniret")
@@ -76,12 +78,57 @@ class ModelConfig:
         return int(h) if h == w else None
 
     @staticmethod
-    def from_json(obj: dict) -> ModelConfig:
-        if obj.get("format") != FORMAT:
-            raise UniretError(f"unknown model format {obj.get('format')!r} (expected {FORMAT})")
+    def from_json(obj: dict, where: str = "config.json") -> ModelConfig:
+        if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+            found = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
+            raise UniretError(f"{where}: unknown model format {found!r} (expected {FORMAT})")
+        problem = _config_problem(obj)
+        if problem:
+            raise UniretError(f"{where}: {problem}; the model directory is damaged, re-create it")
         known = set(ModelConfig.__dataclass_fields__) - {"legacy"}
         return ModelConfig(**{k: v for k, v in obj.items() if k in known},
                            legacy={k: obj[k] for k in LEGACY_FIELDS if k in obj})
+
+
+def _is_int(value, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _config_problem(obj: dict) -> str | None:
+    """What is wrong with a config.json's fields (types and ranges), or None: a tampered config is a
+    one-line error here rather than a traceback deep inside timm or torch."""
+    pre = obj.get("preprocess")
+    checks = [
+        (isinstance(obj.get("backbone"), str) and obj["backbone"], "backbone must be a name"),
+        (_is_int(obj.get("dim"), 1, 65_536), "dim must be an integer in 1..65536"),
+        (obj.get("nested_dims") is None or (isinstance(obj["nested_dims"], list)
+                                             and all(_is_int(d, 1, 65_536) for d in obj["nested_dims"])),
+         "nested_dims must be a list of sizes"),
+        (_is_int(obj.get("feature_dim", 0), 0, 1 << 20), "feature_dim must be an integer"),
+        (obj.get("pool") is None or isinstance(obj["pool"], str), "pool must be a name"),
+        (obj.get("image_size") is None or _is_int(obj["image_size"], 1, 4096), "image_size must be 1..4096"),
+        (isinstance(pre, dict), "preprocess must be an object"),
+        (isinstance(obj.get("provenance", {}), dict), "provenance must be an object"),
+    ]
+    if isinstance(pre, dict):
+        size, mean, std = pre.get("input_size"), pre.get("mean"), pre.get("std")
+        checks += [
+            (isinstance(size, list) and len(size) == 3 and all(_is_int(v, 1, 4096) for v in size),
+             "preprocess.input_size must be [channels, height, width] with sides up to 4096"),
+            (isinstance(mean, list) and len(mean) == 3 and all(_is_number(v) for v in mean),
+             "preprocess.mean must be three numbers"),
+            (isinstance(std, list) and len(std) == 3 and all(_is_number(v) and v > 0 for v in std),
+             "preprocess.std must be three positive numbers"),
+            (pre.get("crop_pct") is None or (_is_number(pre["crop_pct"]) and 0 < pre["crop_pct"] <= 4),
+             "preprocess.crop_pct must be a number in (0, 4]"),
+            (all(pre.get(k) is None or isinstance(pre[k], str) for k in ("interpolation", "crop_mode")),
+             "preprocess.interpolation and crop_mode must be names"),
+        ]
+    return next((message for ok, message in checks if not ok), None)
 
 
 def check_nested_dims(dim: int, nested_dims) -> list[int] | None:
@@ -203,18 +250,13 @@ class UniversalEmbedder(nn.Module):
         path = Path(path)
         if provenance is not None:
             self.config.provenance = dict(provenance)
-        tmp = path.with_name(f".{path.name}.tmp")
-        if tmp.exists():
-            import shutil
-
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        save_file(self.inference_state_dict(), str(tmp / WEIGHTS_NAME), metadata={"format": FORMAT})
-        make_readable(tmp / WEIGHTS_NAME)
-        config = self.config.to_json()
-        config["config_hash"] = self.config_hash()
-        atomic_write_json(tmp / CONFIG_NAME, config)
-        publish_dir(tmp, path)
+        with scratch_dir(path) as tmp:  # removed again if writing fails (a full disk)
+            save_file(self.inference_state_dict(), str(tmp / WEIGHTS_NAME), metadata={"format": FORMAT})
+            make_readable(tmp / WEIGHTS_NAME)
+            config = self.config.to_json()
+            config["config_hash"] = self.config_hash()
+            atomic_write_json(tmp / CONFIG_NAME, config)
+            publish_dir(tmp, path)
         return path
 
     @classmethod
@@ -229,7 +271,12 @@ class UniversalEmbedder(nn.Module):
             raise UniretError(f"{path}: not a model directory (no {CONFIG_NAME}); make one with `uniret model init`")
         if not weights_file.is_file():
             raise UniretError(f"{path}: {WEIGHTS_NAME} is missing; re-export the model")
-        config = ModelConfig.from_json(read_json(cfg_file))
+        try:
+            raw = read_json(cfg_file)
+        except (OSError, ValueError) as exc:  # ValueError: JSONDecodeError, UnicodeDecodeError
+            raise UniretError(f"{cfg_file}: unreadable ({' '.join(str(exc).split())[:120]}); "
+                              "the model directory is damaged, re-create it") from None
+        config = ModelConfig.from_json(raw, str(cfg_file))
         backbone = create_backbone(config.backbone, image_size=config.backbone_image_size(), pool=config.pool)
         model = cls(backbone, config)
         try:
@@ -243,10 +290,20 @@ class UniversalEmbedder(nn.Module):
             raise UniretError(
                 f"{weights_file} does not match {config.backbone}: missing {missing[:3]}, unexpected {unexpected[:3]}"
             )
+        wrong = [k for k in own if tuple(own[k].shape) != tuple(state[k].shape)]
+        if wrong:
+            k = wrong[0]
+            raise UniretError(f"{weights_file}: {len(wrong)} tensor(s) of the wrong shape for {config.backbone}, e.g. "
+                              f"{k} {tuple(state[k].shape)} instead of {tuple(own[k].shape)}; re-export the model")
         model.backbone.load_state_dict({k[9:]: v for k, v in state.items() if k.startswith("backbone.")})
         model.head.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("head.")})
         model.source_dir = path.resolve()  # recorded in stores, so an index can find its model
         return model.to(device).eval()
+
+
+def is_model_output(path: Path) -> bool:
+    """A model directory that uniret wrote (its config.json has the model format)."""
+    return has_format(path, CONFIG_NAME, FORMAT.split("/")[0])
 
 
 def resolve_model_dir(path: str | Path) -> Path:

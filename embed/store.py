@@ -18,7 +18,9 @@ only when their fingerprint equals the one asked for.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
@@ -27,17 +29,22 @@ import numpy as np
 
 from ..data.collection import Item
 from ..errors import UniretError
+from ..guards import has_format
+from ..safeio import load_npy
 from ..utils import PartialDir, atomic_write_json, read_json, stable_hash
 
 FORMAT = "uniret-embeddings/1"
 DTYPES = ("float16", "float32")
+#: The failure reason of a row whose embedding was NaN or infinite (the model, not the image, is broken).
+NONFINITE = "the model gave a non-finite embedding"
 
 
 def store_fingerprint(items: Sequence[Item], dim: int, dtype: str, model_hash: str | None,
-                      source: dict | None = None) -> dict:
+                      source: dict | None = None, files: str | None = None) -> dict:
     """Everything the stored vectors depend on: the items (paths, domains, splits, positions, labels,
     in order), the model (its config hash: architecture, preprocessing, weights), the size and type
-    of the vectors, and where the images come from.
+    of the vectors, where the images come from and what they are now (``files``:
+    :meth:`uniret.data.ItemList.content_key`, the sizes and modification times of the image files).
 
     Two runs with equal fingerprints produce the same store, so one may resume or reuse the other.
     Extend it by adding keys (e.g. a hash of the image files' sizes and mtimes): older partial runs
@@ -51,7 +58,13 @@ def store_fingerprint(items: Sequence[Item], dim: int, dtype: str, model_hash: s
         "model": model_hash,
         "source": source or {},
         "items": stable_hash([it.to_json() for it in items]),
+        "files": files,
     }
+
+
+def is_store(path: Path) -> bool:
+    """An embedding store that uniret wrote (its manifest says so)."""
+    return has_format(path, "manifest.json", FORMAT.split("/")[0])
 
 
 class EmbeddingStore:
@@ -64,10 +77,18 @@ class EmbeddingStore:
             raise UniretError(f"{self.path}: not an embedding store (no manifest.json); make one with `uniret embed`")
         try:
             self.manifest: dict = read_json(mf)
-        except (OSError, json.JSONDecodeError) as exc:
-            raise UniretError(f"{mf}: unreadable manifest ({exc})") from None
-        if self.manifest.get("format") != FORMAT:
-            raise UniretError(f"{mf}: unknown store format {self.manifest.get('format')!r} (expected {FORMAT})")
+        except (OSError, ValueError) as exc:  # ValueError: JSONDecodeError, UnicodeDecodeError
+            raise UniretError(f"{mf}: unreadable manifest ({' '.join(str(exc).split())[:120]})") from None
+        if not isinstance(self.manifest, dict) or self.manifest.get("format") != FORMAT:
+            found = self.manifest.get("format") if isinstance(self.manifest, dict) else None
+            raise UniretError(f"{mf}: unknown store format {found!r} (expected {FORMAT})")
+        m = self.manifest
+        ints_ok = all(isinstance(m.get(k), int) and not isinstance(m.get(k), bool) and m[k] >= 0
+                      for k in ("dim", "count"))
+        failed = m.get("failed", {})
+        if not ints_ok or m["dim"] == 0 or not isinstance(failed, dict) or not all(
+                str(k).isdigit() and int(k) < m["count"] for k in failed):
+            raise UniretError(f"{mf}: damaged manifest (dim, count or failed ids); re-embed the store")
 
     @property
     def dim(self) -> int:
@@ -92,7 +113,7 @@ class EmbeddingStore:
     @cached_property
     def embeddings(self) -> np.ndarray:
         """(count, dim) memory-mapped array; row i belongs to id i."""
-        arr = np.load(self.path / "embeddings.npy", mmap_mode="r")
+        arr = load_npy(self.path / "embeddings.npy", mmap=True, kinds="f", what="embedding store")
         if arr.shape != (self.count, self.dim):
             raise UniretError(f"{self.path}: embeddings have shape {arr.shape}, manifest says {(self.count, self.dim)}")
         return arr
@@ -101,9 +122,13 @@ class EmbeddingStore:
     def items(self) -> list[Item]:
         """Metadata of every row, in id order."""
         out = []
-        with open(self.path / "metadata.jsonl") as f:
-            for line in f:
-                out.append(Item.from_json(json.loads(line)))
+        try:
+            with open(self.path / "metadata.jsonl") as f:
+                for line in f:
+                    out.append(Item.from_json(json.loads(line)))
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:  # not JSON, or not an item
+            raise UniretError(f"{self.path / 'metadata.jsonl'}: damaged line {len(out) + 1} "
+                              f"({' '.join(str(exc).split())[:80]}); re-embed the store") from None
         if len(out) != self.count:
             raise UniretError(f"{self.path}: metadata has {len(out)} rows, manifest says {self.count}")
         return out
@@ -151,12 +176,13 @@ class StoreWriter:
         self._dir = PartialDir(self.out, fingerprint, init=self._init_partial, restart=restart)
         self.partial = self._dir.path
         self.embeddings = np.load(self.partial / "embeddings.npy", mmap_mode="r+")
-        self.done = np.load(self.partial / "done.npy")
+        self.done = load_npy(self.partial / "done.npy", kinds="b", what="partial store")
         self.failed: dict[str, str] = read_json(self.partial / "failed.json")
 
     def _init_partial(self, p: Path) -> None:
         np.lib.format.open_memmap(p / "embeddings.npy", mode="w+", dtype=self.dtype,
                                   shape=(len(self.items), self.dim)).flush()
+        allocate(p / "embeddings.npy")
         np.save(p / "done.npy", np.zeros(len(self.items), dtype=bool))
         atomic_write_json(p / "failed.json", {})
 
@@ -193,6 +219,19 @@ class StoreWriter:
         for name in ("done.npy", "failed.json"):
             (self.partial / name).unlink(missing_ok=True)
         return EmbeddingStore(self._dir.publish())
+
+
+def allocate(path: Path) -> None:
+    """Reserve the disk blocks of a file that is written through a memory map: without them, a full
+    disk kills the writer with SIGBUS; with them, it is an ENOSPC error here, before any work."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):  # file systems without it
+            raise
+    finally:
+        os.close(fd)
 
 
 def open_finished(path: str | Path, fingerprint: dict) -> EmbeddingStore | None:

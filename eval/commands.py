@@ -9,6 +9,7 @@ import typer
 
 from ..display import OutputFormat, emit
 from ..errors import UniretError
+from ..guards import in_range
 from ..index.commands import RerankChoice
 from ..index.keys import KINDS
 
@@ -26,6 +27,10 @@ class Protocol(str, Enum):
 
 #: ``--index-kind``: flat (exact search) or a kind of ``uniret index build`` (no free factory strings).
 IndexKind = Enum("IndexKind", {kind: kind for kind in KINDS}, type=str)
+
+#: Largest --k: mAP@k over more than 10,000 results is no longer instance retrieval, and the (queries, k)
+#: result arrays must fit in memory.
+MAX_K = 10_000
 
 eval_app = typer.Typer(
     help="Evaluate retrieval the UnED way (mMP@5, mAP@100, R@1; merged and separate protocols).",
@@ -55,6 +60,7 @@ def eval_main(
     batch_size: int = typer.Option(64, "--batch-size", help="Images per embedding batch."),
     workers: int = typer.Option(0, "--workers", help="Image decoding worker processes."),
     samples: int = typer.Option(4, "--samples", help="Sample queries per domain in report.html."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier report in --out."),
     fmt: OutputFormat = typer.Option(OutputFormat.table, "--format", help="table or json."),
 ) -> None:
     """Embed the query and index splits (reusing cached embeddings), search, score and write a report."""
@@ -62,13 +68,15 @@ def eval_main(
         return
     if not model or data is None:
         raise UniretError("uniret eval needs --model DIR and --data ROOT|LMDB (or a subcommand: compare)")
-    if k < 1:
-        raise UniretError(f"--k must be at least 1, not {k}")
+    in_range(k, "--k", 1, MAX_K)
+    in_range(batch_size, "--batch-size", 1, 65_536)
+    in_range(workers, "--workers", 0, 256)
+    in_range(samples, "--samples", 0, 1000)
     from .run import evaluate
 
     report = evaluate(parse_models(model), data, split=split.value, protocol=protocol.value, rerank=rerank.value,
                       index_kind=index_kind.value, out=out, cache_dir=cache_dir, k=k, device=device,
-                      batch_size=batch_size, workers=workers, samples=samples)
+                      batch_size=batch_size, workers=workers, samples=samples, overwrite=overwrite)
     print_report(report, fmt)
     typer.echo(f"report: {Path(out) / 'report.html'}", err=True)
 

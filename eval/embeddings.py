@@ -16,6 +16,7 @@ import numpy as np
 
 from ..data import Item, ItemList
 from ..errors import UniretError
+from ..safeio import check_finite
 from ..utils import stable_hash
 
 logger = logging.getLogger("uniret")
@@ -53,15 +54,19 @@ def cached_store(model, collection, items: list[Item], split: str, cache_dir: Pa
 
     model_hash = model.config_hash()
     path = Path(cache_dir) / f"{model_hash}-{data_key(collection, items)[:12]}-{split}"
-    store = open_finished(path, store_fingerprint(items, model.config.dim, "float16", model_hash))
+    item_list = ItemList(items, source=collection)
+    # The image files' sizes and mtimes are part of the key: replaced images are embedded again.
+    fingerprint = store_fingerprint(items, model.config.dim, "float16", model_hash, files=item_list.content_key())
+    store = open_finished(path, fingerprint)
     if store is not None:
         logger.info("reusing embeddings in %s", path)
         return store, True
     logger.info("embedding %d images into %s", len(items), path)
     from ..embed.extract import embed_items
 
-    store = embed_items(model, ItemList(items, source=collection), path, batch_size=batch_size,
-                        workers=workers, device=device, dtype="float16", resume=True)
+    # The cache is uniret's own: a stale entry (other images) is simply replaced.
+    store = embed_items(model, item_list, path, batch_size=batch_size, workers=workers, device=device,
+                        dtype="float16", resume=True, overwrite=True)
     return store, False
 
 
@@ -82,6 +87,20 @@ class EvalEmbeddings:
         return stable_hash({d: s.model_hash for d, s in self.stores.items()})
 
 
+def _check_vectors(store) -> None:
+    """Refuse a model that gave NaN/inf embeddings (its rows were stored as failures) and a cached store
+    whose vectors are not finite: metrics of either would be silently wrong."""
+    from ..embed.store import NONFINITE
+
+    broken = sorted(int(i) for i, why in store.manifest.get("failed", {}).items() if why == NONFINITE)
+    if broken:
+        shown = ", ".join(map(str, broken[:5])) + (", ..." if len(broken) > 5 else "")
+        raise UniretError(f"the model gave NaN or infinite embeddings for {len(broken)} image(s) (ids {shown}); "
+                          "it is broken (diverged training?): re-train it or check its weights")
+    rows = np.flatnonzero(store.valid_mask)
+    check_finite(store.embeddings[rows], f"cached embeddings {store.path}", ids=rows)
+
+
 def embed_for_evaluation(models: dict, collection, items: list[Item], split: str, cache_dir: Path,
                          device=None, batch_size: int = 64, workers: int = 0) -> EvalEmbeddings:
     """Embed ``items`` with ``models``: ``{None: model}``, or ``{domain: model}`` where each domain's
@@ -95,6 +114,7 @@ def embed_for_evaluation(models: dict, collection, items: list[Item], split: str
             vectors = np.zeros((len(items), part.dim), dtype=np.float32)
         if part.dim != vectors.shape[1]:
             raise UniretError(f"per-domain models must share one embedding size ({part.dim} vs {vectors.shape[1]})")
+        _check_vectors(part)
         vectors[rows] = np.asarray(part.embeddings, dtype=np.float32)
         valid[rows] = part.valid_mask
         stores[key] = part

@@ -16,11 +16,14 @@ import numpy as np
 
 from ..data import Item, open_collection
 from ..errors import UniretError
+from ..guards import check_apart, claim_output
 from ..index.keys import KINDS
 from ..index.rerank import get_reranker
 from ..utils import git_commit
 from .embeddings import EvalEmbeddings, data_key, embed_for_evaluation, plan_items
 from .protocol import PROTOCOLS, evaluate_embeddings
+from .report import FORMAT as REPORT_FORMAT
+from .report import is_report
 
 SPLITS = ("test", "val")
 
@@ -57,6 +60,7 @@ def evaluate(
     workers: int = 0,
     samples: int = 4,
     model=None,
+    overwrite: bool = False,
 ) -> dict:
     """Evaluate a model on a collection (METHOD.md §2); write a report directory when ``out`` is set.
 
@@ -65,7 +69,8 @@ def evaluate(
     :data:`uniret.index.rerank.RERANKERS`. ``index_kind``: flat (exact search) or a kind of
     ``uniret.index.build_index`` for the merged index. ``samples``: sample queries per domain shown
     in report.html. ``model``: an already loaded model (the demo passes it) instead of loading
-    ``model_dir``.
+    ``model_dir``. ``out`` is a new or empty directory, or (with ``overwrite``) an earlier report;
+    never inside the data or a model (:func:`uniret.guards.claim_output`).
     """
     if split not in SPLITS:
         raise UniretError(f"--split must be test or val, not {split!r}")
@@ -75,6 +80,19 @@ def evaluate(
     if index_kind != "flat" and index_kind not in KINDS:
         raise UniretError(f"--index-kind must be one of {', '.join(KINDS)}, not {index_kind!r}")
     started = time.time()
+    models_in = list(model_dir.values()) if isinstance(model_dir, dict) else [model_dir]
+    if cache_dir is not None:
+        check_apart(cache_dir, [data, *models_in], option="--cache-dir")
+    if out is None:
+        return _evaluate(model_dir, data, split, protocol, rerank, index_kind, None, cache_dir, k, device,
+                         batch_size, workers, samples, model, started)
+    with claim_output(out, "evaluation report", is_report, inputs=[data, *models_in], overwrite=overwrite):
+        return _evaluate(model_dir, data, split, protocol, rerank, index_kind, Path(out), cache_dir, k, device,
+                         batch_size, workers, samples, model, started)
+
+
+def _evaluate(model_dir, data, split, protocol, rerank, index_kind, out, cache_dir, k, device, batch_size,
+              workers, samples, model, started) -> dict:
     collection = open_collection(data)
     items, pairs = plan_items(collection, split)
     if cache_dir is None:
@@ -144,7 +162,7 @@ def build_report(*, model_dir, models: dict, embedded: EvalEmbeddings, data, dat
                       "config_hash": embedded.model_hash}
         store_info = {"stores": {d: str(st.path) for d, st in stores.items()}}
     return {
-        "format": "uniret-eval-report/1",
+        "format": REPORT_FORMAT,
         "model": model_info,
         "data": {"path": str(Path(data).resolve()), "split": split, "key": data_key,
                  "domains": {d: {"query_split": qs, "index_split": xs} for d, (qs, xs) in pairs.items()},

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from ..errors import UniretError, UsageError
 from .images import open_image_source
@@ -84,7 +85,7 @@ def check_k(k, count: int) -> int:
 
 
 def check_rerank(rerank: str | None) -> str | None:
-    """A registered reranker's name (None for none); the registry's one-line error for anything else."""
+    """A registered reranker's name, or None for none; a one-line error for any other name."""
     return None if get_reranker(rerank) is None else rerank
 
 
@@ -101,6 +102,7 @@ class Index:
         self.images = open_image_source(images)
         self._refresh_lock = threading.Lock()
         self._model = None
+        self._domains: tuple = (None, [])
 
     # -- what is loaded -------------------------------------------------------------------------
     @property
@@ -128,7 +130,11 @@ class Index:
                 "images": repr(self.images) if self.images is not None else None}
 
     def domains(self) -> list[str]:
-        return sorted({d for d in self.searcher.row_domains if d is not None})
+        """The domains of the loaded version (computed once per version: the server checks every request)."""
+        searcher = self.searcher
+        if self._domains[0] is not searcher:
+            self._domains = (searcher, sorted({d for d in searcher.row_domains if d is not None}))
+        return self._domains[1]
 
     def item(self, item_id: int) -> dict | None:
         """The stored metadata of one id, or None."""
@@ -170,9 +176,20 @@ class Index:
             self._model = searcher.load_model(self.model_dir, device=device)
         return self._model
 
+    def preprocess(self, rows: QueryRows) -> None:
+        """Turn the image rows into model input tensors now, in the calling thread: the server does
+        this per request, so that only the forward pass runs in its batch worker."""
+        if rows.image_rows:
+            transform = self.load_model().transforms()[1]  # the eval transform
+            rows.inputs.update({i: transform(rows.images[i]) for i in rows.image_rows})
+
     def embed_images(self, images: list, batch_size: int = 64) -> np.ndarray:
-        """(n, dim) float32 embeddings of PIL images with the index's model."""
+        """(n, dim) float32 embeddings of PIL images, or of the tensors :meth:`preprocess` made."""
         model = self.load_model()
+        if images and all(not isinstance(im, Image.Image) for im in images):
+            import torch
+
+            images = torch.stack(images)
         vectors = model.encode(images, batch_size=batch_size).float().cpu().numpy()
         if not np.isfinite(vectors).all():
             raise UniretError("the model produced non-finite embeddings for a query image; the model is damaged")
@@ -182,7 +199,7 @@ class Index:
         """The (n, dim) query matrix of prepared rows, embedding the image rows."""
         todo = rows.image_rows
         if todo:
-            embedded = self.embed_images([rows.images[i] for i in todo], batch_size=batch_size)
+            embedded = self.embed_images([rows.model_input(i) for i in todo], batch_size=batch_size)
             for i, vec in zip(todo, embedded):
                 rows.vectors[i] = vec
         return np.stack(rows.vectors).astype(np.float32)

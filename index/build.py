@@ -16,6 +16,8 @@ import numpy as np
 from .. import testing
 from ..embed.store import EmbeddingStore
 from ..errors import UniretError, UsageError
+from ..guards import claim_output, in_range
+from ..safeio import check_finite
 from ..utils import atomic_write_json, git_commit, publish_dir, read_json
 from . import gpu as gpu_util
 from .exact import REFINE_FACTOR, exact_search, rescore
@@ -25,8 +27,11 @@ from .layout import (
     MODEL_DIR,
     MetadataDB,
     current_version,
+    is_index_dir,
+    load_ids_vectors,
     next_version_name,
     publish_version,
+    read_index,
     read_manifest,
     writer_lock,
 )
@@ -97,21 +102,26 @@ def _write_version(root: Path, manifest: dict, index, ids: np.ndarray, vectors: 
 
     partial = root / (next_version_name(root) + ".partial")
     partial.mkdir(parents=True)
-    faiss.write_index(gpu_util.to_cpu(index), str(partial / "index.faiss"))
-    np.save(partial / "ids.npy", ids.astype(np.int64))
-    np.save(partial / "vectors.npy", vectors.astype(np.float16, copy=False))
-    if meta_from is not None:
-        MetadataDB(meta_from).copy_to(partial / "meta")
-    db = MetadataDB(partial / "meta", write=True)
     try:
-        if new_items is not None:
-            db.put_items(*new_items)
-        if removed is not None and len(removed):
-            db.delete_ids(removed.tolist())
-    finally:
-        db.close()
-    atomic_write_json(partial / "manifest.json", manifest)
-    testing.sleep_point("index")  # lets tests kill a real update before it is published
+        faiss.write_index(gpu_util.to_cpu(index), str(partial / "index.faiss"))
+        np.save(partial / "ids.npy", ids.astype(np.int64))
+        np.save(partial / "vectors.npy", vectors.astype(np.float16, copy=False))
+        if meta_from is not None:
+            MetadataDB(meta_from).copy_to(partial / "meta")
+        db = MetadataDB(partial / "meta", write=True)
+        try:
+            if new_items is not None:
+                db.put_items(*new_items)
+            if removed is not None and len(removed):
+                db.delete_ids(removed.tolist())
+        finally:
+            db.close()
+        atomic_write_json(partial / "manifest.json", manifest)
+        testing.sleep_point("index")  # lets tests kill a real update before it is published
+    except BaseException:
+        # A failed write (a full disk, Ctrl-C) leaves the live version as it was and no half version.
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     return publish_version(root, partial)
 
 
@@ -133,19 +143,40 @@ def _is_leftover(path: Path) -> bool:
     return path.name in (".lock", MODEL_DIR, f".{MODEL_DIR}.tmp", f"{MODEL_DIR}.old") or path.name.endswith(".partial")
 
 
+def _is_own_index(path: Path) -> bool:
+    """An index directory, or what an interrupted first build left (a re-run may reuse it)."""
+    return is_index_dir(path) or (path.is_dir() and any(path.iterdir())
+                                  and all(_is_leftover(p) for p in path.iterdir()))
+
+
 def build_index(store, out, kind: str = "auto", gpu: str = "auto", gpus: int | None = None,
                 max_memory: int | None = None, target_recall: float = 0.95, recall_k: int = 100,
-                model_dir=None, tune_sample: int = 1000, shard: bool = False, seed: int = 0) -> Path:
+                model_dir=None, tune_sample: int = 1000, shard: bool = False, seed: int = 0,
+                overwrite: bool = False) -> Path:
     """Build ``out`` (an index directory) from an embedding store; returns the version directory.
 
-    Building over an existing index directory publishes a new version of it (crash-safe rebuild).
+    ``out`` is a new or empty directory, what an interrupted build left, or (with ``overwrite``) an
+    index, which then gets a new version (crash-safe rebuild); never inside the store or the model.
+    A failed first build leaves no directory behind.
     """
     store = _open_store(store)
     root = Path(out)
-    if root.exists() and not (root / "CURRENT").is_file() and not all(_is_leftover(p) for p in root.iterdir()):
-        raise UniretError(f"{root} exists and is not an index directory; pick another --out")
-    if not 0 < target_recall <= 1:
-        raise UsageError(f"--target-recall must be in (0, 1], got {target_recall}")
+    in_range(target_recall, "--target-recall", 0, 1, low_open=True)
+    in_range(recall_k, "--recall-k", 1, 10_000)
+    with claim_output(root, "index directory", _is_own_index, inputs=[store.path, model_dir],
+                      overwrite=overwrite or not is_index_dir(root)):
+        created = not root.exists()
+        try:
+            return _build(store, root, kind, gpu, gpus, max_memory, target_recall, recall_k, model_dir,
+                          tune_sample, shard, seed)
+        except BaseException:
+            if created:  # no half-made index under the final name
+                shutil.rmtree(root, ignore_errors=True)
+            raise
+
+
+def _build(store, root: Path, kind: str, gpu: str, gpus: int | None, max_memory: int | None, target_recall: float,
+           recall_k: int, model_dir, tune_sample: int, shard: bool, seed: int) -> Path:
     recorded = (store.manifest.get("model") or {}).get("path")
     if model_dir is None and recorded and Path(recorded, "config.json").is_file():
         if _model_hash_of_dir(Path(recorded)) == store.model_hash:
@@ -160,6 +191,7 @@ def build_index(store, out, kind: str = "auto", gpu: str = "auto", gpus: int | N
     vectors = store.embeddings[ids] if len(ids) < store.count else np.asarray(store.embeddings)
     if len(ids) == 0:
         raise UniretError(f"{store.path} has no usable embeddings; re-embed it")
+    check_finite(vectors, f"{store.path}", ids=ids)
     key = index_key(kind, len(ids), store.dim, max_memory=max_memory, gpu=use_gpu)
     t0 = time.perf_counter()
     index = new_index(key, store.dim)
@@ -185,7 +217,7 @@ def build_index(store, out, kind: str = "auto", gpu: str = "auto", gpus: int | N
         _add_vectors(index, vectors, ids)
     build_s = time.perf_counter() - t0
     recall = _measure_recall(index, key, vectors, ids, recall_k, target_recall, tune_sample, seed)
-    with writer_lock(root):
+    with writer_lock(root, create=True):
         model_ref = _copy_model(root, Path(model_dir) if model_dir is not None else None)
         manifest = {
             "format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "git_commit": git_commit(),
@@ -202,13 +234,10 @@ def build_index(store, out, kind: str = "auto", gpu: str = "auto", gpus: int | N
 
 
 def _load_current(root: Path):
-    import faiss
-
     cur = current_version(root)
     manifest = read_manifest(cur)
-    index = faiss.read_index(str(cur / "index.faiss"))
-    ids = np.load(cur / "ids.npy")
-    vectors = np.load(cur / "vectors.npy", mmap_mode="r")
+    index = read_index(cur / "index.faiss")
+    ids, vectors = load_ids_vectors(cur, manifest)
     return cur, manifest, index, ids, vectors
 
 
@@ -233,6 +262,7 @@ def add_to_index(index_dir, store) -> dict:
         if len(rows) == 0:
             return dict(counts, count=manifest["count"], version=cur.name)
         new_vectors = np.asarray(store.embeddings[rows], dtype=np.float32)
+        check_finite(new_vectors, f"{store.path}", ids=rows)
         _add_vectors(index, new_vectors, new_ids)
         manifest = dict(manifest, count=int(len(ids) + len(rows)), next_id=int(new_ids[-1] + 1),
                         history=manifest["history"] + [{"op": "add", "store": str(store.path.resolve()), **counts}])

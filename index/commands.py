@@ -67,7 +67,8 @@ def _summary_rows(manifest: dict, root: Path) -> list[dict]:
 @index_app.command("build")
 def index_build(
     store: Path = typer.Argument(..., help="Embedding store (from `uniret embed`)."),
-    out: Path = typer.Option(..., "--out", help="Index directory to write (an existing index gets a new version)."),
+    out: Path = typer.Option(..., "--out", help="Index directory to write (an existing index gets a new version "
+                                                "with --overwrite)."),
     kind: str = typer.Option("auto", "--kind", help="auto, flat, ivf-flat, ivf-sq8, ivf-pq, hnsw or a Faiss factory string."),
     gpu: GpuMode = GpuOpt,
     gpus: int = typer.Option(None, "--gpus", help="How many GPUs to use (default: all Faiss sees)."),
@@ -77,6 +78,7 @@ def index_build(
     recall_k: int = typer.Option(100, "--recall-k", help="k of the recall target."),
     model: Path = typer.Option(None, "--model", help="Model directory that made the store; copied into the index "
                                                      "so that `uniret search` can embed query images."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Build a new version of the index already at --out."),
     fmt: OutputFormat = FormatOpt,
 ) -> None:
     """Build an index from an embedding store."""
@@ -84,7 +86,8 @@ def index_build(
     from .layout import read_manifest
 
     version = build_index(store, out, kind=kind, gpu=gpu.value, gpus=gpus, max_memory=parse_bytes(max_memory),
-                          target_recall=target_recall, recall_k=recall_k, model_dir=model, shard=shard)
+                          target_recall=target_recall, recall_k=recall_k, model_dir=model, shard=shard,
+                          overwrite=overwrite)
     manifest = read_manifest(version)
     emit(_summary_rows(manifest, out), ["field", "value"], fmt, extra={"manifest": manifest})
 

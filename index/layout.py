@@ -24,6 +24,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -32,6 +33,7 @@ import numpy as np
 
 from ..data.collection import Item
 from ..errors import UniretError
+from ..safeio import check_lmdb, load_npy
 from ..utils import atomic_write_text, read_json
 
 FORMAT = "uniret-index/1"
@@ -53,22 +55,71 @@ def is_index_dir(path: Path) -> bool:
     return (path / CURRENT).is_file()
 
 
+_VERSION_NAME = re.compile(r"v[0-9]{6}")
+
+
 def current_version(root: Path) -> Path:
+    """The live version directory named by CURRENT, which must be a plain version name
+    (``vNNNNNN``): a CURRENT pointing anywhere else (``..``, an absolute path) is refused."""
     root = Path(root)
     if not is_index_dir(root):
         raise UniretError(f"{root}: not an index directory (no {CURRENT}); build one with `uniret index build`")
-    name = (root / CURRENT).read_text().strip()
+    try:
+        name = (root / CURRENT).read_bytes()[:64].decode("ascii").strip()
+    except UnicodeDecodeError:
+        name = None
+    if name is None or not _VERSION_NAME.fullmatch(name):
+        raise UniretError(f"{root / CURRENT}: does not name a version (vNNNNNN); the index is damaged, rebuild it")
     path = root / name
-    if not (path / "manifest.json").is_file():
+    if not (path / "manifest.json").is_file() or path.is_symlink():
         raise UniretError(f"{root}: CURRENT points at {name!r}, which is missing; the index is damaged, rebuild it")
     return path
 
 
+#: Manifest fields every reader relies on, with their types.
+_MANIFEST_FIELDS = {"key": str, "count": int, "dim": int, "next_id": int, "metric": str}
+
+
 def read_manifest(version_dir: Path) -> dict:
-    manifest = read_json(version_dir / "manifest.json")
-    if manifest.get("format") != FORMAT:
-        raise UniretError(f"{version_dir}: unknown index format {manifest.get('format')!r} (expected {FORMAT})")
+    path = version_dir / "manifest.json"
+    try:
+        manifest = read_json(path)
+    except (OSError, ValueError) as exc:
+        raise UniretError(f"{path}: unreadable index manifest ({' '.join(str(exc).split())[:120]}); "
+                          "the index is damaged, rebuild it") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise UniretError(f"{version_dir}: unknown index format {found!r} (expected {FORMAT})")
+    bad = [k for k, t in _MANIFEST_FIELDS.items()
+           if not isinstance(manifest.get(k), t) or isinstance(manifest.get(k), bool)
+           or (t is int and manifest[k] < 0)]
+    if bad or manifest["dim"] == 0:
+        raise UniretError(f"{path}: damaged index manifest ({', '.join(bad) or 'dim'} missing or of the wrong type); "
+                          "rebuild the index")
     return manifest
+
+
+def read_index(path: Path):
+    """The Faiss index file of a version; a damaged one is a one-line error (Faiss only reads its own
+    format: nothing is unpickled)."""
+    import faiss
+
+    try:
+        return faiss.read_index(str(path))
+    except RuntimeError as exc:
+        last = next((line.strip() for line in reversed(str(exc).splitlines()) if line.strip()), "unreadable")
+        raise UniretError(f"{path}: damaged Faiss index ({last[:160]}); rebuild the index") from None
+
+
+def load_ids_vectors(version_dir: Path, manifest: dict, mmap_ids: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """``ids.npy`` (int64, ascending) and ``vectors.npy`` (memory-mapped) of a version, checked against
+    each other and the manifest: never unpickled, never read past a truncated end."""
+    ids = load_npy(version_dir / "ids.npy", mmap=mmap_ids, kinds="iu", what="index ids")
+    vectors = load_npy(version_dir / "vectors.npy", mmap=True, kinds="f", what="index vectors")
+    if ids.ndim != 1 or vectors.ndim != 2 or len(vectors) != len(ids) or vectors.shape[1] != manifest["dim"]:
+        raise UniretError(f"{version_dir}: ids {ids.shape} and vectors {vectors.shape} do not match each other or "
+                          f"the manifest (dim {manifest['dim']}); the index is damaged, rebuild it")
+    return ids, vectors
 
 
 def next_version_name(root: Path) -> str:
@@ -77,9 +128,14 @@ def next_version_name(root: Path) -> str:
 
 
 @contextlib.contextmanager
-def writer_lock(root: Path) -> Iterator[None]:
-    """One writer at a time per index directory (readers need no lock)."""
-    root.mkdir(parents=True, exist_ok=True)
+def writer_lock(root: Path, create: bool = False) -> Iterator[None]:
+    """One writer at a time per index directory (readers need no lock). Only a build may ``create``
+    the directory: an update of a path that holds no index fails without making it."""
+    root = Path(root)
+    if create:
+        root.mkdir(parents=True, exist_ok=True)
+    elif not is_index_dir(root):
+        current_version(root)  # the one-line "not an index directory" error
     with open(root / ".lock", "w") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -117,6 +173,7 @@ def _read_env(path: Path):
     file in one process. Published versions never change, so readers need no lock file."""
     import lmdb
 
+    check_lmdb(path, "index metadata")
     st = (path / "data.mdb").stat()
     key = (os.getpid(), st.st_dev, st.st_ino)
     env = _READ_ENVS.get(key)
@@ -158,7 +215,7 @@ class MetadataDB:
                 raw = txn.get(id_key(i))
                 if raw is None:
                     continue
-                item = Item.from_json(json.loads(raw))
+                item = Item.from_json(self._item(raw))
                 if txn.get(item_key(item)) == str(int(i)).encode():
                     txn.delete(item_key(item))
                 txn.delete(id_key(i))
@@ -173,8 +230,18 @@ class MetadataDB:
             out = []
             for i in ids:
                 raw = txn.get(id_key(i)) if int(i) >= 0 else None
-                out.append(json.loads(raw) if raw is not None else None)
+                out.append(self._item(raw) if raw is not None else None)
             return out
+
+    def _item(self, raw: bytes) -> dict:
+        """One stored item; JSON only (a value that is not, e.g. a planted pickle, is refused)."""
+        try:
+            item = json.loads(raw)
+        except ValueError:
+            item = None
+        if not isinstance(item, dict):
+            raise UniretError(f"{self.path}: damaged metadata (a value is not a JSON item); rebuild the index")
+        return item
 
     def copy_to(self, dest: Path) -> None:
         dest.mkdir(parents=True, exist_ok=True)

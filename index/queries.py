@@ -42,6 +42,7 @@ class QueryRows:
     vectors: list[np.ndarray | None] = field(default_factory=list)
     images: list[Image.Image | None] = field(default_factory=list)
     ids: list[int | None] = field(default_factory=list)
+    inputs: dict[int, object] = field(default_factory=dict)  # row -> model input tensor (Index.preprocess)
 
     def add(self, label: str, vector=None, image=None, stored_id=None) -> None:
         self.labels.append(label)
@@ -52,6 +53,10 @@ class QueryRows:
     @property
     def image_rows(self) -> list[int]:
         return [i for i, v in enumerate(self.vectors) if v is None]
+
+    def model_input(self, row: int):
+        """What the model embeds for an image row: its preprocessed tensor, else the image."""
+        return self.inputs.get(row, self.images[row])
 
 
 def decode_query_image(data: bytes, label: str = "image") -> Image.Image:

@@ -28,7 +28,7 @@ from ..utils import resolve_device
 from . import gpu as gpu_util
 from .exact import REFINE_FACTOR, exact_search, rescore, torch_search
 from .keys import is_lossy, search_param_name, set_search_param
-from .layout import MODEL_DIR, MetadataDB, current_version, read_manifest
+from .layout import MODEL_DIR, MetadataDB, current_version, load_ids_vectors, read_index, read_manifest
 from .rerank import candidate_depth
 from .rerank import rerank as apply_rerank
 
@@ -39,14 +39,11 @@ class Searcher:
     """A loaded index version (see the module docstring)."""
 
     def __init__(self, root: Path, gpu: str = "auto", device: str | None = None):
-        import faiss
-
         self.root = Path(root)
         self.version_dir = current_version(self.root)
         self.manifest = read_manifest(self.version_dir)
-        self.index = faiss.read_index(str(self.version_dir / "index.faiss"))
-        self.ids = np.load(self.version_dir / "ids.npy")
-        self.vectors = np.load(self.version_dir / "vectors.npy", mmap_mode="r")
+        self.index = read_index(self.version_dir / "index.faiss")
+        self.ids, self.vectors = load_ids_vectors(self.version_dir, self.manifest)
         self.meta = MetadataDB(self.version_dir / "meta")
         self.key = self.manifest["key"]
         self.dim = int(self.manifest["dim"])

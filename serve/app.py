@@ -9,6 +9,7 @@ with the same one-line shape (the traceback goes to the server log, never to the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -20,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
@@ -33,7 +34,7 @@ from ..index.ids import UnknownIdError, parse_id, parse_ids
 from ..index.images import ImageNotFound
 from ..index.queries import prepare_queries
 from .batcher import Job, MicroBatcher
-from .guards import COOKIE, BodyLimit, UploadTooLarge, token_ok, too_large_message
+from .guards import BodyLimit, Guard, UploadTooLarge, too_large_message
 from .metrics import ServerMetrics
 
 logger = logging.getLogger("uniret")
@@ -62,6 +63,10 @@ class ServeSettings:
     token: str | None = None  # bearer token required by every endpoint but /healthz
     max_queries: int = 256  # queries (files + ids + vectors) in one request
     refresh_seconds: float = 1.0  # how often CURRENT is checked for a new version
+
+
+class UnsupportedMediaType(UniretError):
+    """A search request that is neither multipart nor JSON (HTTP 415)."""
 
 
 def _one_line(exc: BaseException) -> str:
@@ -123,7 +128,43 @@ def prepare(index: Index, uploads: list[tuple[str, bytes]], ids: list, vectors) 
     rows = prepare_queries(queries, index.searcher)
     for i, (name, _) in enumerate(uploads):
         rows.labels[i] = name
+    index.preprocess(rows)  # here, in a request thread, so the batch worker only runs the model
     return rows
+
+
+async def read_search_request(request: Request, max_queries: int) -> tuple[list, list, object, dict]:
+    """(uploads as (file name, bytes), ids, vectors, parameters) of a multipart or JSON search request."""
+    params: dict = dict(request.query_params)
+    uploads, ids, vectors = [], [], None
+    content_type = request.headers.get("content-type", "")
+    if content_type.startswith("multipart/form-data"):
+        async with request.form(max_files=max_queries, max_fields=64) as form:
+            for key, value in form.multi_items():
+                if isinstance(value, UploadFile):
+                    uploads.append((value.filename or key, await value.read()))
+                elif key == "ids":
+                    ids.extend(value.replace(",", " ").split())
+                elif key in PARAMS:
+                    params[key] = value
+                else:
+                    raise UsageError(f"unknown form field {key!r}; use file, ids, {', '.join(PARAMS)}")
+    elif content_type.startswith("application/json"):
+        try:
+            body = json.loads(await request.body())
+        except (ValueError, UnicodeDecodeError):
+            raise UsageError("the body is not valid JSON") from None
+        if not isinstance(body, dict) or set(body) - {"ids", "vectors", *PARAMS}:
+            raise UsageError(f"expected a JSON object with ids and/or vectors and {', '.join(PARAMS)}")
+        ids, vectors = body.get("ids") or [], body.get("vectors")
+        params.update({p: body[p] for p in PARAMS if p in body})
+    else:
+        raise UnsupportedMediaType("send multipart/form-data (image files) or application/json (ids or vectors)")
+    if not isinstance(ids, list):
+        raise UsageError("ids: expected a list of integer ids")
+    count = len(uploads) + len(ids) + (len(vectors) if isinstance(vectors, list) else 0)
+    if count > max_queries:
+        raise UsageError(f"{count} queries in one request; at most {max_queries}")
+    return uploads, ids, vectors, params
 
 
 def _payload(results: Results) -> list[dict]:
@@ -162,32 +203,12 @@ def create_app(index: Index, settings: ServeSettings | None = None) -> FastAPI:
     app = FastAPI(title="uniret", version=__version__, lifespan=lifespan,
                   description="Instance-level image search over a uniret index (read-only).")
     app.add_middleware(BodyLimit, max_bytes=int(settings.max_upload_mb * 2**20))
-
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        start = time.perf_counter()
-        path = request.url.path
-        if path != "/healthz" and not token_ok(settings.token, request.headers.get("authorization"),
-                                               request.cookies.get(COOKIE)):
-            if path == "/" and token_ok(settings.token, None, request.query_params.get("token")):
-                response = RedirectResponse("/", status_code=303)
-                response.set_cookie(COOKIE, settings.token, httponly=True, samesite="strict")
-            else:
-                response = _error(401, "missing or wrong token: send 'Authorization: Bearer <token>' "
-                                       "(or open /?token=<token> in a browser)")
-        else:
-            try:
-                response = await call_next(request)
-            except Exception:  # a server fault: one line to the client, the traceback to the log
-                logger.exception("uniret serve: %s %s failed", request.method, path)
-                response = _error(500, "internal server error; see the server log")
-        route = request.scope.get("route")
-        metrics.observe(getattr(route, "path", "other"), response.status_code, time.perf_counter() - start)
-        return response
+    app.add_middleware(Guard, token=settings.token, metrics=metrics)  # added last: runs first
 
     @app.exception_handler(UniretError)
     async def uniret_error(request: Request, exc: UniretError):
-        return _error(404 if isinstance(exc, (UnknownIdError, ImageNotFound)) else 400, _one_line(exc))
+        status = 404 if isinstance(exc, (UnknownIdError, ImageNotFound)) else 400
+        return _error(415 if isinstance(exc, UnsupportedMediaType) else status, _one_line(exc))
 
     @app.exception_handler(UploadTooLarge)
     async def upload_too_large(request: Request, exc: UploadTooLarge):
@@ -241,46 +262,19 @@ def create_app(index: Index, settings: ServeSettings | None = None) -> FastAPI:
         """Multipart image file(s) (+ optional ``ids``), or JSON ``{"ids": [...]}`` / ``{"vectors": [[...]]}``;
         k, rerank, domain and threshold as query parameters, form fields or JSON keys."""
         started = time.perf_counter()
-        params: dict = dict(request.query_params)
-        uploads, ids, vectors = [], [], None
-        content_type = request.headers.get("content-type", "")
-        if content_type.startswith("multipart/form-data"):
-            async with request.form(max_files=settings.max_queries, max_fields=64) as form:
-                for key, value in form.multi_items():
-                    if isinstance(value, UploadFile):
-                        uploads.append((value.filename or key, await value.read()))
-                    elif key == "ids":
-                        ids.extend(value.replace(",", " ").split())
-                    elif key in PARAMS:
-                        params[key] = value
-                    else:
-                        raise UsageError(f"unknown form field {key!r}; use file, ids, {', '.join(PARAMS)}")
-        elif content_type.startswith("application/json"):
-            try:
-                body = json.loads(await request.body())
-            except (ValueError, UnicodeDecodeError):
-                raise UsageError("the body is not valid JSON") from None
-            if not isinstance(body, dict) or set(body) - {"ids", "vectors", *PARAMS}:
-                raise UsageError(f"expected a JSON object with ids and/or vectors and {', '.join(PARAMS)}")
-            ids, vectors = body.get("ids") or [], body.get("vectors")
-            params.update({p: body[p] for p in PARAMS if p in body})
-        else:
-            return _error(415, "send multipart/form-data (image files) or application/json (ids or vectors)")
-        if not isinstance(ids, list):
-            raise UsageError("ids: expected a list of integer ids")
-        count = len(uploads) + len(ids) + (len(vectors) if isinstance(vectors, list) else 0)
-        if count > settings.max_queries:
-            raise UsageError(f"{count} queries in one request; at most {settings.max_queries}")
-        k, rerank, domain, threshold = parse_params(params, index)
-        rows = await run_in_threadpool(prepare, index, uploads, ids, vectors)
+        with batcher.incoming() if batcher is not None else contextlib.nullcontext():
+            uploads, ids, vectors, params = await read_search_request(request, settings.max_queries)
+            k, rerank, domain, threshold = parse_params(params, index)
+            rows = await run_in_threadpool(prepare, index, uploads, ids, vectors)
         if batcher is not None:
             results = await batcher.submit(Job(rows, k, rerank, domain, threshold))
         else:
             results = await run_in_threadpool(
                 lambda: index.search_vectors(rows, index.embed_rows(rows), k=k, rerank=rerank, domain=domain,
                                              threshold=threshold))
-        return {"version": index.version, "k": k, "rerank": rerank or "none", "domain": domain,
-                "threshold": threshold, "took_ms": round(1000 * (time.perf_counter() - started), 2),
-                "results": _payload(results)}
+        # JSONResponse directly: FastAPI's jsonable_encoder walk of every row costs more than the search.
+        return JSONResponse({"version": index.version, "k": k, "rerank": rerank or "none", "domain": domain,
+                             "threshold": threshold, "took_ms": round(1000 * (time.perf_counter() - started), 2),
+                             "results": _payload(results)})
 
     return app

@@ -2,7 +2,10 @@
 
 Requests put a :class:`Job` (their prepared query rows and search parameters) on an asyncio queue.
 One gatherer task takes the first job, then keeps taking jobs until the batch holds ``max_batch``
-queries or ``max_wait_ms`` have passed, and hands the batch to ONE worker thread: the images of all
+queries or ``max_wait_ms`` have passed, and hands the batch to a worker thread (two batches are in
+flight at most, so one's Python work overlaps the other's forward pass). It waits only
+while more requests are on their way (received, still being decoded: :meth:`MicroBatcher.incoming`),
+so a lone request is never held back for the timer: the images of all
 jobs go through the model in one forward pass, and jobs with the same (k, rerank, domain) are
 searched as one query matrix. While the worker runs, new requests queue up and form the next batch,
 so under load batches fill without waiting. Each job gets exactly the rows it would get alone.
@@ -11,6 +14,7 @@ so under load batches fill without waiting. Each job gets exactly the rows it wo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -47,7 +51,7 @@ def search_jobs(index: Index, jobs: list[Job]) -> list[Results | BaseException]:
     try:
         images = [(j, r) for j, job in enumerate(jobs) for r in job.rows.image_rows]
         if images:
-            vectors = index.embed_images([jobs[j].rows.images[r] for j, r in images])
+            vectors = index.embed_images([jobs[j].rows.model_input(r) for j, r in images])
             for (j, r), vec in zip(images, vectors):
                 jobs[j].rows.vectors[r] = vec
     except Exception as exc:  # noqa: BLE001 - reported to every job of the batch
@@ -81,19 +85,25 @@ def search_jobs(index: Index, jobs: list[Job]) -> list[Results | BaseException]:
 
 
 class MicroBatcher:
-    """The gatherer task and its worker thread (see the module docstring)."""
+    """The gatherer task and its worker threads (see the module docstring)."""
 
-    def __init__(self, index: Index, max_batch: int = 32, max_wait_ms: float = 5.0, on_batch=None):
+    def __init__(self, index: Index, max_batch: int = 32, max_wait_ms: float = 5.0, on_batch=None,
+                 workers: int = 2):
         self.index = index
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000.0
         self.on_batch = on_batch  # called with the number of queries of each batch (metrics)
         self.queue: asyncio.Queue[Job] | None = None
-        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="uniret-batch")
+        self.arrived: asyncio.Event | None = None
+        self.on_the_way = 0  # requests received and still being prepared (touched on the event loop only)
+        # Two batches in flight: one worker's Python work (search, metadata) overlaps the other's forward pass.
+        self.workers = workers
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="uniret-batch")
         self.task: asyncio.Task | None = None
 
     def start(self) -> None:
         self.queue = asyncio.Queue()
+        self.arrived = asyncio.Event()
         self.task = asyncio.get_running_loop().create_task(self._run())
 
     async def stop(self) -> None:
@@ -103,11 +113,21 @@ class MicroBatcher:
                 await self.task
             except asyncio.CancelledError:
                 pass
-        self.worker.shutdown(wait=True)
+        self.pool.shutdown(wait=True)
+
+    @contextlib.contextmanager
+    def incoming(self):
+        """Mark a request as on its way to :meth:`submit` while it is being decoded."""
+        self.on_the_way += 1
+        try:
+            yield
+        finally:
+            self.on_the_way -= 1
 
     async def submit(self, job: Job) -> Results:
         job.future = asyncio.get_running_loop().create_future()
-        await self.queue.put(job)
+        self.queue.put_nowait(job)
+        self.arrived.set()
         return await job.future
 
     async def _gather(self) -> list[Job]:
@@ -117,11 +137,17 @@ class MicroBatcher:
         deadline = loop.time() + self.max_wait
         while size < self.max_batch:
             if self.queue.empty():
+                if self.on_the_way == 0:
+                    break  # nothing else is coming: do not hold this batch back for the timer
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     break
-                # Short sleeps instead of wait_for(queue.get()): a cancelled get could drop a job.
-                await asyncio.sleep(min(remaining, 0.001))
+                # Wait on an event, not on queue.get(): cancelling a get at the timeout could drop a job.
+                self.arrived.clear()
+                try:
+                    await asyncio.wait_for(self.arrived.wait(), remaining)
+                except TimeoutError:
+                    break
                 continue
             job = self.queue.get_nowait()
             batch.append(job)
@@ -130,18 +156,28 @@ class MicroBatcher:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
+        slots = asyncio.Semaphore(self.workers)
+        running = set()
         while True:
+            await slots.acquire()  # gather the next batch only when a worker is free to take it
             batch = await self._gather()
             if self.on_batch is not None:
                 self.on_batch(sum(job.size for job in batch))
-            try:
-                outcomes = await loop.run_in_executor(self.worker, search_jobs, self.index, batch)
-            except Exception as exc:  # noqa: BLE001 - the loop must survive anything
-                outcomes = [exc] * len(batch)
-            for job, outcome in zip(batch, outcomes):
-                if job.future.done():  # the client went away
-                    continue
-                if isinstance(outcome, BaseException):
-                    job.future.set_exception(outcome)
-                else:
-                    job.future.set_result(outcome)
+            task = loop.create_task(self._process(batch, slots))
+            running.add(task)
+            task.add_done_callback(running.discard)
+
+    async def _process(self, batch: list[Job], slots: asyncio.Semaphore) -> None:
+        try:
+            outcomes = await asyncio.get_running_loop().run_in_executor(self.pool, search_jobs, self.index, batch)
+        except Exception as exc:  # noqa: BLE001 - the loop must survive anything
+            outcomes = [exc] * len(batch)
+        finally:
+            slots.release()
+        for job, outcome in zip(batch, outcomes):
+            if job.future.done():  # the client went away
+                continue
+            if isinstance(outcome, BaseException):
+                job.future.set_exception(outcome)
+            else:
+                job.future.set_result(outcome)

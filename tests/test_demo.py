@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+import uniret
 from uniret.cli import main
 
 
@@ -23,6 +24,12 @@ def check_demo_dir(out, printed: str) -> None:
     assert trained["config_hash"] == udon["model"]["config_hash"]
     assert f"HTML report: {(reports / 'udon' / 'report.html').resolve()}" in printed
     assert "one query, top 5 of the merged index" in printed
+    # the demo ends with the one command that serves its index; the index holds the model copy, so
+    # image queries work (here through the same search layer, with a demo image)
+    assert f"uniret serve {out / 'index'} --images {out / 'data'}" in printed.splitlines()[-2]
+    assert json.loads((out / "index" / "model" / "config.json").read_text())["config_hash"] == trained["config_hash"]
+    image = next((out / "data" / "images").rglob("*.png"))
+    assert uniret.open_index(out / "index").search(str(image), k=1)[0].rows
     for name in ("untrained", "udon", "udon+superglobal"):
         assert name in printed
 
@@ -43,9 +50,10 @@ def test_demo_small_then_resume(tmp_path, capsys):
 
 
 def test_demo_bad_options(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path / "d"), "--steps", "0"]) == 1
-    assert capsys.readouterr().err.strip() == "error: --steps must be at least 2, not 0"
-    assert main(["demo", "--out", str(tmp_path / "d"), "--scale", "-1"]) == 1
+    # out-of-range values are usage errors (exit 2), one line each
+    assert main(["demo", "--out", str(tmp_path / "d"), "--steps", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --steps must be in [2, 1000000], not 0"
+    assert main(["demo", "--out", str(tmp_path / "d"), "--scale", "-1"]) == 2
     assert "--scale must be" in capsys.readouterr().err
 
 
