@@ -96,12 +96,6 @@ def train_command(
         grad_clip_norm=grad_clip_norm, ema_decay=ema_decay, augment=augment_spec, batch_size=batch_size, out=out,
         seed=seed, val_every=val_every, ckpt_every=ckpt_every, device=device, workers=workers,
     )
-    try:
-        run = train(cfg, resume=resume)
-    except KeyboardInterrupt:
-        # said here (typer turns Ctrl-C into a silent exit 130): a re-run of train needs --resume
-        typer.echo("uniret: interrupted; re-run the same command with --resume to continue from the last "
-                   "checkpoint", err=True)
-        raise typer.Exit(130) from None
+    run = train(cfg, resume=resume)  # Ctrl-C: cli.py says to re-run with --resume
     summary = (run / "summary.json")
     logging.getLogger("uniret").info("run written to %s (%s)", run, summary.read_text().strip() if summary.is_file() else "")

@@ -22,6 +22,7 @@ import torch
 from ..data import open_collection
 from ..data.images import decode_image
 from ..errors import ImageDecodeError, UniretError
+from ..safeio import UnsafePath
 
 logger = logging.getLogger("uniret")
 
@@ -44,10 +45,11 @@ def isolated_rng():
 
 
 def read_image(items, index: int):
-    """The decoded image of item ``index``, or None when it is unreadable or missing."""
+    """The decoded image of item ``index``, or None when it is unreadable, missing or refused
+    (a path outside the image root, a FIFO, a device, too big: ``uniret.safeio.UnsafePath``)."""
     try:
         return decode_image(items.get_image_bytes(index))
-    except (ImageDecodeError, OSError):
+    except (ImageDecodeError, UnsafePath, OSError):
         return None
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UniretError, UsageError
+from ..guards import check_apart, check_writable
 from ..utils import resolve_device
 from .augment import DEFAULT_SPEC, build_transform, domain_specs
 from .config import TrainConfig
@@ -25,12 +26,11 @@ def pick_device(name: str, ctx: DistContext) -> torch.device:
 
 
 def check_output(run: RunDir, config: TrainConfig, resume: bool) -> None:
-    """Refuse an ``--out`` that would overwrite or mix with something that is not this run."""
-    out = run.path.resolve()
-    for option, value in (("--data", config.data), ("--backbone", config.backbone), ("--weights", config.weights)):
-        source = Path(value).expanduser() if value else None
-        if source is not None and source.exists() and (out == source.resolve() or source.resolve() in out.parents):
-            raise UsageError(f"--out {run.path} lies inside {option} {value}; write the run somewhere else")
+    """Refuse an ``--out`` that would overwrite or mix with something that is not this run: inside
+    (or holding) an input, unwritable, a foreign non-empty directory or a file; ``--resume`` needs a run."""
+    inputs = [config.data, config.weights, *([config.backbone] if Path(config.backbone).exists() else [])]
+    check_apart(run.path, inputs)
+    check_writable(run.path)
     if resume:
         if not run.is_run():
             raise UsageError(f"--resume: {run.path} holds no training run (no {run.config_file.name}); "

@@ -15,6 +15,7 @@ past the budget and every schedule is stretched to it (progress = fraction of th
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -25,6 +26,7 @@ import torch
 
 from .. import testing
 from ..errors import UniretError
+from ..guards import output_lock
 from ..utils import atomic_write_json, git_commit
 from .config import TrainConfig
 from .data import TrainData, ValData, resolve_domains, sample_seed
@@ -66,8 +68,6 @@ def method_losses(model: TrainingModel, images: torch.Tensor, labels: torch.Tens
 
 class Trainer:
     def __init__(self, config: TrainConfig, resume: bool = False):
-        from ..data import open_collection
-
         self.config = config
         self.ctx = DistContext.from_env()
         if config.batch_size % self.ctx.world_size:
@@ -77,6 +77,19 @@ class Trainer:
         self.device = pick_device(config.device, self.ctx)
         self.run = RunDir(config.out)
         check_output(self.run, config, resume)  # before building anything
+        self._lock = contextlib.ExitStack()
+        if self.ctx.is_main:  # a second command writing this run gets a one-line error
+            self._lock.enter_context(output_lock(self.run.path, "training run"))
+            check_output(self.run, config, resume)  # again, under the lock
+        try:
+            self._build(config, resume)
+        except BaseException:
+            self._lock.close()
+            raise
+
+    def _build(self, config: TrainConfig, resume: bool) -> None:
+        from ..data import open_collection
+
         self.ctx.barrier()  # every rank has looked before rank 0 writes the run directory
         torch.manual_seed(config.seed)
         embedder = build_embedder(config)
@@ -276,6 +289,7 @@ class Trainer:
 
     def close(self) -> None:
         self.data.close()
+        self._lock.close()
 
 
 def train(config: TrainConfig, resume: bool = False) -> Path:
