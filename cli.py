@@ -18,7 +18,7 @@ import typer
 
 from .data.commands import app as data_app
 from .demo import demo_command
-from .embed.commands import embed_command, model_app
+from .embed.commands import embed_command, model_app, store_app
 from .errors import describe
 from .eval.commands import eval_app
 from .index.commands import dedup_command, index_app, search_command
@@ -54,6 +54,7 @@ def _options(
 app.add_typer(data_app, name="data", help="Collections: validate, pack into LMDB, make demo data.")
 app.add_typer(model_app, name="model", help="Model directories: create and inspect.")
 app.command("embed")(embed_command)
+app.add_typer(store_app, name="store", help="Embedding stores: merge parts, inspect.")
 app.add_typer(index_app, name="index", help="Build, update and inspect search indexes.")
 app.command("search")(search_command)
 app.command("dedup")(dedup_command)

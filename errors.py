@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import json
+import shutil
 
 
 class UniretError(Exception):
@@ -71,6 +72,10 @@ def describe(exc: BaseException) -> tuple[str, int] | None:
     text = " ".join(str(exc).split())
     if module == "PIL" and type(exc).__name__ == "DecompressionBombError":
         return f"image over Pillow's pixel limit (a decompression bomb?): {text[:160]}", 1
+    if isinstance(exc, shutil.Error) and exc.args and isinstance(exc.args[0], list) and exc.args[0]:
+        _, dst, why = exc.args[0][0]  # copytree collects (source, destination, reason) per file
+        full = "No space left on device" in str(why)
+        return f"{dst}: {why}; {_ERRNO_ADVICE[errno.ENOSPC] if full else 'check the path and re-run'}", 1
     if isinstance(exc, OSError):
         if module == "PIL" or type(exc).__name__ == "UnidentifiedImageError":
             return f"cannot decode an image ({text[:160]}); check the image file", 1

@@ -69,7 +69,12 @@ def check_writable(out: str | Path, option: str = "--out") -> None:
 def has_format(path: str | Path, marker: str, prefix: str) -> bool:
     """Whether ``path/marker`` is a small JSON object whose ``format`` starts with ``prefix``: how an
     output of uniret's is recognised (a store's manifest, a model's config, a report's metrics)."""
-    file = Path(path) / marker
+    return file_has_format(Path(path) / marker, prefix)
+
+
+def file_has_format(file: str | Path, prefix: str) -> bool:
+    """Whether ``file`` is a small JSON object whose ``format`` starts with ``prefix``."""
+    file = Path(file)
     try:
         if not file.is_file() or file.stat().st_size > 1 << 26:
             return False
@@ -124,10 +129,11 @@ def _a(what: str) -> str:
     return f"{'an' if what[:1] in 'aeiou' else 'a'} {what}"
 
 
-def check_output_file(out: str | Path, inputs: Iterable = (), option: str = "--out",
-                      suffixes: tuple[str, ...] = ()) -> None:
-    """Checks for a single output file (a page, a JSON list): not a directory, not an input, its
-    folder writable, and (when given) one of ``suffixes``."""
+def check_output_file(out: str | Path, what: str, is_own: Callable[[Path], bool], inputs: Iterable = (),
+                      overwrite: bool = False, option: str = "--out", suffixes: tuple[str, ...] = ()) -> None:
+    """The guard of a single output file (a page, a JSON list), before any work: one of ``suffixes``,
+    not inside an input, its folder writable; an existing file only when it is ``what`` (``is_own``)
+    and ``overwrite`` is given."""
     out = Path(out)
     if suffixes and out.suffix.lower() not in suffixes:
         raise UsageError(f"{option} {out}: give a file name ending in {' or '.join(suffixes)}")
@@ -135,6 +141,13 @@ def check_output_file(out: str | Path, inputs: Iterable = (), option: str = "--o
         raise UsageError(f"{option} {out} is a directory; give a file name")
     check_apart(out, inputs, option)
     check_writable(out, option)
+    if out.exists() or out.is_symlink():
+        if out.is_symlink() or not out.is_file() or not is_own(out):
+            raise UniretError(f"{option} {out} exists and is not {_a(what)} uniret wrote; uniret never replaces "
+                              "what it did not make: choose a new file name")
+        if not overwrite:
+            raise UniretError(f"{option} {out} already holds {_a(what)}; pass --overwrite to replace it, "
+                              "or choose a new file name")
 
 
 #: OSError numbers that mean the disk (or a size limit) is full.

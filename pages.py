@@ -30,6 +30,19 @@ def environment():
     return env
 
 
+#: In the head of every page (templates/base.html): how a command recognises a page it may replace.
+GENERATOR = b'<meta name="generator" content="uniret">'
+
+
+def is_page(path: Path) -> bool:
+    """A page that uniret wrote (its head carries :data:`GENERATOR`)."""
+    try:
+        with open(path, "rb") as f:
+            return GENERATOR in f.read(4096)
+    except OSError:
+        return False
+
+
 def render(template: str, **context) -> str:
     """Render ``templates/<template>`` with autoescaping."""
     return environment().get_template(template).render(**context)

@@ -9,6 +9,7 @@ subprocess or with ``monkeypatch.setenv``.
 ``UNIRET_TEST_SLEEP_PACK``          seconds to sleep after each commit of ``uniret data pack``
 ``UNIRET_TEST_PACK_COMMIT_EVERY``   images per pack commit (default 256)
 ``UNIRET_TEST_SLEEP_INDEX``         seconds to sleep before an index version is published
+``UNIRET_TEST_SLEEP_EMBED``         seconds to sleep after each checkpoint of ``uniret embed``
 ``UNIRET_TEST_INTERRUPT_TRAIN``     a step number: ``uniret train`` raises KeyboardInterrupt
                                     (a simulated Ctrl-C) before it starts that step
 ==================================  ==========================================================

@@ -1,7 +1,8 @@
 """UnED-style multi-domain collections: domains, splits, records and image bytes.
 
 A collection root holds ``info/<domain>/<split>.json`` (a JSON list of records
-``{"path": <relative image path>, "class_id": int | [int, ...]}``) and the images under
+``{"path": <relative image path>, "class_id": int | [int, ...]}``, plus any other fields of the
+user's, e.g. ``url`` or ``caption``, carried as the record's ``extra``) and the images under
 ``images/`` (paths are relative to that image root). The original UnED download is used as is
 with ``info_dir="info_files"`` and ``image_root=<where its images are>``.
 
@@ -16,24 +17,51 @@ every source answers ``get_image_bytes`` and callers decode
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ..errors import UniretError
 from ..safeio import check_contained, read_contained
 from ..utils import stable_hash
 
+#: Largest class id a record may carry.
+MAX_CLASS_ID = 2**31 - 1
+
 #: Splits in their canonical order. ``index`` exists only where queries search a separate index set.
 SPLITS = ("train", "val", "test", "index")
+
+#: Field names of an item's fixed metadata and of search result rows. A record's or sample's own
+#: field of one of these names is kept as ``meta_<name>`` so that it never hides the fixed one.
+RESERVED_FIELDS = ("id", "path", "domain", "split", "position", "class_ids", "class_id", "rank", "score",
+                   "query", "image_url")
+EXTRA_PREFIX = "meta_"
+
+
+def extra_fields(obj: Mapping[str, Any], skip: Iterable[str] = ()) -> dict[str, Any]:
+    """A record's extra fields (every field but ``skip``), renamed away from the reserved names;
+    None values are dropped (an absent field and a null one are the same)."""
+    skip = set(skip)
+    out = {}
+    for key, value in obj.items():
+        if key in skip or value is None:
+            continue
+        name = str(key)
+        while name in RESERVED_FIELDS:
+            name = EXTRA_PREFIX + name
+        out[name] = value
+    return out
 
 
 @dataclass(frozen=True)
 class Record:
-    """One image of a split: its path relative to the image root and its class id(s)."""
+    """One image of a split: its path relative to the image root, its class id(s) and the record's
+    other fields (``extra``)."""
 
     path: str
     class_ids: tuple[int, ...]
+    extra: Mapping[str, Any] = field(default_factory=dict, hash=False)
 
     @property
     def class_id(self) -> int:
@@ -42,7 +70,7 @@ class Record:
 
     def to_json(self) -> dict:
         cid: int | list[int] = self.class_ids[0] if len(self.class_ids) == 1 else list(self.class_ids)
-        return {"path": self.path, "class_id": cid}
+        return {"path": self.path, "class_id": cid, **self.extra}
 
 
 @dataclass(frozen=True)
@@ -50,7 +78,8 @@ class Item:
     """One image with everything known about it, addressed by ``(domain, split, position)``.
 
     Sources that are not collections (a plain folder of images) leave domain, split and class ids
-    empty.
+    empty. ``extra`` holds the input record's other fields (a collection record's ``url``, a
+    webdataset sample's json fields); :meth:`to_json` puts them beside the fixed fields.
     """
 
     path: str
@@ -58,6 +87,7 @@ class Item:
     split: str | None = None
     position: int = -1
     class_ids: tuple[int, ...] = ()
+    extra: Mapping[str, Any] = field(default_factory=dict, hash=False)
 
     def to_json(self) -> dict:
         return {
@@ -66,16 +96,20 @@ class Item:
             "split": self.split,
             "position": self.position,
             "class_ids": list(self.class_ids),
+            **self.extra,
         }
 
     @staticmethod
     def from_json(obj: dict) -> Item:
+        """The inverse of :meth:`to_json` (an ``id`` beside the fields, as stores and indexes keep
+        it, is not part of the item)."""
         return Item(
             path=obj["path"],
             domain=obj.get("domain"),
             split=obj.get("split"),
             position=int(obj.get("position", -1)),
             class_ids=tuple(int(c) for c in obj.get("class_ids", ())),
+            extra={k: v for k, v in obj.items() if k not in RESERVED_FIELDS and v is not None},
         )
 
 
@@ -86,8 +120,9 @@ def parse_class_ids(value) -> tuple[int, ...] | None:
         return None
     out = []
     for v in values:
-        # bool is an int subclass; a JSON true is not a class id.
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        # bool is an int subclass; a JSON true is not a class id. Ids past 2**31 would make classifier
+        # heads of billions of outputs (training sizes them by the largest id).
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_CLASS_ID:
             return None
         out.append(v)
     return tuple(out)
@@ -113,9 +148,9 @@ def load_split_file(path: Path) -> list[Record]:
         else:
             cids = parse_class_ids(rec["class_id"])
             if cids is None:
-                bad.append(f"#{i} ({rec['path']}) has class_id {rec['class_id']!r}, not a non-negative integer")
+                bad.append(f"#{i} ({rec['path']}) has class_id {rec['class_id']!r}, not an integer in 0..{MAX_CLASS_ID}")
             else:
-                records.append(Record(rec["path"], cids))
+                records.append(Record(rec["path"], cids, extra_fields(rec, skip=("path", "class_id"))))
         if len(bad) >= 3:
             break
     if bad:
@@ -123,17 +158,38 @@ def load_split_file(path: Path) -> list[Record]:
     return records
 
 
+def slice_bounds(n: int, k: int, parts: int) -> tuple[int, int]:
+    """Rows ``[start, stop)`` of slice ``k`` of ``parts`` contiguous slices of ``n`` rows.
+
+    Slice ``k`` of ``K`` cut again into ``W`` is exactly slices ``k*W .. k*W+W-1`` of ``K*W``, so a
+    part run on several ranks writes the same rows as that many parts of a finer split.
+    """
+    return k * n // parts, (k + 1) * n // parts
+
+
 class ItemList(Sequence):
     """A flat, picklable view of items with their image bytes, the unit that loaders consume.
 
     ``source`` must answer ``get_image_bytes(domain, split, position)`` (collections) or be
-    None for plain files, in which case ``path`` is read from disk.
+    None for plain files, in which case ``path`` is read from disk. ``start`` is the id of the first
+    item: 0 for a whole source, the first row of a part (:meth:`part`). ``notes`` lists what the
+    source skipped while listing it (e.g. corrupt tar members), ``span`` what a part holds of its
+    source besides rows (e.g. ``{"shards": [first, stop, of]}``).
     """
 
-    def __init__(self, items: list[Item], source=None, base: Path | None = None):
+    def __init__(self, items: list[Item], source=None, base: Path | None = None, start: int = 0,
+                 notes: list[str] | None = None, span: dict | None = None):
         self.items = items
         self.source = source
         self.base = base
+        self.start = start
+        self.notes = notes or []
+        self.span = span or {}
+
+    def part(self, k: int, parts: int) -> ItemList:
+        """Slice ``k`` of ``parts`` (:func:`slice_bounds`); its ids stay those of the whole list."""
+        a, b = slice_bounds(len(self.items), k, parts)
+        return ItemList(self.items[a:b], self.source, self.base, start=self.start + a, notes=self.notes)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -210,7 +266,7 @@ class Collection:
                 if not self.has_split(d, s):
                     continue
                 out.extend(
-                    Item(r.path, d, s, i, r.class_ids) for i, r in enumerate(self.records(d, s))
+                    Item(r.path, d, s, i, r.class_ids, r.extra) for i, r in enumerate(self.records(d, s))
                 )
         return ItemList(out, source=self)
 

@@ -30,9 +30,15 @@ def decode_image(data: bytes) -> Image.Image:
     image format" or "cannot decode image: truncated or corrupt PNG (image file is truncated)".
     """
     try:
-        im = Image.open(io.BytesIO(data))
+        with warnings.catch_warnings():
+            # Over MAX_PIXELS is refused just below, in one line; Pillow's raw warning would come first.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         raise ImageDecodeError("cannot decode image: not a known image format") from None
+    except Image.DecompressionBombError:
+        raise ImageDecodeError(f"cannot decode image: over the limit of {MAX_PIXELS:,} pixels "
+                               "(a decompression bomb?)") from None
     except _DECODE_ERRORS as exc:
         raise ImageDecodeError(f"cannot decode image: {_reason(exc)}") from None
     with im:
@@ -58,9 +64,8 @@ def decode_image(data: bytes) -> Image.Image:
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 
 #: Largest image decoded (pixels): Pillow's own decompression-bomb limit, refused outright with a
-#: one-line reason instead of Pillow's raw warning (which is therefore silenced).
+#: one-line reason instead of Pillow's raw warning (silenced while opening).
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
-warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 #: Modes of more than 8 bits per channel, which Pillow's convert("RGB") clips instead of scaling
 #: (a 16-bit PNG comes out almost white, a float TIFF almost black).

@@ -1,5 +1,6 @@
 """Entry points from a path to what it holds: :func:`open_collection` (a collection folder or a packed
-store) and :func:`open_items` (the items to embed: a collection, a packed store or plain images).
+store) and :func:`open_items` (the items to embed: a collection, a packed store, plain images or
+webdataset tar shards).
 
 They live here, above the modules they build from (``collection``, ``store``, ``images``), so that
 none of those needs to import another to find its sibling."""
@@ -13,6 +14,7 @@ from ..errors import UniretError
 from .collection import Collection, FolderCollection, ItemList
 from .images import image_folder_items
 from .store import LmdbCollection
+from .webdataset import TarShards, is_shard_spec
 
 
 def is_packed_store(path: Path) -> bool:
@@ -39,9 +41,17 @@ def open_items(
     splits: Sequence[str] | None = None,
     info_dir: str = "info",
     image_root: str | None = None,
-) -> ItemList:
-    """Items of a collection root or packed LMDB (filtered by domain and split), else of an image
-    folder or file (where domain and split filters make no sense and are refused)."""
+) -> ItemList | TarShards:
+    """Items of a collection root or packed LMDB (filtered by domain and split), of webdataset tar
+    shards (``x.tar`` or a brace pattern, listed lazily: see :mod:`uniret.data.webdataset`), else of
+    an image folder or file (where domain and split filters make no sense and are refused).
+
+    Both kinds answer ``part(k, parts)`` (slice ``k`` of ``parts``, with global ids) and ``len()``.
+    """
+    if is_shard_spec(str(path)):
+        if domains or splits:
+            raise UniretError(f"{path}: --domain/--split need a collection root or packed store, not tar shards")
+        return TarShards(str(path))
     p = Path(path)
     if not p.exists():
         raise UniretError(f"{p}: no such file or directory")

@@ -3,7 +3,7 @@
 Layout of the LMDB (keys are ASCII):
 
     meta                         JSON: format, domains -> splits -> counts, pack options, skipped images
-    rec/<domain>/<split>         JSON list of the split's records, exactly as in the folder
+    rec/<domain>/<split>         JSON list of the split's records ``{"path", "class_ids", "extra"?}``
     img/<domain>/<split>/<pos>   encoded image bytes of record ``pos`` (8-digit, zero-padded)
 
 An image that could not be decoded while packing has no ``img/`` key; its record stays, so
@@ -121,7 +121,7 @@ class LmdbCollection(Collection):
             if raw is None:
                 raise UniretError(f"{self.root}: no split {domain}/{split} in the store")
             try:
-                self._records[key] = [Record(r["path"], tuple(int(c) for c in r["class_ids"]))
+                self._records[key] = [Record(r["path"], tuple(int(c) for c in r["class_ids"]), dict(r.get("extra") or {}))
                                       for r in self._json(raw, f"rec/{domain}/{split}")]
             except (TypeError, KeyError, ValueError):
                 raise UniretError(f"{self.root}: damaged records of {domain}/{split}; re-pack the collection") from None
@@ -270,10 +270,17 @@ def _check_pack_args(opts: PackOptions, workers: int) -> None:
         raise UniretError(f"--image-format must be {' or '.join(IMAGE_FORMATS)}, not {opts.image_format!r}")
 
 
+def _record_json(r: Record) -> dict:
+    out = {"path": r.path, "class_ids": list(r.class_ids)}
+    if r.extra:
+        out["extra"] = dict(r.extra)  # the record's own fields (url, caption, ...) travel with it
+    return out
+
+
 def _write_records(env: lmdb.Environment, src: FolderCollection, domains: dict) -> list[dict]:
     """Write every split's records (small, rewritten on resume); return the images skipped so far."""
     _put_batch(env, [(f"rec/{d}/{s}".encode(),
-                      json.dumps([{"path": r.path, "class_ids": list(r.class_ids)} for r in src.records(d, s)]).encode())
+                      json.dumps([_record_json(r) for r in src.records(d, s)]).encode())
                      for d in domains for s in domains[d]])
     with env.begin() as txn:
         prev = txn.get(_SKIPPED_SO_FAR)

@@ -111,8 +111,9 @@ def model_info_command(
 
 def embed_command(
     model: Path = typer.Option(..., "--model", help="Model directory (uniret model init / train)."),
-    data: Path = typer.Option(..., "--data", help="Collection root, packed LMDB, image folder or image file."),
-    out: Path = typer.Option(..., "--out", help="Embedding store to write."),
+    data: Path = typer.Option(..., "--data", help="Collection root, packed LMDB, image folder or image file, or "
+                                                  "webdataset tar shards ('shards/{00000..00099}.tar')."),
+    out: Path = typer.Option(..., "--out", help="Embedding store to write (with --part: a part directory)."),
     domain: list[str] = typer.Option(None, "--domain", help="Only these domains (repeatable)."),
     split: list[str] = typer.Option(None, "--split", help="Only these splits (repeatable)."),
     batch_size: int = typer.Option(128, "--batch-size", help="Images per batch."),
@@ -122,14 +123,19 @@ def embed_command(
     resume: bool = typer.Option(True, "--resume/--restart", help="Continue an interrupted run, or start over."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier store at --out that was made "
                                                               "from other images, model or options."),
+    part: str = typer.Option(None, "--part", help="Only slice I of N (0-based, e.g. 3/8) into --out, a part "
+                                                  "directory; join the parts with `uniret store merge`."),
 ) -> None:
-    """Embed images into a store (row i = item i). Resumable; several GPUs through torchrun."""
+    """Embed images into a store (row i = item i). Resumable; several GPUs through torchrun (each rank
+    writes its own part), several machines through --part I/N and `uniret store merge`."""
     from ..data import open_items
     from ..utils import resolve_device
     from .extract import embed_items
     from .model import load_model
+    from .parts import parse_part
 
-    resolve_device(device)  # a bad --device fails before any image or weight is read
+    resolve_device(device)  # a bad --device (or --part) fails before any image or weight is read
+    part_spec = parse_part(part)
     in_range(batch_size, "--batch-size", 1, 65_536)
     if workers is not None:
         in_range(workers, "--workers", 0, 256)
@@ -143,7 +149,44 @@ def embed_command(
         workers = min(16, os.cpu_count() or 1)
     source = {"path": str(Path(data).resolve()), "domains": list(domain or []), "splits": list(split or [])}
     store = embed_items(embedder, items, out, batch_size=batch_size, workers=workers, device=device,
-                        dtype=dtype.value, resume=resume, source=source, overwrite=overwrite, inputs=[data, model])
+                        dtype=dtype.value, resume=resume, source=source, overwrite=overwrite, inputs=[data, model],
+                        part=part_spec)
     if int(os.environ.get("RANK", "0")) == 0:
-        logger.info("wrote %s: %d x %d %s, %d unreadable", out, store.count, store.dim, store.manifest["dtype"],
+        what = f"part {part_spec[0]}/{part_spec[1]} (ids {store.start}..{store.start + store.count - 1}), " \
+            if part_spec[1] > 1 else ""
+        logger.info("wrote %s: %s%d x %d %s, %d unreadable", out, what, store.count, store.dim, store.dtype,
                     len(store.failed_ids))
+
+
+store_app = typer.Typer(no_args_is_help=True)
+
+
+@store_app.command("merge")
+def store_merge(
+    parts: list[Path] = typer.Argument(..., help="Part directories (uniret embed --part I/N --out DIR).", metavar="PART_DIR..."),
+    out: Path = typer.Option(..., "--out", help="The store to write."),
+    copy: bool = typer.Option(False, "--copy", help="Copy the part files instead of hard-linking them (another filesystem)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing store at --out."),
+) -> None:
+    """Join part directories into one store (their files are hard-linked, not copied)."""
+    from .merge import merge_parts
+
+    merge_parts(parts, out, copy=copy, overwrite=overwrite)
+
+
+@store_app.command("info")
+def store_info(
+    path: Path = typer.Argument(..., help="An embedding store or part directory."),
+    fmt: OutputFormat = typer.Option(OutputFormat.table, "--format", help="table or json."),
+) -> None:
+    """Show a store's parts: slice, ids, failed images and notes; then its size, model and columns."""
+    from .store import EmbeddingStore
+
+    store = EmbeddingStore(path, whole=False)
+    rows = [{"part": p.name, "slice": "/".join(map(str, p.slice)), "first_id": p.start, "count": p.count,
+             "failed": len(p.failed), "notes": len(p.notes)} for p in store.parts]
+    emit(rows, list(rows[0]) if rows else ["part"], fmt,
+         title=f"{path}: {store.count} x {store.dim} {store.dtype}, ids {store.start}..{store.start + store.count - 1}"
+               f"{'' if store.manifest.get('complete', True) else ' (a part: merge it with the others)'}; "
+               f"model {store.model_hash}; extra columns: {', '.join(store.columns) or '-'}",
+         extra={"manifest": store.manifest})

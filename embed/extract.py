@@ -10,15 +10,15 @@ every few batches, so a killed run continues with the missing rows only. Images 
 :func:`embed_items` = resume planning (:func:`_plan`) + the batch generator
 (:func:`embedded_batches`) + the sink (:class:`_RowSink`).
 
-Several processes (``torchrun --nproc-per-node N -m uniret.cli embed ...``): each rank embeds a
-contiguous share of the missing ids and writes chunk files ``<out>.partial/chunks/r<rank>-<seq>.npz``;
-rank 0 folds them into the store (also the leftovers of a killed run) and publishes the same store
-one process would have written.
+Parts, not a gather (:mod:`uniret.embed.parts`): one process writes one part of the store; under
+``torchrun --nproc-per-node N -m uniret.cli embed ...`` every rank writes its own part and rank 0
+only lists them in the manifest; ``--part I/N`` writes a part directory for ``uniret store merge``.
+Resuming works per part: a re-run keeps finished parts and continues each unfinished one with its
+missing rows.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -30,13 +30,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import testing
 from ..data.collection import ItemList
 from ..data.images import decode_image
 from ..errors import UniretError
 from ..guards import claim_output, in_range, is_disk_full
 from ..utils import progress_bar, resolve_device
+from .layout import DTYPES, NONFINITE, is_store
 from .model import UniversalEmbedder
-from .store import DTYPES, NONFINITE, EmbeddingStore, StoreWriter, is_store, open_finished, store_fingerprint
+from .parts import EmbedJob
+from .reader import EmbeddingStore
+from .writer import PartWriter
 
 logger = logging.getLogger("uniret")
 
@@ -82,42 +86,9 @@ def model_info(model: UniversalEmbedder) -> dict:
     return info
 
 
-def _chunk_dir(writer_partial: Path) -> Path:
-    return writer_partial / "chunks"
-
-
-def write_chunk(partial: Path, rank: int, seq: int, ids, vectors, failed: dict[int, str]) -> None:
-    """One rank's finished rows, written atomically (temporary name + rename)."""
-    d = _chunk_dir(partial)
-    d.mkdir(parents=True, exist_ok=True)
-    final = d / f"r{rank:03d}-{seq:06d}.npz"
-    tmp = d / f".r{rank:03d}-{seq:06d}.tmp.npz"
-    np.savez(tmp, ids=np.asarray(ids, dtype=np.int64), vectors=np.asarray(vectors, dtype=np.float32),
-             failed=np.asarray(json.dumps({str(k): v for k, v in failed.items()})))
-    os.replace(tmp, final)
-
-
-def ingest_chunks(writer: StoreWriter) -> int:
-    """Fold every chunk file into the writer and checkpoint; returns the number of rows taken."""
-    d = _chunk_dir(writer.partial)
-    files = sorted(d.glob("r*.npz")) if d.is_dir() else []
-    taken = 0
-    for f in files:
-        with np.load(f) as z:
-            ids, vectors, failed = z["ids"], z["vectors"], json.loads(str(z["failed"]))
-        if len(ids):
-            writer.write(ids, vectors)
-        for i, reason in failed.items():
-            writer.mark_failed(int(i), reason)
-        writer.checkpoint(ids)
-        f.unlink()
-        taken += len(ids)
-    return taken
-
-
 def embed_items(
     model: UniversalEmbedder,
-    items: ItemList,
+    items,
     out: str | Path,
     batch_size: int = 64,
     workers: int = 4,
@@ -129,14 +100,17 @@ def embed_items(
     checkpoint_every: int = 20,
     overwrite: bool = False,
     inputs: tuple = (),
+    part: tuple[int, int] = (0, 1),
 ) -> EmbeddingStore:
-    """Embed every item into the store ``out`` (row i = item i) and return it.
+    """Embed every item of ``items`` (an ``ItemList`` or tar shards) into the store ``out`` and return it.
 
-    Resumes a partial run of the same model, items, images and options unless ``resume=False``; a
-    finished store of exactly those is returned as it is ("nothing to do"). ``out`` must be new,
-    empty or (with ``overwrite``) another embedding store, and never inside ``inputs`` (the data,
-    the model). A full disk removes the partial store. Under torchrun every rank calls this with the
-    same arguments; all return the published store.
+    ``part=(I, N)`` embeds slice I of N into the part directory ``out`` instead (ids stay those of
+    the whole input; join the parts with ``uniret store merge``). Resumes a partial run of the same
+    model, items, images and options unless ``resume=False``; a finished store of exactly those is
+    returned as it is ("nothing to do"). ``out`` must be new, empty or (with ``overwrite``) another
+    embedding store, and never inside ``inputs`` (the data, the model). A full disk removes the
+    partial store. Under torchrun every rank calls this with the same arguments, writes its own
+    part, and all return the published store.
     """
     _check_options(items, batch_size, workers, dtype)
     out = Path(out)
@@ -147,13 +121,8 @@ def embed_items(
     dev = torch.device(resolve_device(device, local_rank=local_rank))
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    item_list = list(items.items) if isinstance(items, ItemList) else list(items)
-    manifest_extra = {"model": model_info(model), "source": source or {}}
-    files = items.content_key() if isinstance(items, ItemList) else None
-    fingerprint = store_fingerprint(item_list, model.config.dim, dtype, manifest_extra["model"]["config_hash"], source,
-                                    files=files)
-
-    done_store = open_finished(out, fingerprint) if resume else None
+    job = EmbedJob(out, items, model_info(model), model.config.dim, dtype, source, part, rank, world)
+    done_store = job.finished() if resume else None
     if done_store is not None:
         logger.info("%s already holds these %d embeddings; nothing to do", out, done_store.count)
         return done_store
@@ -164,43 +133,62 @@ def embed_items(
     claim = claim_output(out, "embedding store", is_store, inputs, overwrite=True) if rank == 0 else nullcontext()
     with claim:
         try:
-            return _embed(model, items, out, item_list, manifest_extra, fingerprint, batch_size, workers, dev,
-                          dtype, resume, amp, checkpoint_every, rank, world)
+            return _embed(model, job, dev, batch_size, workers, resume, amp, checkpoint_every, rank, world)
         except BaseException as exc:
             if rank == 0 and is_disk_full(exc):
-                shutil.rmtree(out.with_name(out.name + ".partial"), ignore_errors=True)
+                shutil.rmtree(job.partial, ignore_errors=True)
             raise
 
 
-def _embed(model, items, out: Path, item_list: list, manifest_extra: dict, fingerprint: dict, batch_size: int,
-           workers: int, dev, dtype: str, resume: bool, amp: bool, checkpoint_every: int, rank: int,
-           world: int) -> EmbeddingStore:
-    writer, share = _plan(out, item_list, model.config.dim, dtype, manifest_extra, fingerprint, resume, rank, world)
-    sink = _RowSink(writer, out.with_name(out.name + ".partial"), rank, world)
+def _embed(model: UniversalEmbedder, job: EmbedJob, dev: torch.device, batch_size: int, workers: int,
+           resume: bool, amp: bool, checkpoint_every: int, rank: int, world: int) -> EmbeddingStore:
+    """Every process embeds its part; rank 0 then lists the parts in the manifest and publishes."""
+    out = job.out
+    if rank == 0:
+        job.prepare(restart=not resume)
+    _barrier(world)
+    writer = job.open_part(restart=not resume)
+    if writer is None:
+        logger.info("%s: part %d of %d is already embedded", out, job.k, job.parts)
+    else:
+        _embed_part(model, writer, dev, batch_size, workers, amp, checkpoint_every,
+                    f" (rank {rank})" if world > 1 else "")
+    _barrier(world)
+    if rank == 0:
+        store = job.publish()
+        if store.failed:
+            first = next(iter(store.failed.items()))
+            logger.warning("%d unreadable images skipped (zero rows, listed in the parts); e.g. id %s: %s",
+                           len(store.failed), first[0], first[1])
+        if store.notes:
+            logger.warning("%d input problems skipped while listing (listed in the parts); e.g. %s",
+                           len(store.notes), store.notes[0])
+    _barrier(world)
+    return store if rank == 0 else EmbeddingStore(out, whole=False)
+
+
+def _embed_part(model: UniversalEmbedder, writer: PartWriter, dev: torch.device, batch_size: int, workers: int,
+                amp: bool, checkpoint_every: int, who: str) -> None:
+    """Embed the rows of one part that are still missing, checkpointing every few batches."""
+    rows = writer.missing_rows()
+    if len(rows) < len(writer.items):
+        logger.info("resuming part %d of %d%s: %d of %d rows already embedded", writer.k, writer.parts, who,
+                    len(writer.items) - len(rows), len(writer.items))
+    sink = _RowSink(writer)
     start = time.perf_counter()
-    with progress_bar(f"embedding{f' (rank {rank})' if world > 1 else ''}", len(share)) as advance:
+    with progress_bar(f"embedding{who}", len(rows)) as advance:
         for batch_no, (ids, vectors, ok, reasons) in enumerate(
-                embedded_batches(model, items, share, dev, batch_size, workers, amp), start=1):
+                embedded_batches(model, writer.items, rows, dev, batch_size, workers, amp), start=1):
             sink.add(ids, vectors, ok, reasons)
             advance(len(ids))
             if batch_no % checkpoint_every == 0:
                 sink.flush()
         sink.flush()
     seconds = time.perf_counter() - start
-    if len(share):
-        logger.info("embedded %d images in %.1fs (%.1f images/s)%s", len(share), seconds, len(share) / max(seconds, 1e-9),
-                    f" on rank {rank}" if world > 1 else "")
-    _barrier(world)
-    if rank == 0:
-        ingest_chunks(writer)
-        store = writer.finish()
-        if store.manifest.get("failed"):
-            failed = store.manifest["failed"]
-            first = next(iter(failed.items()))
-            logger.warning("%d unreadable images skipped (zero rows, listed in the manifest); e.g. id %s: %s",
-                           len(failed), first[0], first[1])
-    _barrier(world)
-    return store if rank == 0 else EmbeddingStore(out)
+    if len(rows):
+        logger.info("embedded %d images in %.1fs (%.1f images/s)%s", len(rows), seconds,
+                    len(rows) / max(seconds, 1e-9), who)
+    writer.finish()
 
 
 def _check_options(items, batch_size: int, workers: int, dtype: str) -> None:
@@ -208,26 +196,8 @@ def _check_options(items, batch_size: int, workers: int, dtype: str) -> None:
     in_range(workers, "--workers", 0, 256)
     if dtype not in DTYPES:
         raise UniretError(f"--dtype must be float16 or float32, not {dtype!r}")
-    if len(items) == 0:
+    if isinstance(items, ItemList) and len(items) == 0:
         raise UniretError("nothing to embed: the source has no images")
-
-
-def _plan(out: Path, item_list: list, dim: int, dtype: str, manifest_extra: dict, fingerprint: dict,
-          resume: bool, rank: int, world: int) -> tuple[StoreWriter | None, np.ndarray]:
-    """Resume planning: rank 0 opens (or resumes) the partial store and folds in the chunks a killed
-    run left; then every rank takes its contiguous share of the ids still missing."""
-    writer = None
-    if rank == 0:
-        writer = StoreWriter(out, item_list, dim, dtype, manifest_extra, fingerprint=fingerprint, restart=not resume)
-        leftover = ingest_chunks(writer)
-        already = int(writer.done.sum())
-        if already:
-            logger.info("resuming %s: %d of %d rows already embedded%s", out, already, len(item_list),
-                        f" ({leftover} from unfinished chunks)" if leftover else "")
-    _barrier(world)
-    done = writer.done if writer is not None else np.load(out.with_name(out.name + ".partial") / "done.npy")
-    missing = np.flatnonzero(~done)
-    return writer, (np.array_split(missing, world)[rank] if world > 1 else missing)
 
 
 def embedded_batches(model: UniversalEmbedder, items: ItemList, ids: np.ndarray, dev: torch.device,
@@ -263,37 +233,23 @@ def embedded_batches(model: UniversalEmbedder, items: ItemList, ids: np.ndarray,
 
 
 class _RowSink:
-    """Where embedded rows go: straight into the writer (one process) or into chunk files (several
-    ranks, folded in by rank 0). :meth:`flush` makes the rows added so far durable."""
+    """Where embedded rows go: this process's part writer; :meth:`flush` makes the rows added since
+    the last flush durable (then a kill loses none of them)."""
 
-    def __init__(self, writer: StoreWriter | None, partial: Path, rank: int, world: int):
-        self.writer, self.partial, self.rank, self.world = writer, partial, rank, world
-        self.seq = int(time.time() * 1000) % 10**6  # distinct chunk names across resumed runs
-        self.ids: list[np.ndarray] = []
-        self.vectors: list[np.ndarray] = []
-        self.failed: dict[int, str] = {}
+    def __init__(self, writer: PartWriter):
+        self.writer = writer
+        self.rows: list[np.ndarray] = []
 
-    def add(self, ids: np.ndarray, vectors: np.ndarray, ok: np.ndarray, reasons: list[str]) -> None:
-        failed = {int(i): r for i, r, good in zip(ids, reasons, ok) if not good}
-        if self.world == 1:
-            self.writer.write(ids[ok], vectors[ok])
-            for i, r in failed.items():
-                self.writer.mark_failed(i, r)
-        else:
-            vectors[~ok] = 0
-            self.vectors.append(vectors)
-            self.failed.update(failed)
-        self.ids.append(ids)
+    def add(self, rows: np.ndarray, vectors: np.ndarray, ok: np.ndarray, reasons: list[str]) -> None:
+        self.writer.write(rows[ok], vectors[ok])
+        for row, reason, good in zip(rows, reasons, ok):
+            if not good:
+                self.writer.mark_failed(int(row), reason)
+        self.rows.append(rows)
 
     def flush(self) -> None:
-        if not self.ids:
+        if not self.rows:
             return
-        ids = np.concatenate(self.ids)
-        if self.world == 1:
-            self.writer.checkpoint(ids)
-        else:
-            write_chunk(self.partial, self.rank, self.seq, ids, np.concatenate(self.vectors), self.failed)
-            self.seq += 1
-        self.ids.clear()
-        self.vectors.clear()
-        self.failed.clear()
+        self.writer.checkpoint(np.concatenate(self.rows))
+        self.rows.clear()
+        testing.sleep_point("embed")  # lets tests kill a real run between two checkpoints

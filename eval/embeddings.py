@@ -92,7 +92,7 @@ def _check_vectors(store) -> None:
     whose vectors are not finite: metrics of either would be silently wrong."""
     from ..embed.store import NONFINITE
 
-    broken = sorted(int(i) for i, why in store.manifest.get("failed", {}).items() if why == NONFINITE)
+    broken = sorted(int(i) for i, why in store.failed.items() if why == NONFINITE)
     if broken:
         shown = ", ".join(map(str, broken[:5])) + (", ..." if len(broken) > 5 else "")
         raise UniretError(f"the model gave NaN or infinite embeddings for {len(broken)} image(s) (ids {shown}); "

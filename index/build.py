@@ -103,7 +103,10 @@ def _write_version(root: Path, manifest: dict, index, ids: np.ndarray, vectors: 
     partial = root / (next_version_name(root) + ".partial")
     partial.mkdir(parents=True)
     try:
-        faiss.write_index(gpu_util.to_cpu(index), str(partial / "index.faiss"))
+        # Serialised here and written by Python, so that a full disk is an OSError (ENOSPC) with its path
+        # rather than a Faiss assertion.
+        with open(partial / "index.faiss", "wb") as f:
+            f.write(faiss.serialize_index(gpu_util.to_cpu(index)).tobytes())
         np.save(partial / "ids.npy", ids.astype(np.int64))
         np.save(partial / "vectors.npy", vectors.astype(np.float16, copy=False))
         if meta_from is not None:

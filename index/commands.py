@@ -11,6 +11,7 @@ import typer
 
 from ..display import OutputFormat, display_score, emit
 from ..errors import UsageError
+from ..guards import check_output_file, file_has_format
 from .rerank import reranker_names
 
 logger = logging.getLogger("uniret")
@@ -129,20 +130,28 @@ def index_info(index: Path = typer.Argument(..., help="Index directory."), fmt: 
     emit(_summary_rows(manifest, index), ["field", "value"], fmt, extra={"manifest": manifest})
 
 
+def _check_html(path: Path | None, inputs: list, overwrite: bool) -> None:
+    """``--html``: a new .html file, or (with ``--overwrite``) a page uniret wrote; never inside an input."""
+    from ..pages import is_page
+
+    if path is not None:
+        check_output_file(path, "page", is_page, inputs, overwrite, option="--html", suffixes=(".html", ".htm"))
+
+
 def _write_html(path: Path, page: str) -> None:
     from ..utils import atomic_write_text
 
-    if path.suffix.lower() not in (".html", ".htm"):
-        raise UsageError(f"--html {path}: give a file name ending in .html")
-    if path.is_dir():
-        raise UsageError(f"--html {path} is a directory; give a file name ending in .html")
     atomic_write_text(path, page)
     logger.info("wrote %s", path)
+
+
+DEDUP_FORMAT = "uniret-dedup/1"
 
 
 ImagesOpt = typer.Option(None, "--images", help="Packed store or collection/image folder of the indexed items "
                                                 "(thumbnails in --html).")
 HtmlOpt = typer.Option(None, "--html", help="Also write a self-contained page of thumbnails here (OUT.html).")
+OverwriteOpt = typer.Option(False, "--overwrite", help="Replace a page (or JSON) that uniret wrote there before.")
 
 
 def search_command(
@@ -157,12 +166,14 @@ def search_command(
     model: Path = typer.Option(None, "--model", help="Model directory for image queries (default: the index's copy)."),
     images: Path = ImagesOpt,
     html: Path = HtmlOpt,
+    overwrite: bool = OverwriteOpt,
     gpu: GpuMode = GpuOpt,
     fmt: OutputFormat = FormatOpt,
 ) -> None:
     """Search an index by image, folder, stored id or embeddings; prints rank, id, score and metadata."""
     from .api import open_index
 
+    _check_html(html, [index, images, model, *queries], overwrite)
     if shortlist_k is not None and shortlist_dim is None:
         raise UsageError("--shortlist-k needs --shortlist-dim")
     if k < 1:
@@ -189,6 +200,7 @@ def dedup_command(
                                                  "(`uniret index remove --ids` reads it)."),
     images: Path = ImagesOpt,
     html: Path = HtmlOpt,
+    overwrite: bool = OverwriteOpt,
     fmt: OutputFormat = FormatOpt,
 ) -> None:
     """Find groups of near-duplicate items and which one of each group to keep."""
@@ -197,13 +209,15 @@ def dedup_command(
     from .images import open_image_source
     from .searcher import Searcher
 
-    if out is not None and out.is_dir():
-        raise UsageError(f"--out {out} is a directory; give a file name for the JSON")
+    if out is not None:
+        check_output_file(out, "dedup result", lambda p: file_has_format(p, DEDUP_FORMAT.split("/")[0]),
+                          [index, images], overwrite, option="--out")
+    _check_html(html, [index, images], overwrite)
     image_source = open_image_source(images)
     searcher = Searcher.open(index)
     res = find_duplicates(searcher, threshold=threshold, fraction=fraction, neighbors=neighbors)
     if out is not None:
-        atomic_write_json(out, res)
+        atomic_write_json(out, {"format": DEDUP_FORMAT, **res})
     group_ids = [i for g in res["groups"] for i in g]
     meta = dict(zip(group_ids, searcher.metadata(group_ids)))
     if html is not None:

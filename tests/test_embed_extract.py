@@ -15,10 +15,9 @@ import torch
 from uniret.cli import main
 from uniret.data import open_items
 from uniret.data.images import decode_image
-from uniret.embed import extract
-from uniret.embed.extract import embed_items, write_chunk
+from uniret.embed.extract import embed_items
 from uniret.embed.model import build_model, load_model
-from uniret.embed.store import EmbeddingStore, StoreWriter, store_fingerprint
+from uniret.embed.store import EmbeddingStore
 from uniret.errors import UniretError
 
 TINY = "timm:vit_tiny_patch16_224"
@@ -98,7 +97,7 @@ def test_corrupt_and_missing_images_are_skipped_and_reported(model, demo_root, t
                      "--data", str(folder), "--out", str(tmp_path / "s"), "--workers", "1",
                      "--batch-size", "2", "--dtype", "float32"]) == 0
     store = EmbeddingStore(tmp_path / "s")
-    assert store.failed_ids.tolist() == [2] and "cannot decode" in store.manifest["failed"]["2"]
+    assert store.failed_ids.tolist() == [2] and "cannot decode" in store.failed["2"]
     assert not store.embeddings[2].any() and store.valid_mask.tolist() == [True, True, False, True, True]
     good = [0, 1, 3, 4]
     expected = model.encode([decode_image((folder / f"{i}.png").read_bytes()) for i in good]).numpy()
@@ -128,26 +127,6 @@ def test_manifest_refuses_a_mismatched_model(model, demo_root, tmp_path):
     assert store.embeddings.dtype == np.float16
 
 
-def test_leftover_rank_chunks_are_folded_in_on_resume(model, demo_root, tmp_path):
-    """A multi-rank run killed after some ranks wrote chunks: a later run keeps those rows."""
-    items = open_items(demo_root, domains=["glyphs"], splits=["val"])
-    out = tmp_path / "s"
-    reference = direct_embeddings(model, items)
-    manifest_extra = {"model": extract.model_info(model), "source": {}}
-    # the fingerprint embed_items computes (items, model, options and the image files' sizes/mtimes)
-    fingerprint = store_fingerprint(list(items.items), 16, "float32", model.config_hash(), files=items.content_key())
-    writer = StoreWriter(out, list(items.items), 16, "float32", manifest_extra, fingerprint=fingerprint)
-    fake = np.full((4, 16), 0.25, dtype=np.float32)  # recognisable rows: they must not be recomputed
-    write_chunk(writer.partial, 1, 0, [3, 5, 7, 9], fake, {7: "cannot decode image (test)"})
-    del writer
-    store = embed_items(model, items, out, batch_size=8, workers=0, dtype="float32")
-    assert store.failed_ids.tolist() == [7] and not store.embeddings[7].any()
-    np.testing.assert_allclose(store.embeddings[[3, 5, 9]], fake[[0, 1, 3]])
-    rest = [i for i in range(len(items)) if i not in (3, 5, 7, 9)]
-    np.testing.assert_allclose(store.embeddings[rest], reference[rest], atol=1e-5)
-    assert not (tmp_path / "s.partial").exists()
-
-
 def test_torchrun_two_ranks_match_one_process(model_dir, demo_lmdb, tmp_path):
     args = ["embed", "--model", str(model_dir), "--data", str(demo_lmdb), "--domain", "shapes",
             "--split", "index", "--batch-size", "8", "--workers", "0", "--dtype", "float32"]
@@ -160,6 +139,8 @@ def test_torchrun_two_ranks_match_one_process(model_dir, demo_lmdb, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     one, two = EmbeddingStore(tmp_path / "one"), EmbeddingStore(tmp_path / "two")
+    # no gather: each rank wrote its own part, rank 0 only the manifest
+    assert [(p.name, p.start) for p in two.parts] == [("part-00000-of-00002", 0), ("part-00001-of-00002", one.count // 2)]
     assert [it.to_json() for it in one.items] == [it.to_json() for it in two.items]
     assert one.model_hash == two.model_hash
     np.testing.assert_allclose(two.embeddings, one.embeddings, atol=1e-5)

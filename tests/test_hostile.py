@@ -62,13 +62,18 @@ def one_line(err: str) -> list[str]:
     return [line for line in err.splitlines() if line.strip()]
 
 
-def refused(capfd, args, *trees, codes=(1, 2), match: str | None = None) -> str:
+#: uniret's progress lines on a non-terminal stderr ("embedding: 8 done in 0.6 s"): a command that fails
+#: only after real work (a model that gives NaN) has shown them; ``allow_progress`` leaves them out.
+PROGRESS = re.compile(r"^[\w ()]+: \d+(/\d+ \(\d+%\))?( done in [\d.]+ s)?[,(]")
+
+
+def refused(capfd, args, *trees, codes=(1, 2), match: str | None = None, allow_progress: bool = False) -> str:
     """Run ``uniret ARGS`` in this process; assert a refusal as the user must see it; return the line."""
     capfd.readouterr()
     before = snapshot(*trees)
     code = main([str(a) for a in args])
     _, err = capfd.readouterr()
-    lines = one_line(err)
+    lines = [line for line in one_line(err) if not (allow_progress and PROGRESS.match(line + ","))]
     assert code in codes, f"exit {code}, expected {codes}: {err}"
     assert "Traceback" not in err, err
     assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{err}"
@@ -308,10 +313,14 @@ def plant(kind: str, target: Path, marker: Path) -> None:
         env.close()
 
 
+#: The one part of a store written by one process (embed/store.py's layout).
+PART0 = "parts/part-00000-of-00001"
+
+
 PICKLES = {  # case: (artefact copied, file planted (relative), how, command given the copy)
-    "store embeddings (object npy) -> index build": ("store", "embeddings.npy", "npy",
+    "store embeddings (object npy) -> index build": ("store", f"{PART0}/embeddings.npy", "npy",
                                                      lambda w, c, t: ["index", "build", c, "--out", t / "i"]),
-    "store embeddings (raw pickle) -> index build": ("store", "embeddings.npy", "raw",
+    "store embeddings (raw pickle) -> index build": ("store", f"{PART0}/embeddings.npy", "raw",
                                                      lambda w, c, t: ["index", "build", c, "--out", t / "i"]),
     "store manifest (raw pickle) -> index build": ("store", "manifest.json", "raw",
                                                    lambda w, c, t: ["index", "build", c, "--out", t / "i"]),
@@ -412,13 +421,13 @@ DAMAGED = {  # case: (artefact, damage(copy, tmp), command(world, copy, tmp))
                                 lambda w, c, t: ["model", "info", c]),
     "model weights of another shape": ("model", lambda c, t: shutil.copy(t / "wide" / "model.safetensors", c),
                                        lambda w, c, t: ["model", "info", c]),
-    "store embeddings truncated": ("store", lambda c, t: truncate(c / "embeddings.npy"),
+    "store embeddings truncated": ("store", lambda c, t: truncate(c / PART0 / "embeddings.npy"),
                                    lambda w, c, t: ["index", "build", c, "--out", t / "i"]),
     "store manifest count wrong": ("store", lambda c, t: edit_json(c / "manifest.json", lambda o: o.update(count=10**6)),
                                    lambda w, c, t: ["index", "build", c, "--out", t / "i"]),
     "store manifest dim text": ("store", lambda c, t: edit_json(c / "manifest.json", lambda o: o.update(dim="8")),
                                 lambda w, c, t: ["index", "add", w.index, c]),
-    "store metadata not json": ("store", lambda c, t: (c / "metadata.jsonl").write_text("{not json\n"),
+    "store metadata not parquet": ("store", lambda c, t: (c / PART0 / "metadata.parquet").write_text("{not json\n"),
                                 lambda w, c, t: ["index", "build", c, "--out", t / "i"]),
     "index ids truncated": ("index", lambda c, t: truncate(c / "v000001" / "ids.npy"),
                             lambda w, c, t: ["index", "add", c, w.store]),
@@ -591,3 +600,430 @@ def test_markup_in_a_domain_name_does_not_run_in_chromium(xss_report, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "<title>uniret evaluation" in done.stdout and "PWNED" not in done.stdout.split("</title>")[0]
     assert 'src="x"' not in done.stdout and "&lt;img src=x onerror=" in done.stdout
+
+
+# -- NaN and inf stop at their source ------------------------------------------------------------
+
+def test_non_finite_vectors_are_refused_by_index_build_and_add(world, tmp_path, capfd):
+    from uniret.embed.store import EmbeddingStore, write_store
+
+    store = EmbeddingStore(world.store)
+    vectors = np.asarray(store.embeddings, dtype=np.float32).copy()
+    vectors[3] = np.nan
+    vectors[7, 0] = np.inf
+    bad = write_store(tmp_path / "bad", vectors, store.items, model=store.manifest["model"])
+    line = refused(capfd, ["index", "build", bad.path, "--out", tmp_path / "i"], *world.trees, bad.path,
+                   match="2 vector")
+    assert "3, 7" in line and not (tmp_path / "i").exists()
+    index = copy_of(world.index, tmp_path)
+    moved = [it.__class__(it.path + ".new", it.domain, it.split, it.position, it.class_ids) for it in store.items]
+    new = write_store(tmp_path / "new", vectors, moved, model=store.manifest["model"])
+    refused(capfd, ["index", "add", index, new.path], *world.trees, index, new.path, match="NaN or infinite")
+
+
+def test_a_model_that_outputs_nan(world, tmp_path, capfd):
+    import torch
+
+    from uniret.embed.model import load_model
+
+    model = load_model(world.model)
+    with torch.no_grad():
+        model.head.weight.fill_(float("nan"))
+    model.save(tmp_path / "nan-model")
+    # embed counts the rows as failures (a warning line), never stores NaN
+    assert main(["embed", "--model", str(tmp_path / "nan-model"), "--data", str(world.coll), "--out",
+                 str(tmp_path / "s"), "--workers", "0", "--device", "cpu"]) == 0
+    from uniret.embed.store import EmbeddingStore
+
+    s = EmbeddingStore(tmp_path / "s")
+    assert len(s.failed_ids) == s.count and np.isfinite(np.asarray(s.embeddings)).all()
+    capfd.readouterr()
+    refused(capfd, ["index", "build", tmp_path / "s", "--out", tmp_path / "i"], *world.trees, match="no usable")
+    refused(capfd, ["eval", "--model", tmp_path / "nan-model", "--data", world.coll, "--out", tmp_path / "r",
+                    "--device", "cpu", "--cache-dir", tmp_path / "cache"], *world.trees, match="NaN or infinite",
+            allow_progress=True)
+    assert not (tmp_path / "r").exists()
+
+
+def test_non_finite_query_vectors_are_refused(world, tmp_path, capfd):
+    q = np.ones((2, 8), np.float32)
+    q[1, 2] = np.nan
+    np.save(tmp_path / "q.npy", q)
+    refused(capfd, ["search", world.index, tmp_path / "q.npy"], *world.trees, match="NaN or infinite")
+
+
+# -- bounds on every value, and wrong types ------------------------------------------------------
+
+NUMBERS = {  # command (given world, tmp) -> {option: bad values}
+    "data demo": (lambda w, t: ["data", "demo", t / "o"],
+                  {"--seed": ["-1", str(2**64), "x"], "--scale": ["0", "-1", "nan", "inf", "1e9", "x"]}),
+    "data pack": (lambda w, t: ["data", "pack", w.coll, t / "o"],
+                  {"--max-side": ["0", "7", str(10**9), "x"], "--quality": ["0", "101", "1.5"],
+                   "--workers": ["-1", str(10**6)]}),
+    "model init": (lambda w, t: ["model", "init", "--backbone", "timm:test_resnet", "--out", t / "o"],
+                   {"--dim": ["0", "-1", str(10**9), "x"], "--image-size": ["0", "-5", str(10**6)],
+                    "--nested-dims": ["a,b", "0", "100000"], "--seed": ["-1", str(2**64)], "--crop-pct": ["nan", "0"]}),
+    "embed": (lambda w, t: ["embed", "--model", w.model, "--data", w.coll, "--out", t / "o", "--device", "cpu"],
+              {"--batch-size": ["0", "-1", str(10**9), "x"], "--workers": ["-1", str(10**6)]}),
+    "index build": (lambda w, t: ["index", "build", w.store, "--out", t / "o"],
+                    {"--recall-k": ["0", "-1", str(10**12)], "--target-recall": ["0", "1.5", "nan", "-1"],
+                     "--max-memory": ["x", "-5G"], "--kind": ["IVF4096,Flat", "bogus"]}),
+    "eval": (lambda w, t: ["eval", "--model", w.model, "--data", w.coll, "--out", t / "o", "--device", "cpu"],
+             {"--k": ["0", "-1", str(10**9)], "--samples": ["-1", str(10**6)], "--batch-size": ["0"],
+              "--workers": ["-1"]}),
+    "search": (lambda w, t: ["search", w.index, "id:0"],
+               {"--k": ["0", "-3", "x"], "--threshold": ["nan", "5", "-5"], "--shortlist-dim": ["0"]}),
+    "dedup": (lambda w, t: ["dedup", w.index],
+              {"--threshold": ["-5", "nan", "2"], "--fraction": ["0", "1", "nan"], "--neighbors": ["0", str(10**6)]}),
+    "demo": (lambda w, t: ["demo", "--out", t / "o", "--device", "cpu"],
+             {"--steps": ["1", "-1", str(10**12)], "--scale": ["0", "nan", "100"]}),
+    "serve": (lambda w, t: ["serve", w.index],
+              {"--port": ["-1", "70000"], "--max-batch": ["0"], "--max-wait-ms": ["-1", "nan"],
+               "--max-upload-mb": ["0"]}),
+}
+
+
+@pytest.mark.parametrize("name", NUMBERS)
+def test_out_of_range_and_wrong_type_numbers(world, name, tmp_path, capfd):
+    command, options = NUMBERS[name]
+    for option, values in options.items():
+        for value in values:
+            refused(capfd, [*command(world, tmp_path), option, value], *world.trees, tmp_path)
+    assert not (tmp_path / "o").exists()
+
+
+def test_ids_are_strictly_integers(world, tmp_path, capfd):
+    index = copy_of(world.index, tmp_path)
+    for text in ("2.7\n", "true\n", "1e3\n", "-1\n", f"{2**64}\n", "0x10\n"):
+        (tmp_path / "ids.txt").write_text(text)
+        refused(capfd, ["index", "remove", index, "--ids", tmp_path / "ids.txt"], *world.trees, index)
+    (tmp_path / "ids.json").write_text("[1, 2.5]")
+    refused(capfd, ["index", "remove", index, "--ids", tmp_path / "ids.json"], *world.trees, index)
+    for query in ("id:2.7", "id:true", f"id:{2**64}", "id:-1", "id:99999"):
+        refused(capfd, ["search", index, query], *world.trees, index)
+
+
+def test_huge_class_ids_and_bad_records_are_refused(world, tmp_path, capfd):
+    coll = copy_of(world.coll, tmp_path)
+    for bad in ([{"path": "alpha/0_0.png", "class_id": 2**70}], [{"path": "alpha/0_0.png", "class_id": -1}],
+                [{"path": "alpha/0_0.png", "class_id": True}], [{"path": "alpha/0_0.png", "class_id": []}],
+                {"path": "x"}, [["alpha/0_0.png", 0]]):
+        (coll / "info" / "alpha" / "train.json").write_text(json.dumps(bad))
+        refused(capfd, ["data", "pack", coll, tmp_path / "p"], *world.trees, coll)
+        refused(capfd, ["embed", "--model", world.model, "--data", coll, "--out", tmp_path / "s", "--split", "train"],
+                *world.trees, coll)
+
+
+# -- unknown names ---------------------------------------------------------------------------------
+
+UNKNOWN = {
+    "embed --domain": lambda w, t: ["embed", "--model", w.model, "--data", w.coll, "--out", t / "o", "--domain", "nope"],
+    "embed --split": lambda w, t: ["embed", "--model", w.model, "--data", w.coll, "--out", t / "o", "--split", "nope"],
+    "embed --device": lambda w, t: ["embed", "--model", w.model, "--data", w.coll, "--out", t / "o", "--device", "tpu"],
+    "embed --dtype": lambda w, t: ["embed", "--model", w.model, "--data", w.coll, "--out", t / "o", "--dtype", "int8"],
+    "model init backbone": lambda w, t: ["model", "init", "--backbone", "timm:resnet9000", "--out", t / "o"],
+    "model init source": lambda w, t: ["model", "init", "--backbone", "hf:whatever", "--out", t / "o"],
+    "model init pool": lambda w, t: ["model", "init", "--backbone", "timm:test_resnet", "--pool", "median",
+                                     "--out", t / "o"],
+    "data pack --image-format": lambda w, t: ["data", "pack", w.coll, t / "o", "--image-format", "gif"],
+    "data check --info-dir": lambda w, t: ["data", "check", w.coll, "--info-dir", "nope"],
+    "eval --split": lambda w, t: ["eval", "--model", w.model, "--data", w.coll, "--out", t / "o", "--split", "train"],
+    "eval --protocol": lambda w, t: ["eval", "--model", w.model, "--data", w.coll, "--out", t / "o", "--protocol", "x"],
+    "eval --rerank": lambda w, t: ["eval", "--model", w.model, "--data", w.coll, "--out", t / "o", "--rerank", "x"],
+    "eval --model DOMAIN=": lambda w, t: ["eval", "--model", f"nope={w.model}", "--data", w.coll, "--out", t / "o"],
+    "eval --index-kind": lambda w, t: ["eval", "--model", w.model, "--data", w.coll, "--out", t / "o",
+                                       "--index-kind", "x"],
+    "eval compare --metric": lambda w, t: ["eval", "compare", w.report, "--metric", "nope@3"],
+    "index build --kind": lambda w, t: ["index", "build", w.store, "--out", t / "o", "--kind", "IVF-banana"],
+    "index build --gpu": lambda w, t: ["index", "build", w.store, "--out", t / "o", "--gpu", "maybe"],
+    "search --rerank": lambda w, t: ["search", w.index, "id:0", "--rerank", "x"],
+    "search --domain": lambda w, t: ["search", w.index, "id:0", "--domain", "nope"],
+    "search query": lambda w, t: ["search", w.index, t / "nothing.jpg"],
+    "serve --device": lambda w, t: ["serve", w.index, "--device", "tpu"],
+    "command": lambda w, t: ["frobnicate"],
+    "option": lambda w, t: ["embed", "--modle", w.model],
+}
+
+
+@pytest.mark.parametrize("case", UNKNOWN)
+def test_unknown_names(world, case, tmp_path, capfd):
+    refused(capfd, UNKNOWN[case](world, tmp_path), *world.trees, tmp_path)
+    assert not (tmp_path / "o").exists()
+
+
+# -- index updates and versions ----------------------------------------------------------------------
+
+def test_index_updates_of_a_wrong_path_create_nothing(world, tmp_path, capfd):
+    (tmp_path / "ids.txt").write_text("0\n")
+    for args in (["index", "add", tmp_path / "nope", world.store], ["index", "remove", tmp_path / "nope", "--ids",
+                 tmp_path / "ids.txt"], ["index", "info", tmp_path / "nope"], ["search", tmp_path / "nope", "id:0"],
+                 ["index", "add", world.store, world.store]):
+        refused(capfd, args, *world.trees, match="not an index")
+    assert not (tmp_path / "nope").exists()
+
+
+def test_a_failed_build_leaves_no_index(world, tmp_path, capfd):
+    refused(capfd, ["index", "build", world.store, "--out", tmp_path / "i", "--kind", "IVF4096,Flat"], *world.trees,
+            match="lists|IVF|Faiss")
+    assert not (tmp_path / "i").exists()
+
+
+def test_index_add_of_another_models_store(world, tmp_path, capfd):
+    assert main(["model", "init", "--backbone", "timm:test_resnet", "--out", str(tmp_path / "m2"), "--dim", "8",
+                 "--image-size", "32", "--seed", "5"]) == 0
+    assert main(["embed", "--model", str(tmp_path / "m2"), "--data", str(world.coll), "--out", str(tmp_path / "s2"),
+                 "--workers", "0", "--device", "cpu", "--split", "val"]) == 0
+    index = copy_of(world.index, tmp_path)
+    capfd.readouterr()
+    refused(capfd, ["index", "add", index, tmp_path / "s2"], *world.trees, index, match="model")
+
+
+# -- Ctrl-C says whether re-running resumes ---------------------------------------------------------
+
+@pytest.mark.parametrize("name,target,resumable", [
+    ("data pack", "uniret.data.store._pack_images", True),
+    ("embed", "uniret.embed.extract.embedded_batches", True),
+    ("index build", "uniret.index.build._train", True),
+    ("data demo", "uniret.data.demo._draw", False),
+    ("model init", "uniret.embed.model.build_model", False),
+])
+def test_ctrl_c(world, name, target, resumable, tmp_path, capfd, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(target, interrupted)
+    args = writer_args(world, name, tmp_path / "o", tmp_path / "cache")
+    capfd.readouterr()
+    before = snapshot(*world.trees)
+    assert main([str(a) for a in args]) == 130
+    lines = one_line(capfd.readouterr().err)
+    expected = "uniret: interrupted; re-run the same command to resume" if resumable else "uniret: interrupted"
+    assert lines == [expected]
+    assert snapshot(*world.trees) == before and not (tmp_path / "o").exists()
+
+
+# -- full disks, read-only disks and truncated LMDB files: in a subprocess, as a user sees them -----
+
+DRIVER = r"""
+import json, os, resource, shutil, signal, subprocess, sys, traceback
+from uniret.cli import main
+
+cases, mode = json.load(open(sys.argv[1])), sys.argv[2]
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # RLIMIT_FSIZE: writes fail with EFBIG instead
+for case in cases:
+    mnt = case["mnt"]
+    os.makedirs(mnt, exist_ok=True)
+    if mode == "tmpfs" and case.get("size"):
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=" + case["size"], "tmpfs", mnt], check=True)
+        if case.get("ro"):
+            subprocess.run(["mount", "-o", "remount,ro", mnt], check=True)
+    err = os.open(case["err"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    saved = os.dup(2)
+    os.dup2(err, 2)
+    sys.stderr = os.fdopen(os.dup(2), "w", buffering=1)
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if mode == "fsize" and case.get("fsize"):
+        resource.setrlimit(resource.RLIMIT_FSIZE, (case["fsize"], limits[1]))
+    try:
+        code = main(case["args"])
+    except BaseException:
+        code = "raised"
+        traceback.print_exc()
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        sys.stderr = sys.__stderr__
+    left = sorted(os.listdir(mnt))
+    if mode == "tmpfs" and case.get("size"):
+        subprocess.run(["umount", mnt], check=True)
+    print(json.dumps({"name": case["name"], "code": code, "left": left}), flush=True)
+"""
+
+
+def _namespace_prefix(tmp: Path) -> list[str] | None:
+    """A way to mount a tiny tmpfs for one process tree (root, or user namespaces), else None."""
+    for prefix in (["unshare", "-m"], ["unshare", "-rm"]):
+        probe = tmp / "probe"
+        probe.mkdir(exist_ok=True)
+        try:
+            done = subprocess.run([*prefix, "sh", "-c", f"mount -t tmpfs -o size=4k tmpfs {probe}"],
+                                  capture_output=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        if done.returncode == 0:
+            return prefix
+    return None
+
+
+@pytest.fixture(scope="module")
+def disk_cases(world, tmp_path_factory):
+    """Run every full-disk, read-only and truncated-LMDB case in one subprocess (torch loads once)."""
+    base = tmp_path_factory.mktemp("disks")
+    prefix = _namespace_prefix(base)
+    mode = "tmpfs" if prefix else "fsize"
+    wide = base / "wide"  # a 512-d float32 store does not fit: the case where a memory map would SIGBUS
+    assert main(["model", "init", "--backbone", "timm:test_resnet", "--out", str(wide), "--dim", "512",
+                 "--image-size", "32"]) == 0
+    trunc = copy_of(world.lmdb, base, "trunc.lmdb")
+    truncate(trunc / "data.mdb", 0.5)
+    meta_trunc = copy_of(world.index, base, "meta-trunc")
+    truncate(meta_trunc / "v000001" / "meta" / "data.mdb", 0.4)
+    cases = []
+
+    def case(name, args, size=None, fsize=None, ro=False):
+        mnt = base / name.replace(" ", "-")
+        cases.append({"name": name, "mnt": str(mnt), "size": size, "fsize": fsize, "ro": ro,
+                      "err": str(base / f"{name.replace(' ', '-')}.err"),
+                      "args": [str(a).replace("MNT", str(mnt)) for a in args]})
+
+    w = world
+    full = [("data demo", ["data", "demo", "MNT/o", "--scale", "0.05"], "64k", 4096),
+            ("data pack", ["data", "pack", w.coll, "MNT/o", "--max-side", "16"], "16k", 4096),
+            ("model init", ["model", "init", "--backbone", "timm:test_resnet", "--out", "MNT/o", "--image-size", "32"],
+             "64k", 8192),
+            ("embed", ["embed", "--model", wide, "--data", w.coll, "--out", "MNT/o", "--dtype", "float32",
+                       "--workers", "0", "--device", "cpu"], "48k", 4096),
+            ("index build", ["index", "build", w.store, "--out", "MNT/o"], "12k", 1024),
+            ("eval", ["eval", "--model", w.model, "--data", w.coll, "--out", "MNT/o", "--device", "cpu",
+                      "--cache-dir", base / "cache"], "8k", 2048)]
+    for name, args, size, fsize in full:
+        case(f"full {name}", args, size=size, fsize=fsize)
+        if mode == "tmpfs":
+            case(f"read-only {name}", args, size="64k", ro=True)
+    for name, args in [("data check", ["data", "check", trunc]),
+                       ("embed", ["embed", "--model", w.model, "--data", trunc, "--out", "MNT/o", "--device", "cpu"]),
+                       ("eval", ["eval", "--model", w.model, "--data", trunc, "--out", "MNT/o", "--device", "cpu"]),
+                       ("search", ["search", meta_trunc, "id:0"])]:
+        case(f"truncated lmdb {name}", args)
+    (base / "cases.json").write_text(json.dumps(cases))
+    (base / "driver.py").write_text(DRIVER)
+    before = snapshot(*world.trees)
+    done = subprocess.run([*(prefix or []), sys.executable, str(base / "driver.py"), str(base / "cases.json"), mode],
+                          capture_output=True, text=True, timeout=900, env=_child_env())
+    results = {r["name"]: r for r in map(json.loads, done.stdout.splitlines())}
+    assert snapshot(*world.trees) == before
+    return SimpleNamespace(results=results, cases={c["name"]: c for c in cases}, mode=mode, done=done)
+
+
+DISK_CASES = ([f"full {n}" for n in ("data demo", "data pack", "model init", "embed", "index build", "eval")]
+              + [f"read-only {n}" for n in ("data demo", "data pack", "model init", "embed", "index build", "eval")]
+              + [f"truncated lmdb {n}" for n in ("data check", "embed", "eval", "search")])
+
+
+@pytest.mark.parametrize("name", DISK_CASES)
+def test_full_read_only_and_truncated(disk_cases, name):
+    if name.startswith("read-only") and disk_cases.mode != "tmpfs":
+        pytest.skip("no mount namespace here for a read-only tmpfs")
+    result = disk_cases.results.get(name)
+    assert result is not None, (f"the driver died before {name!r} (a crash such as SIGBUS: exit "
+                                f"{disk_cases.done.returncode}): {disk_cases.done.stderr[-3000:]}")
+    err = Path(disk_cases.cases[name]["err"]).read_text()
+    lines = one_line(err)
+    if name == "full eval":  # the disk fills up only after the embedding was done and logged
+        lines = [line for line in lines if line.startswith("error")]
+    assert result["code"] in (1, 2), (result, err)
+    assert "Traceback" not in err and len(lines) == 1, err
+    if name.startswith("full"):
+        assert re.search("no space|too large|free some space", lines[0], re.I), lines[0]
+    if name.startswith("read-only"):
+        assert "read-only" in lines[0], lines[0]
+    if not name.startswith("truncated"):
+        assert result["left"] == [], f"left on the full or read-only disk: {result['left']}"
+
+
+def test_truncated_store_through_the_real_cli(disk_cases, world, tmp_path):
+    done = subprocess_cli(["data", "check", Path(disk_cases.cases["truncated lmdb data check"]["args"][2])])
+    assert_clean_failure(done, match="truncated")
+
+
+# -- single output files: pages and JSON ------------------------------------------------------------
+
+FILE_WRITERS = {
+    "search --html": (lambda w, out: ["search", w.index, "id:0", "--html", out], ".html"),
+    "dedup --html": (lambda w, out: ["dedup", w.index, "--html", out], ".html"),
+    "dedup --out": (lambda w, out: ["dedup", w.index, "--out", out], ".json"),
+}
+
+
+@pytest.mark.parametrize("name", FILE_WRITERS)
+def test_output_files_never_replace_what_uniret_did_not_make(world, name, tmp_path, capfd):
+    command, suffix = FILE_WRITERS[name]
+    foreign = tmp_path / f"notes{suffix}"
+    foreign.write_text("mine\n")
+    refused(capfd, command(world, foreign), *world.trees, tmp_path, match="never replaces")
+    refused(capfd, command(world, world.index / f"x{suffix}"), *world.trees, match="inside")
+    refused(capfd, command(world, tmp_path), *world.trees, tmp_path, match="directory|ending")
+    refused(capfd, command(world, world.file / f"x{suffix}"), *world.trees, match="file")
+    own = tmp_path / f"own{suffix}"
+    assert main([str(a) for a in command(world, own)]) == 0 and own.is_file()
+    refused(capfd, command(world, own), *world.trees, tmp_path, match="--overwrite")
+    assert main([str(a) for a in [*command(world, own), "--overwrite"]]) == 0
+
+
+# -- images that are not what they seem -----------------------------------------------------------
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG that declares ``width`` x ``height`` pixels but carries almost no data (a decompression bomb)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+
+
+def test_bombs_wide_and_float_images(world, tmp_path, capfd):
+    from uniret.data.images import decode_image
+    from uniret.errors import ImageDecodeError
+
+    coll = copy_of(world.coll, tmp_path)
+    (coll / "images" / "alpha" / "0_0.png").write_bytes(png_header_only(10_000, 10_000))  # Pillow would warn
+    (coll / "images" / "alpha" / "0_1.png").write_bytes(png_header_only(20_000, 20_000))  # Pillow would raise
+    capfd.readouterr()
+    assert main(["data", "pack", str(coll), str(tmp_path / "p"), "--max-side", "16"]) == 0
+    err = capfd.readouterr().err
+    assert "DecompressionBomb" not in err and "Traceback" not in err, err
+    assert err.count("decompression bomb") == 2, err
+    ramp = np.linspace(0, 65535, 32 * 32).reshape(32, 32).astype(np.uint16)
+    buf = tmp_path / "wide.png"
+    Image.fromarray(ramp).save(buf)
+    assert abs(np.asarray(decode_image(buf.read_bytes())).mean() - 127.5) < 1  # not clipped to white
+    Image.fromarray(np.linspace(0, 1, 32 * 32, dtype=np.float32).reshape(32, 32)).save(tmp_path / "f.tif")
+    assert abs(np.asarray(decode_image((tmp_path / "f.tif").read_bytes())).mean() - 127.5) < 1  # not black
+    with pytest.raises(ImageDecodeError, match="decompression bomb"):
+        decode_image(png_header_only(10_000, 10_000))
+
+
+def test_two_packs_into_one_output(world, tmp_path, capfd):
+    out = tmp_path / "p.lmdb"
+    first = subprocess.Popen([sys.executable, "-m", "uniret.cli", "data", "pack", str(world.coll), str(out)],
+                             env=_child_env({"UNIRET_TEST_SLEEP_PACK": "3", "UNIRET_TEST_PACK_COMMIT_EVERY": "4"}),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        lock = tmp_path / ".p.lmdb.lock"
+        for _ in range(600):  # wait until the first pack holds its lock (it sleeps after each commit)
+            if (tmp_path / "p.lmdb.partial").is_dir():
+                break
+            import time
+
+            time.sleep(0.1)
+        assert lock.exists()
+        refused(capfd, ["data", "pack", world.coll, out], *world.trees, match="another uniret command")
+    finally:
+        first.kill()
+        first.wait()
+
+
+@pytest.mark.skipif(subprocess.run([sys.executable, "-c", "import socket; socket.create_connection(('huggingface.co', "
+                                    "443), timeout=3)"], capture_output=True).returncode == 0,
+                    reason="the hub is reachable from here: this is the offline case")
+def test_pretrained_offline_is_one_line_and_quick(world, tmp_path, capfd):
+    import time
+
+    start = time.monotonic()
+    refused(capfd, ["model", "init", "--backbone", "timm:resnet18", "--pretrained", "--out", tmp_path / "m"],
+            *world.trees, match="cannot load pretrained weights")
+    assert time.monotonic() - start < 30  # the hub client retried for a minute before
