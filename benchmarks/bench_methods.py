@@ -2,7 +2,9 @@
 
 Rows (METHOD.md §3; only method and sampler differ, everything else is shared):
 
-    untrained            the backbone + head at random init (no training)
+    untrained            the backbone + head at random init (no training; in the two-stage regime
+                         the stage-1 backbone with a fresh head)
+    stage1               the two-stage regime's stage-1 model itself (only with --stage1-steps)
     uscrr                universal head, separate per-domain classifiers, round-robin sampling
     ujc-size             universal head, one joint classifier, sampling proportional to dataset size
     udon-round_robin     UDON distillation, round-robin sampling
@@ -10,6 +12,19 @@ Rows (METHOD.md §3; only method and sampler differ, everything else is shared):
     udon-dynamic+sg      the udon-dynamic models with SuperGlobal reranking at query time
     specialist-oracle    one specialist per domain; each domain's queries and index embedded by its
                          own specialist (the domain label known at query time): an upper reference
+
+Ablations (only when named in ``--rows``), UDON with round-robin sampling and one change:
+
+    udon-rr-nodistill    distillation stopped at the backbone (``--no-distill-backbone``)
+    udon-rr-rel-half     relational weight halved (relational_factor 0.125: at batch 128 the weight
+                         L_rel has at batch 64, B/4 = 16)
+    udon-rr-rel-double   relational weight doubled (relational_factor 0.5: B/4 of batch 256)
+
+Regimes: from scratch (``--backbone timm:...`` and a recipe ``--config``); two-stage
+(``--stage1-steps N``: per seed, stage 1 trains ``--stage1-method`` on all training domains with
+``--stage1-config``, stage 2 starts every row from that backbone with ``--config``, e.g.
+``benchmarks/recipes/cpu_stage2.json``: backbone frozen for the first 20%, its lr a tenth of the
+heads'); capacity (``--dim 16`` with ``teacher_dim`` 64 in the config).
 
 Every model is selected on the VALIDATION split during training (``RUN/model`` holds the best
 validated weights); the test split is evaluated once per final model, merged protocol (one index
@@ -36,13 +51,18 @@ import time
 from pathlib import Path
 
 METRICS = ("mAP@100", "mMP@5", "R@1")
-TRAINED = {  # row -> (method, sampler)
-    "uscrr": ("uscrr", "round_robin"),
-    "ujc-size": ("ujc", "size"),
-    "udon-round_robin": ("udon", "round_robin"),
-    "udon-dynamic": ("udon", "dynamic"),
+TRAINED = {  # row -> (method, sampler, config fields on top of --config)
+    "uscrr": ("uscrr", "round_robin", {}),
+    "ujc-size": ("ujc", "size", {}),
+    "udon-round_robin": ("udon", "round_robin", {}),
+    "udon-dynamic": ("udon", "dynamic", {}),
+    "udon-rr-nodistill": ("udon", "round_robin", {"distill_to_backbone": False}),
+    "udon-rr-rel-half": ("udon", "round_robin", {"relational_factor": 0.125}),
+    "udon-rr-rel-double": ("udon", "round_robin", {"relational_factor": 0.5}),
 }
-ROWS = ("untrained", "uscrr", "ujc-size", "udon-round_robin", "udon-dynamic", "udon-dynamic+sg", "specialist-oracle")
+ROWS = ("untrained", "stage1", "uscrr", "ujc-size", "udon-round_robin", "udon-dynamic", "udon-dynamic+sg",
+        "specialist-oracle")
+ABLATIONS = ("udon-rr-nodistill", "udon-rr-rel-half", "udon-rr-rel-double")
 
 
 def uniret(*args: str, log: Path) -> float:
@@ -78,24 +98,50 @@ class Bench:
         tmp.write_text(json.dumps(self.timings, indent=2, sort_keys=True))
         os.replace(tmp, self.timings_file)
 
-    def common(self) -> list[str]:
+    def common(self, seed: int, backbone: str | None = None, config: str | None = None) -> list[str]:
         a = self.args
-        opts = ["--data", a.data, "--backbone", a.backbone, "--steps", str(a.steps), "--batch-size", str(a.batch_size),
-                "--val-every", str(a.val_every), "--ckpt-every", str(a.val_every), "--device", a.device]
+        opts = ["--data", a.data, "--backbone", backbone or self.backbone(seed), "--steps", str(a.steps),
+                "--batch-size", str(a.batch_size), "--val-every", str(a.val_every), "--ckpt-every", str(a.val_every),
+                "--device", a.device, "--seed", str(seed)]
         if a.image_size:
             opts += ["--image-size", str(a.image_size)]
-        if a.config:
-            opts += ["--config", a.config]
-        return opts
+        if a.dim:
+            opts += ["--dim", str(a.dim)]
+        config = config or a.config
+        return opts + (["--config", config] if config else [])
 
-    def train(self, name: str, seed: int, method: str, sampler: str, domain: str | None = None) -> Path:
+    def backbone(self, seed: int) -> str:
+        """The backbone every row starts from: --backbone, or this seed's stage-1 model (two-stage)."""
+        if not self.args.stage1_steps:
+            return self.args.backbone
+        run = self.out / "runs" / f"stage1-s{seed}"
+        if not (run / "summary.json").is_file():
+            a = self.args
+            opts = [*self.common(seed, backbone=a.backbone, config=a.stage1_config), "--steps", str(a.stage1_steps),
+                    "--method", a.stage1_method, "--out", str(run)]
+            resume = ["--resume"] if (run / "train_config.json").is_file() else []
+            self.record(f"train stage1-s{seed}", uniret("train", *opts, *resume, log=self.log))
+        return str(run / "model")
+
+    def row_config(self, name: str, fields: dict) -> str | None:
+        """--config plus the row's own fields, as one file (None when the row adds nothing)."""
+        if not fields:
+            return self.args.config
+        base = json.loads(Path(self.args.config).read_text()) if self.args.config else {}
+        path = self.out / "configs" / f"{name}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({**base, **fields}, indent=2) + "\n")
+        return str(path)
+
+    def train(self, name: str, seed: int, method: str, sampler: str, fields: dict | None = None,
+              domain: str | None = None) -> Path:
         run = self.out / "runs" / f"{name}-s{seed}"
         if (run / "summary.json").is_file() and (run / "model" / "config.json").is_file():
             return run / "model"
         extra = ["--domain", domain] if domain else []
         resume = ["--resume"] if (run / "train_config.json").is_file() else []
-        seconds = uniret("train", *self.common(), "--method", method, "--sampler", sampler, "--seed", str(seed),
-                         "--out", str(run), *extra, *resume, log=self.log)
+        seconds = uniret("train", *self.common(seed, config=self.row_config(name, fields or {})), "--method", method,
+                         "--sampler", sampler, "--out", str(run), *extra, *resume, log=self.log)
         self.record(f"train {name}-s{seed}", seconds)
         return run / "model"
 
@@ -112,14 +158,16 @@ class Bench:
     def run_seed(self, seed: int) -> None:
         a = self.args
         rows = set(a.rows.split(",")) if a.rows else set(ROWS)
-        unknown = rows - set(ROWS)
+        unknown = rows - set(ROWS) - set(ABLATIONS)
         if unknown:
-            sys.exit(f"unknown --rows {sorted(unknown)}; choose from {', '.join(ROWS)}")
+            sys.exit(f"unknown --rows {sorted(unknown)}; choose from {', '.join(ROWS + ABLATIONS)}")
         if "untrained" in rows:
             self.run_untrained(seed)
-        for name, (method, sampler) in TRAINED.items():
+        if "stage1" in rows and a.stage1_steps:
+            self.evaluate("stage1", seed, [self.backbone(seed)])
+        for name, (method, sampler, fields) in TRAINED.items():
             if name in rows or (name == "udon-dynamic" and "udon-dynamic+sg" in rows):
-                model = self.train(name, seed, method, sampler)
+                model = self.train(name, seed, method, sampler, fields)
                 if name in rows:
                     self.evaluate(name, seed, [str(model)])
                 if name == "udon-dynamic" and "udon-dynamic+sg" in rows:
@@ -133,24 +181,29 @@ class Bench:
         a = self.args
         untrained = self.out / "models" / f"untrained-s{seed}"
         if not (untrained / "config.json").is_file():
-            init = ["model", "init", "--backbone", a.backbone, "--seed", str(seed), "--out", str(untrained)]
+            init = ["model", "init", "--backbone", self.backbone(seed), "--seed", str(seed), "--out", str(untrained)]
             if a.image_size:
                 init += ["--image-size", str(a.image_size)]
+            if a.dim:
+                init += ["--dim", str(a.dim)]
             uniret(*init, log=self.log)
         self.evaluate("untrained", seed, [str(untrained)])
 
 
 def spread(values: list[float]) -> str:
+    """mean ± sample standard deviation over seeds (just the value for one seed)."""
     mean = sum(values) / len(values)
-    half = (max(values) - min(values)) / 2
-    return f"{mean:.3f} ± {half:.3f}"
+    if len(values) < 2:
+        return f"{mean:.3f}"
+    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+    return f"{mean:.3f} ± {std:.3f}"
 
 
 def summarize(out: Path, seeds: list[int], domains: list[str]) -> tuple[str, dict]:
-    """A markdown table per protocol: mean ± half-range over seeds, per domain and the mean."""
+    """A markdown table per protocol: mean ± standard deviation over seeds, per domain and the mean."""
     timings = json.loads((out / "timings.json").read_text()) if (out / "timings.json").exists() else {}
     data: dict = {}
-    for row in ROWS:
+    for row in ROWS + ABLATIONS:
         for seed in seeds:
             f = out / "reports" / f"{row}-s{seed}" / "metrics.json"
             if not f.is_file():
@@ -162,7 +215,7 @@ def summarize(out: Path, seeds: list[int], domains: list[str]) -> tuple[str, dic
                         entry.setdefault((d, m), []).append(vals[m])
     lines = []
     for protocol, rows in data.items():
-        lines.append(f"\n**{protocol} protocol**, test split, mean ± half-range over seeds {seeds}\n")
+        lines.append(f"\n**{protocol} protocol**, test split, mean ± standard deviation over seeds {seeds}\n")
         head = ["row", *[f"mean {m}" for m in METRICS], *[f"{d} mAP@100" for d in domains], "train wall s"]
         lines.append("| " + " | ".join(head) + " |")
         lines.append("|" + "---|" * len(head))
@@ -190,7 +243,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--val-every", type=int, default=250)
     p.add_argument("--config", default=None, help="JSON of further TrainConfig fields shared by every run")
     p.add_argument("--device", default="auto")
-    p.add_argument("--rows", default=None, help=f"comma-separated subset of: {', '.join(ROWS)} (default all)")
+    p.add_argument("--rows", default=None,
+                   help=f"comma-separated subset of: {', '.join(ROWS + ABLATIONS)} (default: {', '.join(ROWS)})")
+    p.add_argument("--dim", type=int, default=None, help="universal embedding size (capacity regime: 16)")
+    p.add_argument("--stage1-steps", type=int, default=0, help="two-stage regime: steps of stage 1 (0 = from scratch)")
+    p.add_argument("--stage1-method", default="ujc", help="two-stage regime: the method of stage 1")
+    p.add_argument("--stage1-config", default=None, help="two-stage regime: TrainConfig fields of stage 1")
     args = p.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
     bench = Bench(args)

@@ -28,7 +28,8 @@ def build(method: str, args, num_classes: list[int], device: torch.device):
     from uniret.train.config import TrainConfig
     from uniret.train.methods import METHODS
     from uniret.train.model import TrainingModel
-    from uniret.train.trainer import build_embedder, make_optimizer
+    from uniret.train.optim import make_optimizer
+    from uniret.train.setup import build_embedder
 
     torch.manual_seed(0)
     config = TrainConfig(data="-", out="-", method=method, backbone=args.backbone, image_size=args.image_size,

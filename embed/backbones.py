@@ -196,7 +196,9 @@ def _timm_backbone(name: str, model_name: str, pretrained: bool, weights: str | 
         if probe.ndim != 4:
             raise UniretError(f"{name}: gem pooling needs a CNN feature map; for ViTs use pool token or avg")
         gem = GeM(gem_p, learnable=gem_learnable)
-    return Backbone(name, model, model.num_features, data_config, pool=gem)
+    # Models with a conv head after pooling (MobileNetV3/V4, LCNet, ...) output head_hidden_size.
+    feature_dim = model.num_features if gem is not None else getattr(model, "head_hidden_size", None) or model.num_features
+    return Backbone(name, model, feature_dim, data_config, pool=gem)
 
 
 def _open_clip_backbone(name: str, spec: str, pretrained: bool, weights: str | None,

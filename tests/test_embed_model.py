@@ -265,3 +265,15 @@ def test_head_starts_lecun_normal_with_zero_bias():
         biased = F.normalize(default(e_b), dim=-1)
         cos_default = (biased @ biased.T)[~torch.eye(400, dtype=torch.bool)].mean().item()
     assert abs(cos) < 0.02 and cos_default > 0.3, (cos, cos_default)
+
+
+def test_timm_model_with_a_conv_head_reports_its_output_size():
+    """LCNet (like MobileNetV3/V4) puts a 1x1 conv head after pooling: the embedding head must take
+    its output size (head_hidden_size), not the trunk's num_features."""
+    import torch
+
+    from uniret.embed.model import build_model
+
+    model = build_model("timm:lcnet_050", dim=8, image_size=32)
+    assert model.config.feature_dim == 1280
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 8)

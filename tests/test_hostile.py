@@ -209,9 +209,7 @@ def writer_args(w, name: str, out: Path, cache: Path) -> list:
 
 # Cases that belong to another engineer's half of issue #11 and fail on main until it lands (strict=False:
 # an XPASS just means it landed; then delete the entry).
-PENDING = {
-    "train": "train/ half of issue #11 (the --out guard for runs, pickle-free checkpoints) not on main yet",
-}
+PENDING: dict[str, str] = {}
 
 
 def pending(*names: str):
@@ -395,7 +393,6 @@ def test_pickled_eval_cache_is_refused(world, tmp_path, capfd):
     assert not marker.exists() and not (tmp_path / "r").exists()
 
 
-@pytest.mark.xfail(reason=PENDING["train"], strict=False)
 def test_pickled_training_checkpoint_is_refused(world, tmp_path, capfd, monkeypatch):
     run = tmp_path / "run"
     args = ["train", "--data", world.coll, "--out", run, "--backbone", "timm:test_resnet", "--image-size", "32",

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from uniret.cli import main
 from uniret.train.config import TrainConfig
+from uniret.train.rundir import load_checkpoint, unprefixed
 from uniret.train.trainer import train
 
 TINY = dict(backbone="timm:test_vit", image_size=32, batch_size=8, dynamic_interval=2, dynamic_window=2,
@@ -34,6 +35,12 @@ def metrics(run) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+def checkpoint(run, name="last") -> tuple[dict, dict]:
+    """(model tensors, state) of RUN/checkpoints/<name>.safetensors."""
+    tensors, state = load_checkpoint(run / "checkpoints" / f"{name}.safetensors")
+    return unprefixed("model", tensors) if name == "last" else tensors, state
+
+
 def test_run_directory_and_export(demo_root, tmp_path):
     from uniret.embed.model import load_model
 
@@ -41,7 +48,7 @@ def test_run_directory_and_export(demo_root, tmp_path):
     header = json.loads((run / "train_config.json").read_text())
     assert header["config"]["method"] == "udon" and header["domains"] == ["flags", "glyphs", "shapes", "textures"]
     assert "git_commit" in header
-    assert (run / "checkpoints" / "last.pt").is_file() and (run / "checkpoints" / "best.pt").is_file()
+    assert (run / "checkpoints" / "last.safetensors").is_file() and (run / "checkpoints" / "best.safetensors").is_file()
     lines = metrics(run)
     vals = [r for r in lines if r["kind"] == "val"]
     assert [v["step"] for v in vals] == [0, 3, 6]  # untrained, every 3 steps, last
@@ -62,7 +69,8 @@ def test_run_directory_and_export(demo_root, tmp_path):
     assert model.config.dim == 64
     assert model.config.provenance["training"]["method"] == "udon"
     # the exported weights are the best checkpoint's
-    best_state = torch.load(run / "checkpoints" / "best.pt", weights_only=False)["embedder"]
+    best_state, best_meta = checkpoint(run, "best")
+    assert best_meta["step"] == best["step"]
     exported = weights(run)
     assert all(torch.equal(exported[k], best_state[k]) for k in exported)
 
@@ -80,7 +88,7 @@ def test_resume_equals_uninterrupted(demo_root, tmp_path, monkeypatch):
     cfg = tiny_config(demo_root, tmp_path / "cut", val_every=0)
     interrupted(cfg, 5, monkeypatch)  # dies after step 5; the last checkpoint is step 4
     assert not (tmp_path / "cut" / "model").exists()
-    assert torch.load(tmp_path / "cut" / "checkpoints" / "last.pt", weights_only=False)["step"] == 4
+    assert checkpoint(tmp_path / "cut")[1]["step"] == 4
     resumed = train(cfg, resume=True)
     a, b = weights(whole), weights(resumed)
     assert a.keys() == b.keys()
@@ -88,11 +96,11 @@ def test_resume_equals_uninterrupted(demo_root, tmp_path, monkeypatch):
         assert torch.equal(a[k], b[k]), k
     # the metrics log continues without the lost step-5 line twice
     assert [r["step"] for r in metrics(resumed)] == [r["step"] for r in metrics(whole)]
-    full = torch.load(whole / "checkpoints" / "last.pt", weights_only=False)
-    cont = torch.load(resumed / "checkpoints" / "last.pt", weights_only=False)
-    assert full["sampler"] == cont["sampler"]
-    for k, v in full["model"].items():  # teachers and classifiers too
-        assert torch.equal(v, cont["model"][k]), k
+    (full, full_state), (cont, cont_state) = checkpoint(whole), checkpoint(resumed)
+    assert full_state["sampler"] == cont_state["sampler"]
+    assert full_state["optimizer"] == cont_state["optimizer"]
+    for k, v in full.items():  # teachers and classifiers too
+        assert torch.equal(v, cont[k]), k
 
 
 @pytest.mark.parametrize("method,extra,sampler", [
@@ -110,7 +118,7 @@ def test_baseline_methods(demo_root, tmp_path, method, extra, sampler):
         assert header["domains"] == ["shapes"]
         assert set(lines[0]["per_domain_R@1"]) == {"shapes"}
     if method == "ujc":
-        state = torch.load(run / "checkpoints" / "last.pt", weights_only=False)["model"]
+        state = checkpoint(run)[0]
         assert state["heads.student_classifiers.0.weight"].shape[0] == sum(header["num_classes"])
 
 
@@ -121,17 +129,17 @@ def test_absent_heads_policy(demo_root, tmp_path, policy, monkeypatch):
     cfg = tiny_config(demo_root, tmp_path / policy, sampler="round_robin", steps=2, val_every=0, ckpt_every=1,
                       absent_heads=policy)
     interrupted(cfg, 1, monkeypatch)
-    after_1 = torch.load(tmp_path / policy / "checkpoints" / "last.pt", weights_only=False)
+    after_1, state_1 = checkpoint(tmp_path / policy)
     train(cfg, resume=True)
-    after_2 = torch.load(tmp_path / policy / "checkpoints" / "last.pt", weights_only=False)
-    assert after_1["step"] == 1 and after_2["step"] == 2
+    after_2, state_2 = checkpoint(tmp_path / policy)
+    assert state_1["step"] == 1 and state_2["step"] == 2
     for name in ("heads.teacher_heads.0.weight", "heads.teacher_classifiers.0.weight",
                  "heads.student_classifiers.0.weight"):
-        same = torch.equal(after_1["model"][name], after_2["model"][name])
+        same = torch.equal(after_1[name], after_2[name])
         assert same == (policy == "skip"), name
     # glyphs (domain 1) trained in step 2 under both policies
     glyphs = "heads.student_classifiers.1.weight"
-    assert not torch.equal(after_1["model"][glyphs], after_2["model"][glyphs])
+    assert not torch.equal(after_1[glyphs], after_2[glyphs])
 
 
 def run_cli(args, capsys):
@@ -171,7 +179,7 @@ def test_cli_trains_and_rejects_bad_options(demo_root, tmp_path, capsys):
     cfg = tmp_path / "cfg.json"
     cfg.write_text(json.dumps({"cls_scale": 8.0, "no_such_option": 1}))
     code, err = run_cli(base[:-1] + [str(tmp_path / "c2"), "--config", str(cfg)], capsys)
-    assert code == 1 and "no_such_option" in err
+    assert code == 2 and "no_such_option" in err
     cfg.write_text(json.dumps({"cls_scale": 8.0, "steps": 99}))
     code, err = run_cli(base[:-1] + [str(tmp_path / "c3"), "--config", str(cfg)], capsys)
     assert code == 0, err

@@ -19,6 +19,7 @@ from .samplers import SAMPLERS
 
 MethodName = enum.Enum("MethodName", {name: name for name in METHODS}, type=str)
 SamplerName = enum.Enum("SamplerName", {name: name for name in SAMPLERS}, type=str)
+ScheduleName = enum.Enum("ScheduleName", {name: name for name in ("constant", "cosine", "step")}, type=str)
 
 _METHOD_HELP = "; ".join(f"{n}: {cls.help} (default sampler {cls.default_sampler})" for n, cls in METHODS.items())
 _SAMPLER_HELP = "; ".join(f"{n}: {cls.help}" for n, cls in SAMPLERS.items())
@@ -45,6 +46,16 @@ def train_command(
     distill_backbone: bool = typer.Option(None, "--distill-backbone/--no-distill-backbone",
                                           help="udon: let L_log and L_rel train the backbone (default) or stop them at e_b."),
     steps: int = typer.Option(None, "--steps", help="Training steps (one single-domain batch each)."),
+    time_budget: float = typer.Option(None, "--time-budget", metavar="MINUTES",
+                                      help="Train for this many minutes instead of --steps; schedules stretch to it."),
+    head_lr: float = typer.Option(None, "--head-lr", help="Learning rate of the heads and classifiers (default 1e-3)."),
+    backbone_lr: float = typer.Option(None, "--backbone-lr", help="Learning rate of the backbone (default 1e-5)."),
+    lr_schedule: ScheduleName = typer.Option(None, "--lr-schedule", help="Learning-rate schedule of each group (default constant)."),
+    warmup_fraction: float = typer.Option(None, "--warmup-fraction", help="Linear warm-up over this fraction of each group's span (default 0)."),
+    grad_clip_norm: float = typer.Option(None, "--grad-clip-norm", help="Clip the global gradient norm (default: no clipping)."),
+    ema_decay: float = typer.Option(None, "--ema-decay", help="EMA of the weights, e.g. 0.999; validated and exported (default off)."),
+    augment: str = typer.Option(None, "--augment", metavar="JSON",
+                                help='Augmentation spec of every domain, e.g. \'{"crop": "rrc", "scale": [0.35, 1], "hflip": 0}\' (per domain: augment_domains in --config).'),
     batch_size: int = typer.Option(None, "--batch-size", help="Global batch size (default 128)."),
     out: str = typer.Option(None, "--out", help="Run directory to create (or to continue with --resume)."),
     config: Path = typer.Option(None, "--config", help="JSON file of training options (TrainConfig fields)."),
@@ -56,6 +67,7 @@ def train_command(
     workers: int = typer.Option(None, "--workers", help="Image-decoding processes (default 0)."),
 ) -> None:
     """Train a universal embedding (UDON or a baseline); writes RUN/ with the exported RUN/model."""
+    import json
     import logging
 
     from ..errors import UsageError
@@ -69,12 +81,21 @@ def train_command(
         except ValueError:
             raise UsageError(f"--nested-dims takes comma-separated integers, not {nested_dims!r}") from None
 
+    augment_spec = None
+    if augment:
+        try:
+            augment_spec = json.loads(augment)
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"--augment takes a JSON object ({exc.msg}), e.g. '{{\"hflip\": 0}}'") from None
+
     cfg = resolve_config(
         config, data=data, method=_value(method), domain=domain, sampler=_value(sampler), backbone=backbone,
         image_size=image_size, pool=pool, crop_pct=crop_pct, dim=dim, nested_dims=nested, pretrained=pretrained,
-        weights=weights, distill_to_backbone=distill_backbone, steps=steps, batch_size=batch_size, out=out,
+        weights=weights, distill_to_backbone=distill_backbone, steps=steps, time_budget=time_budget,
+        head_lr=head_lr, backbone_lr=backbone_lr, lr_schedule=_value(lr_schedule), warmup_fraction=warmup_fraction,
+        grad_clip_norm=grad_clip_norm, ema_decay=ema_decay, augment=augment_spec, batch_size=batch_size, out=out,
         seed=seed, val_every=val_every, ckpt_every=ckpt_every, device=device, workers=workers,
     )
-    run = train(cfg, resume=resume)
+    run = train(cfg, resume=resume)  # Ctrl-C: cli.py says to re-run with --resume
     summary = (run / "summary.json")
     logging.getLogger("uniret").info("run written to %s (%s)", run, summary.read_text().strip() if summary.is_file() else "")

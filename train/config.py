@@ -1,22 +1,26 @@
 """Training configuration: one typed dataclass whose defaults are the reference recipe (METHOD.md §3).
 
 A run is configured by, in increasing priority: these defaults, an optional JSON file
-(``--config FILE``, keys = field names), and the explicit CLI options. The resolved config is
-written to ``RUN/config.json`` and a resumed run checks that it still matches.
+(``--config FILE``, keys = field names), and the explicit CLI options. Values are type-checked
+against the field annotations and range-checked (one-line errors). The resolved config is written to
+``RUN/train_config.json`` and a resumed run checks that it still matches.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import UniretError
+from ..errors import UniretError, UsageError
+from .augment import check_spec
 from .methods import method_class
 from .samplers import SAMPLERS
 
 ABSENT_HEAD_POLICIES = ("update", "skip")
+LR_SCHEDULES = ("constant", "cosine", "step")
 
 
 @dataclass
@@ -41,17 +45,37 @@ class TrainConfig:
     # on their own, e.g. [8, 16, 32, 64]; None = no nesting.
     nested_dims: list[int] | None = None
     teacher_dim: int = 256
-    # -- schedule ---------------------------------------------------------------------------------
+    # -- length -----------------------------------------------------------------------------------
     steps: int = 1000
+    # Minutes of training (validation and checkpoints included): train until they are spent, with
+    # every schedule stretched to the budget instead of to ``steps`` (which is then ignored).
+    time_budget: float | None = None
     batch_size: int = 128  # global batch (split over ranks under torchrun)
     seed: int = 0
-    # -- optimiser (AdamW, two parameter groups, constant learning rates) ------------------------
+    # -- optimiser (AdamW, two parameter groups: heads and backbone) ------------------------------
     head_lr: float = 1e-3  # heads and classifiers
     backbone_lr: float = 1e-5
     backbone_freeze_fraction: float = 0.2  # backbone lr is 0 for this first part (2 of 10 epochs)
     weight_decay: float = 1e-6
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
+    # Learning-rate schedule of each group over its own span (the backbone's starts when it unfreezes),
+    # timm's schedulers: constant (the reference) | cosine (to min_lr_ratio x lr) | step (x step_gamma
+    # at each of step_milestones, fractions of the span); linear warm-up from 0 over warmup_fraction.
+    lr_schedule: str = "constant"
+    warmup_fraction: float = 0.0
+    backbone_lr_schedule: str | None = None  # None: lr_schedule
+    backbone_warmup_fraction: float | None = None  # None: warmup_fraction
+    min_lr_ratio: float = 0.0
+    step_milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])
+    step_gamma: float = 0.1
+    grad_clip_norm: float | None = None  # clip the global gradient norm (None = never, the reference)
+    # Exponential moving average of the embedder's weights (timm ModelEmaV3), e.g. 0.999: validation
+    # and the exported model use the average. None = off (the reference).
+    ema_decay: float | None = None
+    # Stop with an error after this many consecutive steps with a non-finite loss (those steps are not
+    # applied, so the weights and the last checkpoint stay finite).
+    max_nonfinite_steps: int = 3
     # "update": heads of domains absent from a step get a zero gradient, so AdamW still moves them
     # with their decaying moments and weight decay, as the reference (optax) optimiser does.
     # "skip": their gradient is None and PyTorch's AdamW leaves them and their state untouched.
@@ -67,6 +91,11 @@ class TrainConfig:
     # False: e_b is detached for L_log and L_rel, so distillation trains the student head and its
     # classifier but not the backbone (an ablation; the reference distils into the backbone too).
     distill_to_backbone: bool = True
+    # -- augmentation (train/augment.py): a spec for every domain and per-domain overrides, e.g.
+    # {"crop": "rrc", "scale": [0.35, 1], "hflip": 0.0} and {"icons": {"hflip": 0.5}}. Empty: the
+    # reference's (squash-resize to 256/224, random crop, horizontal flip).
+    augment: dict = field(default_factory=dict)
+    augment_domains: dict = field(default_factory=dict)
     # -- dynamic sampler ---------------------------------------------------------------------------
     dynamic_interval: int = 1000  # U: round-robin for the first U steps, new p every U steps
     dynamic_window: int = 1000  # steps whose losses make the per-domain mean
@@ -88,62 +117,121 @@ class TrainConfig:
 
     @staticmethod
     def from_json(obj: dict) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(TrainConfig)}
-        unknown = sorted(set(obj) - known)
+        fields = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+        unknown = sorted(set(obj) - set(fields))
         if unknown:
-            raise UniretError(
-                f"unknown training option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+            raise UsageError(
+                f"unknown training option(s) {', '.join(unknown)}; known: {', '.join(sorted(fields))}"
             )
-        values = dict(obj)
+        values = {name: _typed(name, fields[name], value) for name, value in obj.items()}
         if "betas" in values:
-            values["betas"] = tuple(float(b) for b in values["betas"])
+            values["betas"] = tuple(values["betas"])
         return TrainConfig(**values)
 
     def validate(self) -> TrainConfig:
         """Raise a one-line :class:`UniretError` for options that cannot work together."""
         if not self.data:
-            raise UniretError("no training data: pass --data ROOT|LMDB")
+            raise UsageError("no training data: pass --data ROOT|LMDB")
         if not self.out:
-            raise UniretError("no run directory: pass --out RUN")
+            raise UsageError("no run directory: pass --out RUN")
         method = method_class(self.method)
         method.check_config(self)
         if self.sampler is None:
             self.sampler = method.default_sampler
         if self.sampler not in SAMPLERS:
-            raise UniretError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+            raise UsageError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
         if self.absent_heads not in ABSENT_HEAD_POLICIES:
-            raise UniretError(f"absent_heads must be one of {', '.join(ABSENT_HEAD_POLICIES)}")
+            raise UsageError(f"absent_heads must be one of {', '.join(ABSENT_HEAD_POLICIES)}")
         if self.amp not in ("auto", "bf16", "off"):
-            raise UniretError(f"amp must be auto, bf16 or off, not {self.amp!r}")
+            raise UsageError(f"amp must be auto, bf16 or off, not {self.amp!r}")
         for name in ("steps", "batch_size", "dim", "teacher_dim", "dynamic_interval", "dynamic_window",
                      "val_batch_size", "log_every"):
             if getattr(self, name) < 1:
-                raise UniretError(f"{name} must be at least 1, got {getattr(self, name)}")
+                raise UsageError(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("val_every", "ckpt_every", "workers"):
             if getattr(self, name) < 0:
-                raise UniretError(f"{name} must be 0 or more, got {getattr(self, name)}")
+                raise UsageError(f"{name} must be 0 or more, got {getattr(self, name)}")
         if self.nested_dims is not None:
             dims = sorted({int(d) for d in self.nested_dims})
             if not dims or dims[0] < 1 or dims[-1] > self.dim:
-                raise UniretError(f"nested_dims {self.nested_dims} must lie in 1..{self.dim} (--dim)")
+                raise UsageError(f"nested_dims {self.nested_dims} must lie in 1..{self.dim} (--dim)")
             self.nested_dims = dims if dims[-1] == self.dim else [*dims, self.dim]
         if self.batch_size < 2:
-            raise UniretError("batch_size must be at least 2 (the relational loss compares images)")
-        if not 0.0 <= self.backbone_freeze_fraction <= 1.0:
-            raise UniretError("backbone_freeze_fraction must be between 0 and 1")
-        if self.distill_temperature <= 0 or self.cls_scale <= 0:
-            raise UniretError("distill_temperature and cls_scale must be positive")
-        weights = (self.weight_cls_teacher, self.weight_cls_student, self.weight_logit, self.weight_relational)
-        if min(weights) < 0 or sum(weights) <= 0:
-            raise UniretError("the loss weights weight_* must be 0 or more, and not all 0")
-        if self.crop_pct is not None and not 0.0 < self.crop_pct <= 1.0:
-            raise UniretError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
+            raise UsageError("batch_size must be at least 2 (the relational loss compares images)")
+        if self.seed < 0:
+            raise UsageError(f"seed must be 0 or more, got {self.seed}")
+        self._check_numbers()
+        for spec, where in [(self.augment, "augment"),
+                            *((v, f"augment_domains[{k!r}]") for k, v in self.augment_domains.items())]:
+            check_spec(spec, where)
         return self
+
+    def _check_numbers(self) -> None:
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise UsageError(message)
+
+        floats = [f.name for f in dataclasses.fields(self) if f.type in ("float", "float | None")]
+        for name in floats:
+            value = getattr(self, name)
+            need(value is None or math.isfinite(value), f"{name} must be a finite number, got {value}")
+        need(self.head_lr > 0, f"head_lr must be positive, got {self.head_lr}")
+        need(self.backbone_lr >= 0, f"backbone_lr must be 0 (frozen) or positive, got {self.backbone_lr}")
+        need(self.weight_decay >= 0 and self.eps > 0, "weight_decay must be 0 or more and eps positive")
+        need(all(0 <= b < 1 for b in self.betas) and len(self.betas) == 2, f"betas must be two numbers in [0, 1), got {list(self.betas)}")
+        need(self.distill_temperature > 0 and self.cls_scale > 0, "distill_temperature and cls_scale must be positive")
+        need(self.relational_factor >= 0, f"relational_factor must be 0 or more, got {self.relational_factor}")
+        weights = (self.weight_cls_teacher, self.weight_cls_student, self.weight_logit, self.weight_relational)
+        need(min(weights) >= 0 and sum(weights) > 0, "the loss weights weight_* must be 0 or more, and not all 0")
+        for name in ("backbone_freeze_fraction", "warmup_fraction", "backbone_warmup_fraction", "min_lr_ratio"):
+            value = getattr(self, name)
+            need(value is None or 0.0 <= value <= 1.0, f"{name} must be between 0 and 1, got {value}")
+        need(self.crop_pct is None or 0.0 < self.crop_pct <= 1.0, f"crop_pct must be in (0, 1], got {self.crop_pct}")
+        for name in ("lr_schedule", "backbone_lr_schedule"):
+            value = getattr(self, name)
+            need(value is None or value in LR_SCHEDULES, f"{name} must be one of {', '.join(LR_SCHEDULES)}, got {value!r}")
+        need(all(0.0 < m < 1.0 for m in self.step_milestones), f"step_milestones must be fractions in (0, 1), got {self.step_milestones}")
+        need(0.0 < self.step_gamma <= 1.0, f"step_gamma must be in (0, 1], got {self.step_gamma}")
+        need(self.time_budget is None or self.time_budget > 0, f"time_budget must be positive minutes, got {self.time_budget}")
+        need(self.grad_clip_norm is None or self.grad_clip_norm > 0, f"grad_clip_norm must be positive, got {self.grad_clip_norm}")
+        need(self.ema_decay is None or 0.0 < self.ema_decay < 1.0, f"ema_decay must be in (0, 1), got {self.ema_decay}")
+        need(self.max_nonfinite_steps >= 1, f"max_nonfinite_steps must be at least 1, got {self.max_nonfinite_steps}")
+        need(self.image_size is None or 8 <= self.image_size <= 4096, f"image_size must be 8..4096 pixels, got {self.image_size}")
 
     @property
     def freeze_steps(self) -> int:
         """Number of first steps during which the backbone learning rate is 0."""
         return int(round(self.backbone_freeze_fraction * self.steps))
+
+
+_SCALARS = {"int": int, "float": float, "bool": bool, "str": str, "dict": dict}
+_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "a JSON object"}
+
+
+def _typed(name: str, annotation: str, value):
+    """``value`` checked against a field annotation (as written: "int", "float | None",
+    "list[int] | None", "tuple[float, float]", ...); ints are accepted where floats are."""
+    optional = annotation.endswith(" | None")
+    kind = annotation.removesuffix(" | None")
+    if value is None:
+        if optional:
+            return None
+        raise UsageError(f"option {name} cannot be null")
+    if kind in _SCALARS:
+        return _scalar(name, _SCALARS[kind], value)
+    item = float if "float" in kind else int
+    if not isinstance(value, (list, tuple)):
+        raise UsageError(f"option {name} must be a list of numbers, not {value!r}")
+    return [_scalar(name, item, v) for v in value]
+
+
+def _scalar(name: str, kind: type, value):
+    ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not ok:
+        raise UsageError(f"option {name} must be {_NAMES[kind]}, not {value!r}")
+    return value
 
 
 def load_config_file(path: str | Path) -> dict:
@@ -155,6 +243,8 @@ def load_config_file(path: str | Path) -> dict:
         raise UniretError(f"{p}: config file not found") from None
     except json.JSONDecodeError as exc:
         raise UniretError(f"{p}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UniretError(f"{p}: cannot read the config file ({getattr(exc, 'strerror', None) or exc})") from None
     if not isinstance(obj, dict):
         raise UniretError(f"{p}: a config file holds a JSON object of training options")
     return obj

@@ -5,14 +5,16 @@ global batch). The augmentation therefore does not depend on which process decod
 workers there are, how the global batch is split over DDP ranks, or whether the run was resumed:
 an interrupted-and-resumed run sees exactly the same pixels.
 
-Unreadable images (``ImageDecodeError``) are replaced by the next readable image of the same
-domain and counted, so one bad file does not stop a long run.
+Each domain has its own transform (per-domain augmentation, :mod:`uniret.train.augment`).
+Unreadable or missing images are replaced by the next readable image of the same domain and counted,
+so one bad file does not stop a long run.
 """
 
 from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -20,6 +22,7 @@ import torch
 from ..data import open_collection
 from ..data.images import decode_image
 from ..errors import ImageDecodeError, UniretError
+from ..safeio import UnsafePath
 
 logger = logging.getLogger("uniret")
 
@@ -30,53 +33,75 @@ def sample_seed(run_seed: int, step: int, slot: int) -> int:
 
 
 def augment(transform, image, seed: int) -> torch.Tensor:
-    """Run a torchvision transform under its own seed without touching the caller's RNG."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return transform(image)
+    """Run a torchvision transform under its own seed (inside :func:`isolated_rng`)."""
+    torch.manual_seed(seed)
+    return transform(image)
+
+
+def isolated_rng():
+    """Seeding per image must not touch the caller's RNG: one save/restore of the global torch state
+    around a whole batch (saving it per image costs ~1.5 ms, as much as augmenting the image)."""
+    return torch.random.fork_rng(devices=[])
+
+
+def read_image(items, index: int):
+    """The decoded image of item ``index``, or None when it is unreadable, missing or refused
+    (a path outside the image root, a FIFO, a device, too big: ``uniret.safeio.UnsafePath``)."""
+    try:
+        return decode_image(items.get_image_bytes(index))
+    except (ImageDecodeError, UnsafePath, OSError):
+        return None
 
 
 class _Loader:
     """Decode + augment one image; lives in the training process or in each worker process."""
 
-    def __init__(self, items, transform):
-        self.items, self.transform = items, transform
+    def __init__(self, items, transforms: list):
+        self.items, self.transforms = items, transforms
 
-    def __call__(self, job: tuple[int, int]) -> tuple[torch.Tensor | None, int]:
-        index, seed = job
-        try:
-            image = decode_image(self.items.get_image_bytes(index))
-        except ImageDecodeError:
-            return None, index
-        return augment(self.transform, image, seed), index
+    def __call__(self, jobs: list[tuple[int, int, int]]) -> list[tuple[torch.Tensor | None, int]]:
+        """(index, seed, domain) jobs -> (tensor or None when unreadable, index)."""
+        out = []
+        with isolated_rng():
+            for index, seed, domain in jobs:
+                image = read_image(self.items, index)
+                out.append((None if image is None else augment(self.transforms[domain], image, seed), index))
+        return out
 
 
 _worker_loader: _Loader | None = None
 
 
-def _worker_init(items, transform) -> None:
+def _worker_init(items, transforms) -> None:
     global _worker_loader
     torch.set_num_threads(1)
-    _worker_loader = _Loader(items, transform)
+    _worker_loader = _Loader(items, transforms)
 
 
-def _worker_load(job):
-    return _worker_loader(job)
+def _worker_load(jobs):
+    return _worker_loader(jobs)
+
+
+def resolve_domains(collection, domains: list[str] | None) -> list[str]:
+    """The training domains: those asked for (checked), or every domain with a train split."""
+    chosen = list(domains) if domains else [d for d in collection.domains if collection.has_split(d, "train")]
+    for d in chosen:
+        collection.check_domain(d)
+        if not collection.has_split(d, "train"):
+            raise UniretError(f"domain {d!r} has no train split in {collection.root}; train on other domains")
+    if not chosen:
+        raise UniretError(f"{collection.root}: no domain has a train split")
+    return chosen
 
 
 class TrainData:
-    """The train splits of the chosen domains: positions, labels and batch loading."""
+    """The train splits of the chosen domains: positions, labels and batch loading.
 
-    def __init__(self, data: str, domains: list[str] | None, transform, workers: int = 0):
+    ``transforms`` is one transform for every domain or a mapping domain -> transform."""
+
+    def __init__(self, data: str, domains: list[str] | None, transforms, workers: int = 0):
         self.collection = open_collection(data)
-        chosen = list(domains) if domains else [d for d in self.collection.domains
-                                                if self.collection.has_split(d, "train")]
-        for d in chosen:
-            self.collection.check_domain(d)
-            if not self.collection.has_split(d, "train"):
-                raise UniretError(f"domain {d!r} has no train split in {data}; train on other domains")
-        if not chosen:
-            raise UniretError(f"{data}: no domain has a train split")
+        chosen = resolve_domains(self.collection, domains)
         self.domains = chosen
         self.items = self.collection.items(domains=chosen, splits=["train"])
         self.offsets, self.sizes, self.labels = [], [], []
@@ -89,13 +114,13 @@ class TrainData:
             self.labels.append(np.array([r.class_id for r in records], dtype=np.int64))
             start += len(records)
         self.num_classes = [int(lab.max()) + 1 if len(lab) else 0 for lab in self.labels]
-        self.transform = transform
+        self.transforms = [transforms[d] for d in chosen] if isinstance(transforms, Mapping) else [transforms] * len(chosen)
         self.decode_failures = 0
-        self._local = _Loader(self.items, transform)
-        self._pool = None
+        self._local = _Loader(self.items, self.transforms)
+        self._pool, self._workers = None, workers
         if workers > 0:
             ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-            self._pool = ctx.Pool(workers, initializer=_worker_init, initargs=(self.items, transform))
+            self._pool = ctx.Pool(workers, initializer=_worker_init, initargs=(self.items, self.transforms))
 
     def close(self) -> None:
         if self._pool is not None:
@@ -105,8 +130,13 @@ class TrainData:
     def load(self, domain: int, positions: list[int], seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Images (N, 3, H, W) and labels (N,) of ``positions`` in ``domain``'s train split."""
         base = self.offsets[domain]
-        jobs = [(base + p, s) for p, s in zip(positions, seeds, strict=True)]
-        results = self._pool.map(_worker_load, jobs) if self._pool is not None else [self._local(j) for j in jobs]
+        jobs = [(base + p, s, domain) for p, s in zip(positions, seeds, strict=True)]
+        if self._pool is not None:
+            chunk = -(-len(jobs) // self._workers)
+            results = [r for part in self._pool.map(_worker_load, [jobs[i:i + chunk] for i in range(0, len(jobs), chunk)])
+                       for r in part]
+        else:
+            results = self._local(jobs)
         images, labels = [], []
         for (tensor, index), pos, seed in zip(results, positions, seeds, strict=True):
             tries = 0
@@ -114,10 +144,11 @@ class TrainData:
                 self.decode_failures += 1
                 tries += 1
                 if tries >= self.sizes[domain]:
-                    raise UniretError(f"no image of domain {self.domains[domain]!r} can be decoded")
-                logger.warning("unreadable train image %s; using the next one", self.items[index].path)
+                    raise UniretError(f"no image of domain {self.domains[domain]!r} can be read; check the collection "
+                                      f"with `uniret data check`")
+                logger.warning("unreadable or missing train image %s; using the next one", self.items[index].path)
                 pos = (pos + 1) % self.sizes[domain]
-                tensor, index = self._local((base + pos, seed))
+                tensor, index = self._local([(base + pos, seed, domain)])[0]
             images.append(tensor)
             labels.append(int(self.labels[domain][pos]))
         return torch.stack(images), torch.tensor(labels, dtype=torch.int64)
@@ -149,11 +180,12 @@ class ValData:
         for start in range(0, len(self), batch_size):
             rows, images = [], []
             for i in range(start, min(start + batch_size, len(self))):
-                try:
-                    images.append(self.transform(decode_image(self.items.get_image_bytes(i))))
-                    rows.append(i)
-                except ImageDecodeError:
-                    logger.warning("unreadable validation image %s; left out", self.items[i].path)
+                image = read_image(self.items, i)
+                if image is None:
+                    logger.warning("unreadable or missing validation image %s; left out", self.items[i].path)
+                    continue
+                images.append(self.transform(image))
+                rows.append(i)
             if not rows:
                 continue
             batch = torch.stack(images)

@@ -101,12 +101,26 @@ def average_gradients(params: list[torch.nn.Parameter], ctx: DistContext) -> Non
         offset += n
 
 
+def _scalar_device() -> torch.device:
+    """Where a small collective's tensor must live: NCCL only reduces CUDA tensors."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
 def average_scalars(values: dict[str, float], ctx: DistContext) -> dict[str, float]:
     """Mean of per-rank scalars (loss values) so every rank logs and samples from the same numbers."""
     if not ctx.enabled or not values:
         return values
     keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=_scalar_device())
     dist.all_reduce(t)
     t /= ctx.world_size
     return dict(zip(keys, t.tolist(), strict=True))
+
+
+def broadcast_float(value: float, ctx: DistContext) -> float:
+    """Rank 0's ``value`` on every rank (e.g. the elapsed time that decides when a budgeted run ends)."""
+    if not ctx.enabled:
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64, device=_scalar_device())
+    dist.broadcast(t, src=0)
+    return float(t.item())

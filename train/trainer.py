@@ -1,56 +1,57 @@
 """The training loop: one iteration-based loop for every method of :mod:`uniret.train.methods`.
 
 Each step: the domain sampler picks ONE domain, its infinite sampler hands out the global batch's
-positions, this rank loads its slice, the method computes its losses, gradients are averaged over
-ranks, AdamW steps, and the sampler records the loss it follows (returning an update event when its
-probabilities change). Validation (merged protocol, mean R@1 over domains) every
-``val_every`` steps keeps the best weights; checkpoints every ``ckpt_every`` steps make the run
-resumable exactly. See :mod:`uniret.train.rundir` for the files written.
+positions, this rank loads its slice (with that domain's augmentation), the method computes its
+losses, gradients are averaged over ranks (and clipped), AdamW steps with the scheduled learning
+rates (:mod:`uniret.train.optim`), the EMA follows, and the sampler records the loss it follows
+(returning an update event when its probabilities change). A step whose loss is not finite is not
+applied; ``max_nonfinite_steps`` of them in a row stop the run with an error. Validation (merged
+protocol, mean R@1 over domains) every ``val_every`` steps keeps the best weights; checkpoints every
+``ckpt_every`` steps make the run resumable exactly. See :mod:`uniret.train.rundir` for the files.
 
-Optimiser: AdamW with two groups, heads + classifiers (``head_lr``) and backbone (``backbone_lr``,
-0 for the first ``backbone_freeze_fraction`` of the steps). Heads of domains absent from a step:
-``absent_heads="update"`` (default, the reference's behaviour) gives every parameter a zero
-gradient, so AdamW keeps moving them with their decaying moments and weight decay; ``"skip"``
-leaves their gradient None and PyTorch's AdamW leaves them untouched.
+A run is ``steps`` long, or ``time_budget`` minutes: the loop then stops at the first step boundary
+past the budget and every schedule is stretched to it (progress = fraction of the budget spent).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
-import time
-from collections import defaultdict
+import math
 from contextlib import nullcontext
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .. import testing
 from ..errors import UniretError
-from ..utils import atomic_write_json, git_commit, progress_bar, resolve_device
+from ..guards import output_lock
+from ..utils import atomic_write_json, git_commit
 from .config import TrainConfig
-from .data import TrainData, ValData, sample_seed
-from .distributed import DistContext, average_gradients, average_scalars
+from .data import TrainData, ValData, resolve_domains, sample_seed
+from .distributed import DistContext, average_gradients, average_scalars, broadcast_float
+from .loop import fit
 from .methods import method_class
 from .model import TrainingModel
-from .rundir import RunDir, config_differences, rng_state, set_rng_state
+from .optim import clip_gradients, make_ema, make_optimizer, make_schedules, set_learning_rates
+from .rundir import (
+    RunDir,
+    config_differences,
+    load_checkpoint,
+    optimizer_from_flat,
+    optimizer_to_flat,
+    prefixed,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    unprefixed,
+)
 from .samplers import InfiniteIndexSampler, make_domain_sampler
+from .setup import build_embedder, check_output, domain_transforms, pick_device
 from .validate import validate
 
 logger = logging.getLogger("uniret")
-
-
-def make_optimizer(model: TrainingModel, config: TrainConfig) -> torch.optim.AdamW:
-    groups = [
-        {"params": model.head_parameters(), "lr": config.head_lr, "name": "heads"},
-        {"params": model.backbone_parameters(), "lr": config.backbone_lr, "name": "backbone"},
-    ]
-    return torch.optim.AdamW(groups, betas=tuple(config.betas), eps=config.eps, weight_decay=config.weight_decay)
-
-
-def backbone_lr_at(step: int, config: TrainConfig) -> float:
-    return 0.0 if step < config.freeze_steps else config.backbone_lr
 
 
 def method_losses(model: TrainingModel, images: torch.Tensor, labels: torch.Tensor, domain: int,
@@ -65,16 +66,6 @@ def method_losses(model: TrainingModel, images: torch.Tensor, labels: torch.Tens
     return model.method.losses(out, labels, ctx or DistContext())
 
 
-def build_embedder(config: TrainConfig):
-    """The model to train, built from the same options as ``uniret model init``."""
-    from ..embed.model import build_model
-
-    embedder = build_model(config.backbone, dim=config.dim, nested_dims=config.nested_dims,
-                           pretrained=config.pretrained, weights=config.weights, image_size=config.image_size,
-                           pool=config.pool, crop_pct=config.crop_pct)
-    return embedder
-
-
 class Trainer:
     def __init__(self, config: TrainConfig, resume: bool = False):
         self.config = config
@@ -83,30 +74,46 @@ class Trainer:
             raise UniretError(
                 f"--batch-size {config.batch_size} must divide evenly over {self.ctx.world_size} processes"
             )
-        self.device = torch.device(resolve_device(config.device, local_rank=self.ctx.local_rank))
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
+        self.device = pick_device(config.device, self.ctx)
         self.run = RunDir(config.out)
-        if not resume and self.run.config_file.is_file():  # fail before building anything
-            raise UniretError(f"{self.run.path} already holds a run; pass --resume to continue it or choose another --out")
+        check_output(self.run, config, resume)  # before building anything
+        self._lock = contextlib.ExitStack()
+        if self.ctx.is_main:  # a second command writing this run gets a one-line error
+            self._lock.enter_context(output_lock(self.run.path, "training run"))
+            check_output(self.run, config, resume)  # again, under the lock
+        try:
+            self._build(config, resume)
+        except BaseException:
+            self._lock.close()
+            raise
+
+    def _build(self, config: TrainConfig, resume: bool) -> None:
+        from ..data import open_collection
+
         self.ctx.barrier()  # every rank has looked before rank 0 writes the run directory
         torch.manual_seed(config.seed)
         embedder = build_embedder(config)
-        train_transform, eval_transform = embedder.transforms()
         method = method_class(config.method)
-        self.data = TrainData(config.data, method.training_domains(config),
-                              train_transform, config.workers)
+        domains = resolve_domains(open_collection(config.data), method.training_domains(config))
+        self.data = TrainData(config.data, domains, domain_transforms(embedder, config, domains), config.workers)
         self.domains = self.data.domains
         self.method = method(config, self.data.num_classes)
         self.model = TrainingModel(embedder, self.method).to(self.device)
         self.model.train()
         self.optimizer = make_optimizer(self.model, config)
+        self.schedules = make_schedules(config)
+        self.ema = make_ema(self.model.embedder, config)
         self.sampler = make_domain_sampler(config.sampler, self.data.sizes, config.seed,
                                            config.dynamic_interval, config.dynamic_window)
         self.index_samplers = [InfiniteIndexSampler(n, config.seed, key=i) for i, n in enumerate(self.data.sizes)]
-        self.val = ValData(config.data, self.domains, config.val_split, eval_transform)
+        self.val = ValData(config.data, self.domains, config.val_split, embedder.transforms()[1])
+        if not len(self.val) and config.val_split != "val":
+            raise UniretError(f"val_split {config.val_split!r}: no training domain has that split; "
+                              f"choose a split of the collection or leave the default")
         self.autocast = config.amp != "off" and self.device.type == "cuda"
         self.step = 0
+        self.elapsed = 0.0  # seconds of training, over every session of the run
+        self.nonfinite = 0  # consecutive steps with a non-finite loss
         self.best = {"R@1": None, "step": None}
         self._prepare_run(resume)
 
@@ -123,57 +130,78 @@ class Trainer:
         }
 
     def _prepare_run(self, resume: bool) -> None:
-        saved = self.run.read_config()
-        if resume and self.run.last.is_file():
-            diff = config_differences(saved or {}, self.config.to_json())
+        if resume:
+            diff = config_differences(self.run.read_config() or {}, self.config.to_json())
             if diff:
                 raise UniretError(f"--resume with changed option(s) {', '.join(diff)}; use the run's original options")
-            self._load(self.run.load_checkpoint(self.run.last))
+        if resume and self.run.last.is_file():
+            self._load(*load_checkpoint(self.run.last))
             if self.ctx.is_main:
                 self.run.truncate_metrics(self.step)
             logger.info("resuming %s at step %d", self.run.path, self.step)
         elif self.ctx.is_main:
-            self.run.prepare()
-            self.run.metrics_file.unlink(missing_ok=True)  # a run that died before its first checkpoint
-            self.run.write_config(self._run_header())
+            if resume:
+                logger.info("%s: no checkpoint yet; starting the run from step 0", self.run.path)
+            self.run.create(self._run_header())
         if self.config.absent_heads == "update":
             for p in self.model.parameters():
                 p.grad = torch.zeros_like(p)
         self.ctx.barrier()
 
-    def _state(self) -> dict:
-        return {
-            "step": self.step,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "sampler": self.sampler.state_dict(),
-            "index_samplers": [s.state_dict() for s in self.index_samplers],
-            "rng": rng_state(),
-            "best": dict(self.best),
-            "config": self.config.to_json(),
-        }
-
-    def _load(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.sampler.load_state_dict(state["sampler"])
-        for s, st in zip(self.index_samplers, state["index_samplers"], strict=True):
-            s.load_state_dict(st)
-        set_rng_state(state["rng"])
-        self.best = dict(state["best"])
-        self.step = int(state["step"])
-
     def save_last(self) -> None:
-        if self.ctx.is_main:
-            self.run.save_checkpoint(self.run.last, self._state())
+        if not self.ctx.is_main:
+            return
+        opt_tensors, opt_meta = optimizer_to_flat(self.optimizer)
+        rng_tensors, rng_meta = rng_state()
+        tensors = {**prefixed("model", self.model.state_dict()), **prefixed("optimizer", opt_tensors),
+                   **prefixed("rng", rng_tensors)}
+        if self.ema is not None:
+            tensors.update(prefixed("ema", self.ema.module.state_dict()))
+        self._check_finite(tensors, "checkpoint")
+        save_checkpoint(self.run.last, tensors, {
+            "step": self.step, "elapsed": self.elapsed, "optimizer": opt_meta, "rng": rng_meta,
+            "sampler": self.sampler.state_dict(), "index_samplers": [s.state_dict() for s in self.index_samplers],
+            "best": dict(self.best), "config": self.config.to_json(),
+        })
+
+    def _load(self, tensors: dict[str, torch.Tensor], state: dict) -> None:
+        try:
+            self.model.load_state_dict(unprefixed("model", tensors))
+            optimizer_from_flat(self.optimizer, unprefixed("optimizer", tensors), state["optimizer"])
+            if self.ema is not None:
+                self.ema.module.load_state_dict(unprefixed("ema", tensors))
+            self.sampler.load_state_dict(state["sampler"])
+            for s, st in zip(self.index_samplers, state["index_samplers"], strict=True):
+                s.load_state_dict(st)
+            set_rng_state(unprefixed("rng", tensors), state["rng"])
+            self.best = dict(state["best"])
+            self.step, self.elapsed = int(state["step"]), float(state["elapsed"])
+        except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+            raise UniretError(f"{self.run.last}: does not fit this run ({str(exc).splitlines()[0]}); "
+                              f"start a new run with another --out") from None
+
+    def _check_finite(self, tensors: dict[str, torch.Tensor], what: str) -> None:
+        bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad:
+            raise UniretError(f"training stopped at step {self.step}: non-finite weights ({bad[0]}, ...) were not "
+                              f"written as a {what}; the last checkpoint holds the last good state: lower the "
+                              f"learning rates or set grad_clip_norm and start a new run")
 
     # -- one step ----------------------------------------------------------------------------------
+    def progress(self) -> float:
+        """Fraction of the run done: of the steps, or of the time budget."""
+        if self.config.time_budget:
+            return min(1.0, self.elapsed / (60.0 * self.config.time_budget))
+        return self.step / self.config.steps
+
+    def done(self) -> bool:
+        return self.progress() >= 1.0
+
     def train_step(self) -> tuple[int, dict[str, float], dict | None]:
-        """One step; returns the domain, the loss values and the sampler's update event (or None)."""
+        """One step; returns the domain, the loss values (and learning rates) and the sampler's update
+        event (or None)."""
         config, ctx = self.config, self.ctx
-        for group in self.optimizer.param_groups:
-            if group["name"] == "backbone":
-                group["lr"] = backbone_lr_at(self.step, config)
+        lrs = set_learning_rates(self.optimizer, self.schedules, self.progress())
         domain = self.sampler.next_domain()
         positions = self.index_samplers[domain].take(config.batch_size)
         local = config.batch_size // ctx.world_size
@@ -186,84 +214,66 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=config.absent_heads == "skip")
         losses["loss"].backward()
         average_gradients(list(self.model.parameters()), ctx)
-        self.optimizer.step()
         values = average_scalars({k: v.item() for k, v in losses.items()}, ctx)
-        update = self.sampler.record(domain, values[self.method.sampler_loss])
+        update = None
+        if math.isfinite(values["loss"]):
+            self.nonfinite = 0
+            grad_norm = clip_gradients(self.model.parameters(), config.grad_clip_norm)
+            self.optimizer.step()
+            if self.ema is not None:
+                self.ema.update(self.model.embedder, step=self.step)
+            update = self.sampler.record(domain, values[self.method.sampler_loss])
+            if grad_norm is not None:
+                values["grad_norm"] = grad_norm
+        else:  # not applied: the weights stay those of the last finite step
+            self.nonfinite += 1
+            if self.nonfinite >= config.max_nonfinite_steps:
+                raise UniretError(
+                    f"training stopped at step {self.step + 1}: the loss was not finite for {self.nonfinite} "
+                    f"consecutive steps (the run diverged); no model was exported and {self.run.last.name} holds "
+                    f"the last good state: lower head_lr/backbone_lr or set grad_clip_norm and start a new run")
         self.step += 1
-        return domain, values, update
+        return domain, {**values, **{f"lr_{k}": v for k, v in lrs.items()}}, update
+
+    def tick(self, seconds: float) -> None:
+        """Add the wall time of the last step; under DDP rank 0's clock decides for everyone."""
+        self.elapsed = broadcast_float(self.elapsed + seconds, self.ctx)
+
+    def interrupt_point(self) -> None:
+        testing.interrupt_point("train", self.step)
 
     # -- validation --------------------------------------------------------------------------------
+    def exported_embedder(self):
+        """The weights that are validated and exported: the EMA when enabled, else the model's."""
+        return self.ema.module if self.ema is not None else self.model.embedder
+
     def validate(self) -> dict | None:
         if not len(self.val):
             return None
         result = None
         if self.ctx.is_main:
-            result = validate(self.model.embedder, self.val, self.config.val_batch_size, self.device, self.autocast)
-            record = {"kind": "val", "step": self.step, **result}
-            self.run.log(record)
+            embedder = self.exported_embedder()
+            result = validate(embedder, self.val, self.config.val_batch_size, self.device, self.autocast)
+            self.run.log({"kind": "val", "step": self.step, **result})
             logger.info("step %d: merged val R@1 %.4f (%s)", self.step, result["R@1"] or 0.0,
                         " ".join(f"{d} {v:.3f}" for d, v in result["per_domain_R@1"].items() if v is not None))
             r1 = result["R@1"]
             if r1 is not None and (self.best["R@1"] is None or r1 > self.best["R@1"]):
                 self.best = {"R@1": r1, "step": self.step}
-                self.run.save_checkpoint(self.run.best, {"step": self.step, "R@1": r1,
-                                                         "embedder": self.model.embedder.state_dict()})
+                save_checkpoint(self.run.best, embedder.state_dict(), {"step": self.step, "R@1": r1})
         self.model.train()
         self.ctx.barrier()
         return result
 
-    # -- the loop ----------------------------------------------------------------------------------
-    def fit(self) -> Path:
-        config = self.config
-        if self.step == 0 and config.val_every and len(self.val):
-            self.validate()  # the untrained model: the baseline every later value is read against
-        window: dict[str, list[float]] = defaultdict(list)
-        per_domain: dict[str, list[float]] = defaultdict(list)
-        seen = 0
-        t0 = time.perf_counter()
-        with progress_bar(f"train {config.method}", config.steps, disable=not self.ctx.is_main) as advance:
-            advance(self.step)
-            while self.step < config.steps:
-                testing.interrupt_point("train", self.step)
-                domain, values, update = self.train_step()
-                for k, v in values.items():
-                    window[k].append(v)
-                per_domain[self.domains[domain]].append(values["loss"])
-                seen += config.batch_size
-                if self.ctx.is_main and update is not None:
-                    self.run.log({**update, "kind": "sampler", "step": self.step, "first_step": update["step"],
-                                  "domains": self.domains})
-                ips = seen / max(time.perf_counter() - t0, 1e-9)
-                probs = self.sampler.probabilities()
-                advance(1, info=f"loss {values['loss']:.3f}  {ips:.0f} img/s  p=[{' '.join(f'{p:.2f}' for p in probs)}]")
-                if self.step % config.log_every == 0 or self.step == config.steps:
-                    if self.ctx.is_main:
-                        self.run.log({
-                            "kind": "train", "step": self.step,
-                            **{k: float(np.mean(v)) for k, v in window.items()},
-                            "per_domain_loss": {d: float(np.mean(v)) for d, v in per_domain.items()},
-                            "probabilities": dict(zip(self.domains, probs, strict=True)),
-                            "backbone_lr": backbone_lr_at(self.step - 1, config),
-                            "images_per_s": ips, "decode_failures": self.data.decode_failures,
-                        })
-                    window.clear()
-                    per_domain.clear()
-                last = self.step == config.steps
-                if config.val_every and (self.step % config.val_every == 0 or last):
-                    self.validate()
-                if (config.ckpt_every and self.step % config.ckpt_every == 0) or last:
-                    self.save_last()
-        self.finish()
-        return self.run.path
-
     def finish(self) -> None:
         """Export ``RUN/model``: the best validated weights when validation ran, else the last."""
         if self.ctx.is_main:
-            embedder = copy.deepcopy(self.model.embedder).to("cpu")
+            embedder = copy.deepcopy(self.exported_embedder()).to("cpu")
             chosen = "last"
             if self.best["step"] is not None and self.run.best.is_file():
-                embedder.load_state_dict(self.run.load_checkpoint(self.run.best)["embedder"])
+                embedder.load_state_dict(load_checkpoint(self.run.best)[0])
                 chosen = "best"
+            self._check_finite(embedder.state_dict(), "model")
             provenance = dict(embedder.config.provenance)
             provenance["training"] = {
                 "run": str(self.run.path), "method": self.config.method, "sampler": self.config.sampler,
@@ -272,13 +282,14 @@ class Trainer:
             }
             embedder.save(self.run.model_dir, provenance=provenance)
             atomic_write_json(self.run.summary_file, {
-                "steps": self.step, "exported": chosen, "best_val_R@1": self.best["R@1"],
-                "best_step": self.best["step"], "model": str(self.run.model_dir),
+                "steps": self.step, "train_seconds": round(self.elapsed, 1), "exported": chosen,
+                "best_val_R@1": self.best["R@1"], "best_step": self.best["step"], "model": str(self.run.model_dir),
             })
         self.ctx.barrier()
 
     def close(self) -> None:
         self.data.close()
+        self._lock.close()
 
 
 def train(config: TrainConfig, resume: bool = False) -> Path:
@@ -288,6 +299,7 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
     config.out = str(Path(config.out).resolve())
     trainer = Trainer(config, resume=resume)
     try:
-        return trainer.fit()
+        fit(trainer)
+        return trainer.run.path
     finally:
         trainer.close()
