@@ -53,12 +53,29 @@ def is_shard_spec(text: str) -> bool:
     return str(text).lower().endswith((".tar", ".tar.gz", ".tgz"))
 
 
+_RANGE = re.compile(r"\{(-?\d+)\.\.(-?\d+)(?:\.\.(-?\d+))?\}")
+
+
+def _range_product(spec: str) -> int:
+    """How many names the numeric ranges ``{a..b[..step]}`` of a pattern multiply to (an upper bound
+    on the shards it names, before anything is expanded)."""
+    total = 1
+    for a, b, step in _RANGE.findall(spec):
+        step_size = max(1, abs(int(step or 1)))
+        total *= abs(int(b) - int(a)) // step_size + 1
+        if total > MAX_SHARDS:
+            break
+    return total
+
+
 def expand_shards(spec: str) -> list[Path]:
     """The shards of a brace pattern, in order; all must exist (ids depend on the whole list)."""
     import braceexpand
 
     if str(spec).lower().endswith((".tar.gz", ".tgz")):
         raise UniretError(f"{spec}: compressed shards cannot be read by id; repack them as plain .tar")
+    if _range_product(str(spec)) > MAX_SHARDS:  # braceexpand builds each range whole before yielding
+        raise UniretError(f"{spec}: the pattern names more than {MAX_SHARDS:,} shards; use fewer, larger shards")
     try:
         paths = [Path(p) for p in itertools.islice(braceexpand.braceexpand(str(spec)), MAX_SHARDS + 1)]
     except braceexpand.UnbalancedBracesError:
