@@ -43,9 +43,13 @@ def twin(searcher, vectors, ids):
 
 
 def one_error_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error:") and "Traceback" not in err[0], err
-    return err[0]
+    """The refusal as a user sees it: after any progress lines of the work done before it, ONE
+    ``error:`` line, the last, and no traceback."""
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines and lines[-1].startswith("error:") and "Traceback" not in err, err
+    assert sum(line.startswith("error") for line in lines) == 1, err
+    return lines[-1]
 
 
 def build_args(store, out, *extra):

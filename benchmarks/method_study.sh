@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Issue #13's method study on the CPU: UDON (dynamic and round-robin) vs USCRR vs UJC in three
+# regimes, several seeds, through benchmarks/bench_methods.py (every model selected on the
+# validation split, the test split evaluated once per model, merged protocol):
+#
+#   scratch    the CPU recipe (benchmarks/recipes/cpu_scratch.json) from random init, plus two UDON
+#              ablations: distillation stopped at the backbone, and the relational weight of batch
+#              64 (relational_factor 0.125 at batch 128)
+#   two-stage  stage 1 trains UJC on all training domains for 2 x STEPS with the CPU recipe; stage 2
+#              starts every method from that backbone (recipes/cpu_stage2.json: backbone frozen for
+#              the first 20%, its lr a tenth of the heads')
+#   capacity   the student at 16-d and the teachers at 64-d (the paper's 1:4), recipes/cpu_capacity.json
+#
+#   bash benchmarks/method_study.sh bench64.lmdb OUT [STEPS=300] [SEEDS=0,1,2] [DEVICE=cpu]
+#
+# Re-running continues (finished trainings and reports are kept). Each regime writes
+# OUT/<regime>/results.md and results.json.
+set -euo pipefail
+
+DATA=${1:?usage: method_study.sh DATA OUT [STEPS] [SEEDS] [DEVICE]}
+OUT=${2:?usage: method_study.sh DATA OUT [STEPS] [SEEDS] [DEVICE]}
+STEPS=${3:-300}
+SEEDS=${4:-0,1,2}
+DEVICE=${5:-cpu}
+HERE=$(cd "$(dirname "$0")" && pwd)
+PY=${PYTHON:-python}
+R=$HERE/recipes
+COMMON=(--data "$DATA" --seeds "$SEEDS" --device "$DEVICE" --backbone timm:test_resnet --image-size 64
+        --batch-size 128 --steps "$STEPS" --val-every "$(( STEPS / 3 ))")
+METHODS=uscrr,ujc-size,udon-round_robin,udon-dynamic
+log() { echo "[method_study $(date +%H:%M:%S)] $*" >&2; }
+
+log "scratch"
+"$PY" "$HERE/bench_methods.py" "${COMMON[@]}" --out "$OUT/scratch" --config "$R/cpu_scratch.json" \
+    --rows "$METHODS,udon-rr-nodistill,udon-rr-rel-half"
+log "two-stage"
+"$PY" "$HERE/bench_methods.py" "${COMMON[@]}" --out "$OUT/two-stage" --config "$R/cpu_stage2.json" \
+    --stage1-steps "$(( 2 * STEPS ))" --stage1-method ujc --stage1-config "$R/cpu_scratch.json" \
+    --rows "stage1,$METHODS"
+log "capacity"
+"$PY" "$HERE/bench_methods.py" "${COMMON[@]}" --out "$OUT/capacity" --config "$R/cpu_capacity.json" --dim 16 \
+    --rows "$METHODS"
+log "done"
