@@ -49,7 +49,7 @@ def build(image_size: int, dim: int):
 
     preprocess = {"input_size": [3, image_size, image_size], "interpolation": "bicubic", "crop_pct": 1.0, **IMAGENET}
     backbone = Backbone("plain:cnn6", plain_cnn(), 256, preprocess)
-    config = ModelConfig(backbone="plain:cnn6", dim=dim, feature_dim=256, image_size=image_size, preprocess=preprocess)
+    config = ModelConfig(backbone="plain:cnn6", dim=dim, feature_dim=256, preprocess=preprocess)
     return UniversalEmbedder(backbone, config)
 
 
