@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--target-recall", type=float, default=0.95)
     ap.add_argument("--max-memory", default="3G")
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--workdir", type=Path, default=Path("/work/data/scale"))
+    ap.add_argument("--workdir", type=Path, default=Path("scale-bench"), help="stores, queries and indexes (GBs at 10M)")
     ap.add_argument("--keep-index", action="store_true", help="keep the index directories")
     args = ap.parse_args(argv)
     args.workdir.mkdir(parents=True, exist_ok=True)
