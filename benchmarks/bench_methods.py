@@ -100,10 +100,11 @@ class Bench:
 
     def common(self, seed: int, backbone: str | None = None, config: str | None = None) -> list[str]:
         a = self.args
-        opts = ["--data", a.data, "--backbone", backbone or self.backbone(seed), "--steps", str(a.steps),
+        backbone = backbone or self.backbone(seed)
+        opts = ["--data", a.data, "--backbone", backbone, "--steps", str(a.steps),
                 "--batch-size", str(a.batch_size), "--val-every", str(a.val_every), "--ckpt-every", str(a.val_every),
                 "--device", a.device, "--seed", str(seed)]
-        if a.image_size:
+        if a.image_size and not Path(backbone).is_dir():  # a stage-1 model directory brings its own size
             opts += ["--image-size", str(a.image_size)]
         if a.dim:
             opts += ["--dim", str(a.dim)]
@@ -182,7 +183,7 @@ class Bench:
         untrained = self.out / "models" / f"untrained-s{seed}"
         if not (untrained / "config.json").is_file():
             init = ["model", "init", "--backbone", self.backbone(seed), "--seed", str(seed), "--out", str(untrained)]
-            if a.image_size:
+            if a.image_size and not Path(self.backbone(seed)).is_dir():
                 init += ["--image-size", str(a.image_size)]
             if a.dim:
                 init += ["--dim", str(a.dim)]
@@ -216,14 +217,17 @@ def summarize(out: Path, seeds: list[int], domains: list[str]) -> tuple[str, dic
     lines = []
     for protocol, rows in data.items():
         lines.append(f"\n**{protocol} protocol**, test split, mean ± standard deviation over seeds {seeds}\n")
-        head = ["row", *[f"mean {m}" for m in METRICS], *[f"{d} mAP@100" for d in domains], "train wall s"]
+        head = ["row", "seeds", *[f"mean {m}" for m in METRICS], *[f"{d} mAP@100" for d in domains],
+                "train wall s"]
         lines.append("| " + " | ".join(head) + " |")
         lines.append("|" + "---|" * len(head))
         for row, entry in rows.items():
-            train_s = [v for k, v in timings.items() if k.startswith("train ") and
-                       (k[6:].rsplit("-s", 1)[0] == row or (row == "specialist-oracle" and "specialist-" in k))]
-            per_seed = sum(train_s) / max(1, len(seeds)) if train_s else None
-            cells = [row, *[spread(entry[("mean", m)]) for m in METRICS],
+            runs = {k: v for k, v in timings.items() if k.startswith("train ") and k[6:].rsplit("-s", 1)[1] in
+                    {str(s) for s in seeds} and (k[6:].rsplit("-s", 1)[0] == row or
+                                                 (row == "specialist-oracle" and "specialist-" in k))}
+            seeds_run = {k.rsplit("-s", 1)[1] for k in runs}
+            per_seed = sum(runs.values()) / len(seeds_run) if runs else None
+            cells = [row, str(len(entry[("mean", "mAP@100")])), *[spread(entry[("mean", m)]) for m in METRICS],
                      *[spread(entry[(d, "mAP@100")]) if (d, "mAP@100") in entry else "-" for d in domains],
                      f"{per_seed:.0f}" if per_seed else "-"]
             lines.append("| " + " | ".join(cells) + " |")

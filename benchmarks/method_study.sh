@@ -11,7 +11,15 @@
 #              the first 20%, its lr a tenth of the heads')
 #   capacity   the student at 16-d and the teachers at 64-d (the paper's 1:4), recipes/cpu_capacity.json
 #
-#   bash benchmarks/method_study.sh bench64.lmdb OUT [STEPS=300] [SEEDS=0,1,2] [DEVICE=cpu]
+#   bash benchmarks/method_study.sh bench64.lmdb OUT [STEPS=300] [SEEDS=0,1,2] [DEVICE=cpu] [REGIMES]
+#
+# REGIMES (default "scratch two-stage capacity") runs some of them, e.g. one per process:
+#   for r in scratch two-stage capacity; do
+#       OMP_NUM_THREADS=1 bash benchmarks/method_study.sh bench64.lmdb study 200 0,1,2 cpu $r & done; wait
+#
+# Rows per regime (environment): SCRATCH_ROWS, TWO_STAGE_ROWS, CAPACITY_ROWS (default: the four
+# methods uscrr,ujc-size,udon-round_robin,udon-dynamic), ABLATIONS (default
+# udon-rr-nodistill,udon-rr-rel-half; "" for none) on ABLATION_SEEDS (default: SEEDS).
 #
 # Re-running continues (finished trainings and reports are kept). Each regime writes
 # OUT/<regime>/results.md and results.json.
@@ -22,22 +30,43 @@ OUT=${2:?usage: method_study.sh DATA OUT [STEPS] [SEEDS] [DEVICE]}
 STEPS=${3:-300}
 SEEDS=${4:-0,1,2}
 DEVICE=${5:-cpu}
+REGIMES=${6:-scratch two-stage capacity}
 HERE=$(cd "$(dirname "$0")" && pwd)
 PY=${PYTHON:-python}
 R=$HERE/recipes
 COMMON=(--data "$DATA" --seeds "$SEEDS" --device "$DEVICE" --backbone timm:test_resnet --image-size 64
         --batch-size 128 --steps "$STEPS" --val-every "$(( STEPS / 3 ))")
 METHODS=uscrr,ujc-size,udon-round_robin,udon-dynamic
+SCRATCH_ROWS=${SCRATCH_ROWS:-$METHODS}
+TWO_STAGE_ROWS=${TWO_STAGE_ROWS:-$METHODS}
+CAPACITY_ROWS=${CAPACITY_ROWS:-$METHODS}
+ABLATIONS=${ABLATIONS-udon-rr-nodistill,udon-rr-rel-half}
+ABLATION_SEEDS=${ABLATION_SEEDS:-$SEEDS}
 log() { echo "[method_study $(date +%H:%M:%S)] $*" >&2; }
 
-log "scratch"
-"$PY" "$HERE/bench_methods.py" "${COMMON[@]}" --out "$OUT/scratch" --config "$R/cpu_scratch.json" \
-    --rows "$METHODS,udon-rr-nodistill,udon-rr-rel-half"
-log "two-stage"
-"$PY" "$HERE/bench_methods.py" "${COMMON[@]}" --out "$OUT/two-stage" --config "$R/cpu_stage2.json" \
-    --stage1-steps "$(( 2 * STEPS ))" --stage1-method ujc --stage1-config "$R/cpu_scratch.json" \
-    --rows "stage1,$METHODS"
-log "capacity"
-"$PY" "$HERE/bench_methods.py" "${COMMON[@]}" --out "$OUT/capacity" --config "$R/cpu_capacity.json" --dim 16 \
-    --rows "$METHODS"
-log "done"
+for regime in $REGIMES; do
+    log "$regime"
+    case $regime in
+    scratch)
+        if [ -n "$ABLATIONS" ] && [ "$ABLATION_SEEDS" != "$SEEDS" ]; then  # ablations first, on their seeds
+            "$PY" "$HERE/bench_methods.py" "${COMMON[@]}" --seeds "$ABLATION_SEEDS" --out "$OUT/scratch" \
+                --config "$R/cpu_scratch.json" --rows "$ABLATIONS"
+            rows=$SCRATCH_ROWS
+        else
+            rows=$SCRATCH_ROWS${ABLATIONS:+,$ABLATIONS}
+        fi
+        # the summary covers every report in OUT/scratch for SEEDS, the ablations' included
+        "$PY" "$HERE/bench_methods.py" "${COMMON[@]}" --out "$OUT/scratch" --config "$R/cpu_scratch.json" \
+            --rows "$rows" ;;
+    two-stage)
+        "$PY" "$HERE/bench_methods.py" "${COMMON[@]}" --out "$OUT/two-stage" --config "$R/cpu_stage2.json" \
+            --stage1-steps "$(( 2 * STEPS ))" --stage1-method ujc --stage1-config "$R/cpu_scratch.json" \
+            --rows "stage1,$TWO_STAGE_ROWS" ;;
+    capacity)
+        "$PY" "$HERE/bench_methods.py" "${COMMON[@]}" --out "$OUT/capacity" --config "$R/cpu_capacity.json" \
+            --dim 16 --rows "$CAPACITY_ROWS" ;;
+    *)
+        echo "unknown regime $regime (scratch, two-stage, capacity)" >&2; exit 2 ;;
+    esac
+    log "$regime done: $OUT/$regime/results.md"
+done

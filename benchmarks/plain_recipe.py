@@ -105,7 +105,7 @@ def train(args) -> tuple[object, dict]:
         steps += 1
         spent += time.perf_counter() - started
         if steps % 50 == 0:
-            log.append({"step": steps, "loss": float(loss), "lr": lr, "seconds": round(spent, 1)})
+            log.append({"step": steps, "loss": loss.item(), "lr": lr, "seconds": round(spent, 1)})
             print(json.dumps(log[-1]), flush=True)
     return model.eval(), {"steps": steps, "images": steps * args.batch_size, "train_seconds": round(spent, 1),
                           "log": log}

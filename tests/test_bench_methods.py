@@ -65,7 +65,13 @@ def test_spread_and_summary_format(benchmark_script, tmp_path):
         r = json.loads(json.dumps(report))
         r["results"]["merged"]["mean"]["mAP@100"] += shift
         (d / "metrics.json").write_text(json.dumps(r))
-    (tmp_path / "timings.json").write_text(json.dumps({"train uscrr-s0": 10.0, "train uscrr-s1": 14.0}))
+    d = tmp_path / "reports" / "udon-rr-nodistill-s0"  # an ablation run on one seed only
+    d.mkdir(parents=True)
+    (d / "metrics.json").write_text(json.dumps(report))
+    (tmp_path / "timings.json").write_text(json.dumps({"train uscrr-s0": 10.0, "train uscrr-s1": 14.0,
+                                                       "train udon-rr-nodistill-s0": 20.0,
+                                                       "train uscrr-s7": 99.0}))  # not a seed asked for
     table, payload = bench.summarize(tmp_path, [0, 1], ["a"])
-    assert "| uscrr | 0.450 ± 0.071 | 0.500 ± 0.000 | 0.600 ± 0.000 | 0.300 ± 0.000 | 12 |" in table
+    assert "| uscrr | 2 | 0.450 ± 0.071 | 0.500 ± 0.000 | 0.600 ± 0.000 | 0.300 ± 0.000 | 12 |" in table
+    assert "| udon-rr-nodistill | 1 | 0.400 | 0.500 | 0.600 | 0.300 | 20 |" in table  # per seed it ran
     assert payload["results"]["merged"]["uscrr"]["mean/mAP@100"] == pytest.approx([0.4, 0.5])
