@@ -92,11 +92,14 @@ def minimum_budget(n: int, nlist: int, dim: int, code_size: int) -> int:
     return max(train, encode, _merge_need(MIN_WINDOW, nlist, dim))
 
 
+MAX_WORKERS = 1_024
+
+
 def check_workers(workers: int | None) -> int:
     if workers is None:
         return os.cpu_count() or 1
-    if workers < 1:
-        raise UsageError(f"--workers must be >= 1, got {workers}")
+    if not 1 <= workers <= MAX_WORKERS:
+        raise UsageError(f"--workers must be 1..{MAX_WORKERS:,} (this machine has {os.cpu_count()} CPUs), got {workers}")
     return int(workers)
 
 
@@ -116,8 +119,12 @@ def plan_memory(budget: int, n: int, dim: int, nlist: int, code_size: int, worke
     train_rows = int(min(n, max(POINTS_PER_LIST * nlist, 65_536), fit))
     if shard_rows is not None and shard_rows < 1:
         raise UsageError(f"--shard-rows must be >= 1, got {shard_rows}")
-    want = min(MAX_SHARD_ROWS, math.ceil(n / workers)) if shard_rows is None else shard_rows
+    if shard_rows is None:  # one shard per worker, but never shards of a few rows (a process each)
+        want = min(MAX_SHARD_ROWS, max(MIN_SHARD_ROWS, math.ceil(n / workers)))
+    else:
+        want = shard_rows
     want = max(1, min(want, n))
+    workers = max(1, min(workers, math.ceil(n / want)))  # no more processes than shards
     while workers > 1 and shard_fit(budget, workers, nlist, dim, code_size) < min(want, MIN_SHARD_ROWS):
         workers -= 1
     fit_rows = shard_fit(budget, workers, nlist, dim, code_size)

@@ -250,8 +250,9 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     s, out = tmp_path / "s", tmp_path / "idx"
     for argv, msg in [
         (build_args(s, out, "--max-memory", "100M"), "needs at least"),
-        (build_args(s, out, "--workers", "0"), "--workers must be >= 1"),
-        (build_args(s, out, "--workers", "-2"), "--workers must be >= 1"),
+        (build_args(s, out, "--workers", "0"), "--workers must be 1.."),
+        (build_args(s, out, "--workers", "-2"), "--workers must be 1.."),
+        (build_args(s, out, "--workers", "100000"), "--workers must be 1.."),
         (build_args(s, out, "--kind", "flat"), "needs an IVF kind"),
         (build_args(s, out, "--kind", "hnsw"), "needs an IVF kind"),
         (build_args(s, out, "--kind", "HNSW32"), "needs an IVF index"),

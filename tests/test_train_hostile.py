@@ -112,6 +112,7 @@ def test_bad_values_are_one_line_and_touch_nothing(demo_root, finished_run, tmp_
         (["--head-lr", "-1", "--out", str(tmp_path / "a")], "head_lr"),
         (["--backbone-lr", "nan", "--out", str(tmp_path / "a")], "backbone_lr"),
         (["--time-budget", "0", "--out", str(tmp_path / "a")], "time_budget"),
+        (["--time-budget", "1e308", "--out", str(tmp_path / "a")], "time_budget"),  # a typo, not a plan
         (["--warmup-fraction", "1.5", "--out", str(tmp_path / "a")], "warmup_fraction"),
         (["--seed", "-1", "--out", str(tmp_path / "a")], "seed"),
         (["--augment", "{\"hflip\": 2}", "--out", str(tmp_path / "a")], "hflip"),

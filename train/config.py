@@ -22,6 +22,8 @@ from .samplers import SAMPLERS
 ABSENT_HEAD_POLICIES = ("update", "skip")
 LR_SCHEDULES = ("constant", "cosine", "step")
 
+MAX_TIME_BUDGET = 525_600  # minutes (a year): a longer --time-budget is a typo, not a plan
+
 
 @dataclass
 class TrainConfig:
@@ -192,7 +194,8 @@ class TrainConfig:
             need(value is None or value in LR_SCHEDULES, f"{name} must be one of {', '.join(LR_SCHEDULES)}, got {value!r}")
         need(all(0.0 < m < 1.0 for m in self.step_milestones), f"step_milestones must be fractions in (0, 1), got {self.step_milestones}")
         need(0.0 < self.step_gamma <= 1.0, f"step_gamma must be in (0, 1], got {self.step_gamma}")
-        need(self.time_budget is None or self.time_budget > 0, f"time_budget must be positive minutes, got {self.time_budget}")
+        need(self.time_budget is None or 0 < self.time_budget <= MAX_TIME_BUDGET,
+             f"time_budget must be minutes in (0, {MAX_TIME_BUDGET:,}] (a year), got {self.time_budget}")
         need(self.grad_clip_norm is None or self.grad_clip_norm > 0, f"grad_clip_norm must be positive, got {self.grad_clip_norm}")
         need(self.ema_decay is None or 0.0 < self.ema_decay < 1.0, f"ema_decay must be in (0, 1), got {self.ema_decay}")
         need(self.max_nonfinite_steps >= 1, f"max_nonfinite_steps must be at least 1, got {self.max_nonfinite_steps}")
