@@ -19,7 +19,8 @@
 #
 # Rows per regime (environment): SCRATCH_ROWS, TWO_STAGE_ROWS, CAPACITY_ROWS (default: the four
 # methods uscrr,ujc-size,udon-round_robin,udon-dynamic), ABLATIONS (default
-# udon-rr-nodistill,udon-rr-rel-half; "" for none) on ABLATION_SEEDS (default: SEEDS).
+# udon-rr-nodistill,udon-rr-rel-half; "" for none) on ABLATION_SEEDS (default: SEEDS); VAL_EVERY
+# (default STEPS/3) validation interval in steps.
 #
 # Re-running continues (finished trainings and reports are kept). Each regime writes
 # OUT/<regime>/results.md and results.json.
@@ -35,7 +36,7 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 PY=${PYTHON:-python}
 R=$HERE/recipes
 COMMON=(--data "$DATA" --seeds "$SEEDS" --device "$DEVICE" --backbone timm:test_resnet --image-size 64
-        --batch-size 128 --steps "$STEPS" --val-every "$(( STEPS / 3 ))")
+        --batch-size 128 --steps "$STEPS" --val-every "${VAL_EVERY:-$(( STEPS / 3 ))}")
 METHODS=uscrr,ujc-size,udon-round_robin,udon-dynamic
 SCRATCH_ROWS=${SCRATCH_ROWS:-$METHODS}
 TWO_STAGE_ROWS=${TWO_STAGE_ROWS:-$METHODS}
