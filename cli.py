@@ -138,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
 
     Every expected failure ends here as one line on stderr (:func:`uniret.errors.describe`): bad
     options (exit 2), bad input or a bad machine state such as a full disk (exit 1), Ctrl-C (130,
-    saying whether re-running resumes). ``UNIRET_DEBUG=1`` re-raises them with their traceback.
+    saying whether re-running resumes). Anything else is a bug, reported as one "internal error" line
+    (exit 1). ``UNIRET_DEBUG=1`` re-raises every exception with its traceback.
     """
     argv = [os.fspath(a) for a in (sys.argv[1:] if argv is None else argv)]
     root = logging.getLogger()
@@ -172,9 +173,12 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         if _is_usage_error(exc):
             return _usage_error(exc, command_path(command, argv))
-        known = describe(exc)
-        if known is None or debug_enabled():
+        if debug_enabled():
             raise
+        known = describe(exc)
+        if known is None:  # a bug, not bad input: still one line; the traceback with UNIRET_DEBUG=1
+            known = (f"internal error ({type(exc).__name__}: {' '.join(str(exc).split())[:200]}); re-run with "
+                     "UNIRET_DEBUG=1 for the traceback and report it", 1)
         message, code = known
         typer.echo(f"error: {_flat(message)}", err=True)
         return code

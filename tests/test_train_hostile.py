@@ -115,6 +115,9 @@ def test_bad_values_are_one_line_and_touch_nothing(demo_root, finished_run, tmp_
         (["--time-budget", "1e308", "--out", str(tmp_path / "a")], "time_budget"),  # a typo, not a plan
         (["--warmup-fraction", "1.5", "--out", str(tmp_path / "a")], "warmup_fraction"),
         (["--seed", "-1", "--out", str(tmp_path / "a")], "seed"),
+        (["--seed", str(10**20), "--out", str(tmp_path / "a")], "seed"),  # past int64
+        (["--dim", str(10**20), "--out", str(tmp_path / "a")], "dim"),
+        (["--batch-size", str(10**20), "--out", str(tmp_path / "a")], "batch_size"),
         (["--augment", "{\"hflip\": 2}", "--out", str(tmp_path / "a")], "hflip"),
         (["--augment", "not json", "--out", str(tmp_path / "a")], "--augment"),
         (["--device", "bogus", "--out", str(tmp_path / "a")], "bogus"),

@@ -146,13 +146,15 @@ class TrainConfig:
             raise UsageError(f"absent_heads must be one of {', '.join(ABSENT_HEAD_POLICIES)}")
         if self.amp not in ("auto", "bf16", "off"):
             raise UsageError(f"amp must be auto, bf16 or off, not {self.amp!r}")
+        most = {"batch_size": 65_536, "val_batch_size": 65_536, "dim": 65_536, "teacher_dim": 65_536,
+                "workers": 1_024}  # others: counts of steps, at most 2^62 (beyond, int64 overflows)
         for name in ("steps", "batch_size", "dim", "teacher_dim", "dynamic_interval", "dynamic_window",
                      "val_batch_size", "log_every"):
-            if getattr(self, name) < 1:
-                raise UsageError(f"{name} must be at least 1, got {getattr(self, name)}")
+            if not 1 <= getattr(self, name) <= most.get(name, 2**62):
+                raise UsageError(f"{name} must be 1..{most.get(name, 2**62):,}, got {getattr(self, name)}")
         for name in ("val_every", "ckpt_every", "workers"):
-            if getattr(self, name) < 0:
-                raise UsageError(f"{name} must be 0 or more, got {getattr(self, name)}")
+            if not 0 <= getattr(self, name) <= most.get(name, 2**62):
+                raise UsageError(f"{name} must be 0..{most.get(name, 2**62):,}, got {getattr(self, name)}")
         if self.nested_dims is not None:
             dims = sorted({int(d) for d in self.nested_dims})
             if not dims or dims[0] < 1 or dims[-1] > self.dim:
@@ -160,8 +162,8 @@ class TrainConfig:
             self.nested_dims = dims if dims[-1] == self.dim else [*dims, self.dim]
         if self.batch_size < 2:
             raise UsageError("batch_size must be at least 2 (the relational loss compares images)")
-        if self.seed < 0:
-            raise UsageError(f"seed must be 0 or more, got {self.seed}")
+        if not 0 <= self.seed < 2**63:
+            raise UsageError(f"seed must be 0..2^63-1, got {self.seed}")
         self._check_numbers()
         for spec, where in [(self.augment, "augment"),
                             *((v, f"augment_domains[{k!r}]") for k, v in self.augment_domains.items())]:
