@@ -29,7 +29,6 @@ def test_bench_methods_toy_run(benchmark_script, demo_lmdb, tmp_path, capsys):
     assert (out / "timings.json").read_text() == before
 
 
-@pytest.mark.slow
 def test_bench_methods_two_stage_capacity_and_ablations(benchmark_script, demo_lmdb, tmp_path):
     """Stage 1 once per seed, every row from its backbone; a 16-d student; the ablation rows get their
     own config fields on top of --config."""

@@ -9,12 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 SUITE = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_suite.sh"
 
 
-@pytest.mark.slow
 def test_gpu_suite_tiny_on_cpu(tmp_path):
     out = tmp_path / "suite"
     env = {**os.environ, "PYTHON": sys.executable}
