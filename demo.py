@@ -114,7 +114,11 @@ def _run_demo(out: Path, steps: int | None, device: str | None, scale: float) ->
     from .embed.model import build_model
     from .train.config import DEMO_RECIPE
 
-    untrained = build_model(DEMO_RECIPE["backbone"], image_size=DEMO_RECIPE["image_size"])
+    import torch
+
+    with torch.random.fork_rng(devices=[]):  # seed 0, as `uniret model init`: not whatever training left
+        torch.manual_seed(0)
+        untrained = build_model(DEMO_RECIPE["backbone"], image_size=DEMO_RECIPE["image_size"])
     cache = reports / ".cache" / "embeddings"
     runs = {
         "untrained": dict(model_dir=None, model=untrained, rerank="none"),
