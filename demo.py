@@ -111,10 +111,10 @@ def _run_demo(out: Path, steps: int | None, device: str | None, scale: float) ->
         make_demo(data, seed=0, scale=scale)
     model_dir = train_demo_model(data, out / "run", steps, device)
 
+    import torch
+
     from .embed.model import build_model
     from .train.config import DEMO_RECIPE
-
-    import torch
 
     with torch.random.fork_rng(devices=[]):  # seed 0, as `uniret model init`: not whatever training left
         torch.manual_seed(0)
