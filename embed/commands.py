@@ -23,6 +23,12 @@ logger = logging.getLogger("uniret")
 model_app = typer.Typer(no_args_is_help=True)
 
 
+class HeadKind(str, Enum):
+    linear = "linear"
+    none = "none"
+    pca = "pca"
+
+
 class StoreDtype(str, Enum):
     float16 = "float16"
     float32 = "float32"
@@ -55,7 +61,16 @@ def model_init(
     backbone: str = typer.Option(..., "--backbone", help="timm:MODEL or timm:MODEL.TAG, open_clip:ARCH or "
                                  "open_clip:ARCH/PRETRAINED, or a model (or training run) directory."),
     out: Path = typer.Option(..., "--out", help="Model directory to write."),
-    dim: int = typer.Option(64, "--dim", help="Universal embedding size."),
+    dim: int = typer.Option(None, "--dim", help="Universal embedding size (default 64; --head none: the backbone's width)."),
+    head: HeadKind = typer.Option(HeadKind.linear, "--head",
+                                  help="linear: a projection to --dim that `uniret train` trains (random until then); "
+                                       "none: the backbone's pooled, L2-normalised features as they are; "
+                                       "pca: PCA-whitening to --dim fitted on the images of --pca-data (no training)."),
+    pca_data: Path = typer.Option(None, "--pca-data", help="--head pca: images to fit it on (collection root, packed "
+                                                           "store, image folder or shards), e.g. those to be indexed."),
+    pca_split: list[str] = typer.Option(None, "--pca-split", help="--head pca on a collection: only these splits."),
+    pca_shrink: float = typer.Option(0.1, "--pca-shrink", help="--head pca: add this fraction of the mean "
+                                                                "eigenvalue before whitening (0 = full whitening)."),
     nested_dims: str = typer.Option(None, "--nested-dims", help="Matryoshka prefix sizes, e.g. 8,16,32,64."),
     image_size: int = typer.Option(None, "--image-size", help="Input size in pixels (default: the backbone's)."),
     pool: str = typer.Option(None, "--pool", help="timm pooling: avg, max, token, gem (learnable p) or gem:P (fixed p)."),
@@ -67,12 +82,22 @@ def model_init(
     seed: int = typer.Option(0, "--seed", help="Seed of the random initialisation."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier model directory at --out."),
 ) -> None:
-    """Make an untrained model directory (off-the-shelf backbone + random universal head)."""
-    in_range(dim, "--dim", 1, 65_536)
+    """Make a model directory: an off-the-shelf backbone and a universal head (random linear, none, or PCA)."""
+    if dim is not None:
+        in_range(dim, "--dim", 1, 65_536)
     in_range(seed, "--seed", 0, 2**63 - 1)
     if image_size is not None:
         in_range(image_size, "--image-size", 8, 4096)
-    inputs = [weights] + ([backbone] if Path(backbone).exists() else [])
+    if (head is HeadKind.pca) != (pca_data is not None):
+        raise UsageError("--head pca is fitted on images: pass --pca-data PATH with it (and only with it)")
+    if pca_split and pca_data is None:
+        raise UsageError("--pca-split goes with --head pca --pca-data PATH")
+    inputs = [weights, pca_data] + ([backbone] if Path(backbone).exists() else [])
+    items = None
+    if pca_data is not None:
+        from ..data import open_items
+
+        items = open_items(pca_data, splits=pca_split or None)
     import torch
 
     from .model import build_model, is_model_output
@@ -81,10 +106,17 @@ def model_init(
         quiet_open_clip_warnings()
         torch.manual_seed(seed)
         model = build_model(backbone, dim=dim, nested_dims=parse_dims(nested_dims), pretrained=pretrained,
-                            weights=weights, image_size=image_size, pool=pool, crop_pct=crop_pct)
+                            weights=weights, image_size=image_size, pool=pool, crop_pct=crop_pct, head=head.value)
+        if items is not None:
+            from .pca import fit_pca
+
+            logger.info("fitting PCA-whitening on %d images of %s", len(items), pca_data)
+            fit_pca(model, items, shrink=pca_shrink, workers=min(4, os.cpu_count() or 1),
+                    describe=str(pca_data) + (f" ({', '.join(pca_split)})" if pca_split else ""))
         provenance = dict(model.config.provenance, seed=seed)
         model.save(out, provenance=provenance)
-    logger.info("wrote %s (%s, %d-d, config hash %s)", out, model.config.backbone, model.config.dim, model.config_hash())
+    logger.info("wrote %s (%s, %s head, %d-d, config hash %s)", out, model.config.backbone, model.config.head,
+                model.config.dim, model.config_hash())
 
 
 @model_app.command("info")
@@ -100,7 +132,7 @@ def model_info_command(
     c = model.config
     params = sum(p.numel() for p in model.parameters())
     row = {
-        "backbone": c.backbone, "dim": c.dim, "nested_dims": c.nested_dims or "-", "feature_dim": c.feature_dim,
+        "backbone": c.backbone, "head": c.head, "dim": c.dim, "nested_dims": c.nested_dims or "-", "feature_dim": c.feature_dim,
         "input_size": "x".join(str(v) for v in c.preprocess["input_size"][1:]),
         "interpolation": c.preprocess.get("interpolation"), "crop_pct": c.preprocess.get("crop_pct"),
         "parameters": params, "config_hash": model.config_hash(),
@@ -110,7 +142,8 @@ def model_info_command(
 
 
 def embed_command(
-    model: Path = typer.Option(..., "--model", help="Model directory (uniret model init / train)."),
+    model: Path = typer.Option(None, "--model", help="Model directory (uniret model init / train); default: the "
+                                                     "pretrained EfficientNet-Lite0 when its weights package is installed."),
     data: Path = typer.Option(..., "--data", help="Collection root, packed LMDB, image folder or image file, or "
                                                   "webdataset tar shards ('shards/{00000..00099}.tar')."),
     out: Path = typer.Option(..., "--out", help="Embedding store to write (with --part: a part directory)."),
@@ -144,6 +177,10 @@ def embed_command(
         raise UsageError(f"--split {unknown[0]!r}: splits are {', '.join(SPLITS)}")
     quiet_open_clip_warnings()
     items = open_items(data, domains=domain or None, splits=split or None)
+    if model is None:
+        from .default import default_model_dir
+
+        model = default_model_dir()
     embedder = load_model(model)
     if workers is None:
         workers = min(16, os.cpu_count() or 1)

@@ -32,6 +32,9 @@ from .backbones import SOURCES, Backbone, create_backbone
 logger = logging.getLogger("uniret")
 
 FORMAT = "uniret-model/1"
+#: The universal head: ``linear`` (trained, or random until `uniret train`), ``none`` (the backbone's
+#: pooled, L2-normalised features, any width) or ``pca`` (PCA-whitening fitted on images, a linear layer).
+HEADS = ("linear", "none", "pca")
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 LEGACY_FIELDS = ("image_size",)
@@ -50,6 +53,7 @@ class ModelConfig:
     nested_dims: list[int] | None = None
     feature_dim: int = 0
     pool: str | None = None
+    head: str = "linear"
     preprocess: dict = field(default_factory=dict)
     provenance: dict = field(default_factory=dict)
     format: str = FORMAT
@@ -60,6 +64,8 @@ class ModelConfig:
 
     def to_json(self) -> dict:
         d = asdict(self)
+        if d["head"] == "linear":
+            del d["head"]  # absent = linear: directories written before heads had a choice keep their hash
         return {**d.pop("legacy"), **d}
 
     def architecture(self) -> dict:
@@ -110,6 +116,8 @@ def _config_problem(obj: dict) -> str | None:
          "nested_dims must be a list of sizes"),
         (_is_int(obj.get("feature_dim", 0), 0, 1 << 20), "feature_dim must be an integer"),
         (obj.get("pool") is None or isinstance(obj["pool"], str), "pool must be a name"),
+        (obj.get("head", "linear") in HEADS, f"head must be one of {', '.join(HEADS)}"),
+        (obj.get("head") != "none" or obj.get("dim") == obj.get("feature_dim"), "a head 'none' model's dim is its feature_dim"),
         (obj.get("image_size") is None or _is_int(obj["image_size"], 1, 4096), "image_size must be 1..4096"),
         (isinstance(pre, dict), "preprocess must be an object"),
         (isinstance(obj.get("provenance", {}), dict), "provenance must be an object"),
@@ -153,12 +161,15 @@ class UniversalEmbedder(nn.Module):
         self.backbone = backbone
         self.config = config
         self.source_dir: Path | None = None  # where it was loaded from, if it was
-        self.head = nn.Linear(backbone.feature_dim, config.dim)
-        # The reference's head (flax nn.Dense): LeCun-normal weights, a normal truncated at 2 std
-        # with variance 1/fan_in, and zero bias. PyTorch's default uniform bias would give every
-        # untrained embedding a shared offset (mean pairwise cosine ~0.5 on unrelated features, ~0 so).
-        lecun_normal_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
+        if config.head == "none":  # e_b itself is the embedding
+            self.head = nn.Identity()
+        else:
+            self.head = nn.Linear(backbone.feature_dim, config.dim)
+            # The reference's head (flax nn.Dense): LeCun-normal weights, a normal truncated at 2 std
+            # with variance 1/fan_in, and zero bias. PyTorch's default uniform bias would give every
+            # untrained embedding a shared offset (mean pairwise cosine ~0.5 on unrelated features, ~0 so).
+            lecun_normal_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
         self._transforms = None
 
     # -- computation -----------------------------------------------------------------------
@@ -329,19 +340,25 @@ def is_model_dir(name: str | Path) -> bool:
     return (p / CONFIG_NAME).is_file() or (p / "model" / CONFIG_NAME).is_file()
 
 
-def build_model(backbone: str, dim: int = 64, nested_dims=None, pretrained: bool = False,
+def build_model(backbone: str, dim: int | None = None, nested_dims=None, pretrained: bool = False,
                 weights: str | Path | None = None, image_size: int | None = None,
-                pool: str | None = None, crop_pct: float | None = None) -> UniversalEmbedder:
+                pool: str | None = None, crop_pct: float | None = None, head: str = "linear") -> UniversalEmbedder:
     """A new UniversalEmbedder: the named backbone (or a uniret model or run directory's trained
-    backbone, with its preprocessing) and a freshly initialised head of size ``dim``.
+    backbone, with its preprocessing) and a freshly initialised head of size ``dim`` (default 64).
 
+    ``head``: ``linear`` (LeCun-normal, trained by `uniret train`), ``none`` (the backbone's pooled,
+    L2-normalised features: ``dim`` is the feature width) or ``pca`` (a linear head that
+    :func:`uniret.embed.pca.fit_pca` sets to PCA-whitening fitted on images).
     ``crop_pct`` sets the evaluation crop stored in the preprocess config (1.0: resize the short side
     to the input size and centre-crop, as the UDON/UnED reference evaluates); None keeps the
     backbone's default (timm's pretrained config, 1.0 for open_clip).
     """
     from .preprocess import check_crop_pct
 
-    nested = check_nested_dims(int(dim), nested_dims)
+    if head not in HEADS:
+        raise UniretError(f"--head {head!r}: choose one of {', '.join(HEADS)}")
+    if head == "none" and nested_dims:
+        raise UniretError("--head none keeps the backbone's features whole: drop --nested-dims (or use --head pca)")
     crop_pct = check_crop_pct(crop_pct)
     if is_model_dir(backbone):
         if image_size is not None or pool is not None or pretrained or weights is not None:
@@ -352,13 +369,23 @@ def build_model(backbone: str, dim: int = 64, nested_dims=None, pretrained: bool
     else:
         bb = create_backbone(backbone, pretrained=pretrained, weights=weights, image_size=image_size, pool=pool)
         preprocess = dict(bb.data_config)
+    if head == "none":
+        if dim is not None and int(dim) != bb.feature_dim:
+            raise UniretError(f"--head none embeds with the backbone's {bb.feature_dim} features: drop --dim {dim} "
+                              f"or use --head pca --dim {dim}")
+        dim = bb.feature_dim
+    dim = 64 if dim is None else int(dim)
+    nested = check_nested_dims(dim, nested_dims)
+    if head == "pca" and dim > bb.feature_dim:
+        raise UniretError(f"--head pca --dim {dim}: at most the backbone's {bb.feature_dim} features")
     if crop_pct is not None:
         preprocess["crop_pct"] = crop_pct
     config = ModelConfig(
-        backbone=bb.name, dim=int(dim), nested_dims=nested, feature_dim=bb.feature_dim, pool=pool,
+        backbone=bb.name, dim=dim, nested_dims=nested, feature_dim=bb.feature_dim, pool=pool, head=head,
         preprocess=preprocess,
         provenance={"init": {"backbone": str(backbone), "pretrained": bool(pretrained),
-                             "weights": str(weights) if weights else None}},
+                             "weights": str(weights) if weights else None,
+                             **({"weights_source": bb.weights_source} if getattr(bb, "weights_source", None) else {})}},
     )
     return UniversalEmbedder(bb, config).eval()
 
