@@ -43,6 +43,17 @@ def train_command(
                                     help="Matryoshka prefix sizes trained to work alone, e.g. 8,16,32,64."),
     pretrained: bool = typer.Option(None, "--pretrained/--no-pretrained", help="Start from the backbone's pretrained weights (needs them cached)."),
     weights: str = typer.Option(None, "--weights", help="Backbone weights file."),
+    freeze_backbone: bool = typer.Option(None, "--freeze-backbone/--no-freeze-backbone",
+                                         help="Train the heads only: the backbone's features are computed once per "
+                                              "image and view and cached."),
+    train_blocks: int = typer.Option(None, "--train-blocks", help="Train only the last N stages of the backbone; "
+                                                                  "the output of the frozen rest is cached."),
+    cache_views: int = typer.Option(None, "--cache-views", help="Augmented views of each image for a frozen part "
+                                                                "(default 4)."),
+    feature_cache: str = typer.Option(None, "--feature-cache", help="Where to cache a frozen part's outputs "
+                                                                    "(default: the uniret cache; keyed by content)."),
+    cache_features: bool = typer.Option(None, "--cache-features/--no-cache-features",
+                                        help="With a frozen part: cache its outputs (default) or run it in the loop."),
     distill_backbone: bool = typer.Option(None, "--distill-backbone/--no-distill-backbone",
                                           help="udon: let L_log and L_rel train the backbone (default) or stop them at e_b."),
     steps: int = typer.Option(None, "--steps", help="Training steps (one single-domain batch each)."),
@@ -91,7 +102,8 @@ def train_command(
     cfg = resolve_config(
         config, data=data, method=_value(method), domain=domain, sampler=_value(sampler), backbone=backbone,
         image_size=image_size, pool=pool, crop_pct=crop_pct, dim=dim, nested_dims=nested, pretrained=pretrained,
-        weights=weights, distill_to_backbone=distill_backbone, steps=steps, time_budget=time_budget,
+        weights=weights, freeze_backbone=freeze_backbone, train_blocks=train_blocks, cache_views=cache_views,
+        feature_cache=feature_cache, cache_features=cache_features, distill_to_backbone=distill_backbone, steps=steps, time_budget=time_budget,
         head_lr=head_lr, backbone_lr=backbone_lr, lr_schedule=_value(lr_schedule), warmup_fraction=warmup_fraction,
         grad_clip_norm=grad_clip_norm, ema_decay=ema_decay, augment=augment_spec, batch_size=batch_size, out=out,
         seed=seed, val_every=val_every, ckpt_every=ckpt_every, device=device, workers=workers,

@@ -47,6 +47,13 @@ class TrainConfig:
     # on their own, e.g. [8, 16, 32, 64]; None = no nesting.
     nested_dims: list[int] | None = None
     teacher_dim: int = 256
+    # -- a frozen part of the backbone (uniret.train.frozen) ------------------------------------------
+    freeze_backbone: bool = False  # heads only: the backbone's pooled features are cached
+    train_blocks: int | None = None  # only the last N stages (+ conv head, pooling) train; the rest is cached
+    cache_features: bool = True  # False: the frozen part runs in the loop (same views, no cache)
+    cache_views: int = 4  # augmented views of each train image (the frozen part's inputs)
+    cache_dtype: str = "float16"  # float16 | float32: how cached outputs are stored
+    feature_cache: str | None = None  # cache directory (shared by runs, keyed by content); None: the uniret cache
     # -- length -----------------------------------------------------------------------------------
     steps: int = 1000
     # Minutes of training (validation and checkpoints included): train until they are spent, with
@@ -155,6 +162,14 @@ class TrainConfig:
         for name in ("val_every", "ckpt_every", "workers"):
             if not 0 <= getattr(self, name) <= most.get(name, 2**62):
                 raise UsageError(f"{name} must be 0..{most.get(name, 2**62):,}, got {getattr(self, name)}")
+        if self.freeze_backbone and self.train_blocks is not None:
+            raise UsageError("--freeze-backbone freezes all of it; --train-blocks N trains the last N stages: choose one")
+        if self.train_blocks is not None and not 1 <= self.train_blocks <= 1_000:
+            raise UsageError(f"train_blocks must be 1..1,000 stages, got {self.train_blocks}")
+        if not 1 <= self.cache_views <= 1_000:
+            raise UsageError(f"cache_views must be 1..1,000, got {self.cache_views}")
+        if self.cache_dtype not in ("float16", "float32"):
+            raise UsageError(f"cache_dtype must be float16 or float32, not {self.cache_dtype!r}")
         if self.nested_dims is not None:
             dims = sorted({int(d) for d in self.nested_dims})
             if not dims or dims[0] < 1 or dims[-1] > self.dim:
@@ -202,6 +217,11 @@ class TrainConfig:
         need(self.ema_decay is None or 0.0 < self.ema_decay < 1.0, f"ema_decay must be in (0, 1), got {self.ema_decay}")
         need(self.max_nonfinite_steps >= 1, f"max_nonfinite_steps must be at least 1, got {self.max_nonfinite_steps}")
         need(self.image_size is None or 8 <= self.image_size <= 4096, f"image_size must be 8..4096 pixels, got {self.image_size}")
+
+    @property
+    def frozen_part(self) -> bool:
+        """Whether part of the backbone is frozen (and, with ``cache_features``, cached)."""
+        return self.freeze_backbone or self.train_blocks is not None
 
     @property
     def freeze_steps(self) -> int:

@@ -99,7 +99,10 @@ class TrainData:
 
     ``transforms`` is one transform for every domain or a mapping domain -> transform."""
 
-    def __init__(self, data: str, domains: list[str] | None, transforms, workers: int = 0):
+    def __init__(self, data: str, domains: list[str] | None, transforms, workers: int = 0,
+                 views: tuple[int, int] | None = None):
+        #: (seed, count): augment each image as one of ``count`` fixed views (see uniret.train.frozen)
+        self.views = views
         self.collection = open_collection(data)
         chosen = resolve_domains(self.collection, domains)
         self.domains = chosen
@@ -130,7 +133,7 @@ class TrainData:
     def load(self, domain: int, positions: list[int], seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Images (N, 3, H, W) and labels (N,) of ``positions`` in ``domain``'s train split."""
         base = self.offsets[domain]
-        jobs = [(base + p, s, domain) for p, s in zip(positions, seeds, strict=True)]
+        jobs = [(base + p, self._seed(domain, p, s), domain) for p, s in zip(positions, seeds, strict=True)]
         if self._pool is not None:
             chunk = -(-len(jobs) // self._workers)
             results = [r for part in self._pool.map(_worker_load, [jobs[i:i + chunk] for i in range(0, len(jobs), chunk)])
@@ -148,10 +151,20 @@ class TrainData:
                                       f"with `uniret data check`")
                 logger.warning("unreadable or missing train image %s; using the next one", self.items[index].path)
                 pos = (pos + 1) % self.sizes[domain]
-                tensor, index = self._local([(base + pos, seed, domain)])[0]
+                tensor, index = self._local([(base + pos, self._seed(domain, pos, seed), domain)])[0]
             images.append(tensor)
             labels.append(int(self.labels[domain][pos]))
         return torch.stack(images), torch.tensor(labels, dtype=torch.int64)
+
+
+    def _seed(self, domain: int, position: int, slot_seed: int) -> int:
+        """The augmentation seed of a slot: its own, or that of the fixed view it picks."""
+        if self.views is None:
+            return slot_seed
+        from .frozen import view_seed
+
+        seed, count = self.views
+        return view_seed(seed, domain, position, slot_seed % count)
 
 
 class ValData:

@@ -60,18 +60,32 @@ class Heads(nn.Module):
 class TrainingModel(nn.Module):
     """Backbone + student head (the embedder) + the method's heads."""
 
-    def __init__(self, embedder: nn.Module, method):
+    def __init__(self, embedder: nn.Module, method, frozen: nn.Module | None = None, cached: nn.Module | None = None):
         super().__init__()
         self.embedder = embedder
         self.method = method  # a uniret.train.methods.TrainingMethod (not a module: it has no weights)
         self.heads = method.build_heads(embedder.head.in_features, embedder.head.out_features)
+        # The frozen prefix of the backbone (uniret.train.frozen): always in eval mode, no gradients.
+        # ``cached``: the rest of the backbone, which turns cached prefix outputs into features; when
+        # set, forward() takes those outputs instead of images.
+        self._frozen = [frozen] if frozen is not None else []  # a list: not registered twice
+        self._cached = [cached] if cached is not None else []
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for module in self._frozen:
+            module.eval()
+        return self
 
     @property
     def nested_dims(self) -> list[int]:
         return list(getattr(getattr(self.embedder, "config", None), "nested_dims", None) or [])
 
     def forward(self, images: torch.Tensor, domain: int) -> dict[str, torch.Tensor]:
-        features = self.embedder.features(images)  # e_b, L2-normalised
+        if self._cached:  # images are the frozen prefix's cached outputs
+            features = F.normalize(self._cached[0](images), dim=-1)
+        else:
+            features = self.embedder.features(images)  # e_b, L2-normalised
         student = self.embedder.embed_features(features)  # e_u = normalize(head(e_b))
         return self.method.forward(self, features, student, domain)
 
@@ -80,7 +94,8 @@ class TrainingModel(nn.Module):
         return [*self.embedder.head.parameters(), *self.heads.parameters()]
 
     def backbone_parameters(self) -> list[nn.Parameter]:
-        return list(self.embedder.backbone.parameters())
+        """The backbone's trainable parameters (a frozen prefix's are left out of the optimiser)."""
+        return [p for p in self.embedder.backbone.parameters() if p.requires_grad]
 
     def domain_parameters(self, domain: int) -> list[nn.Parameter]:
         """Parameters that belong to one domain only (its teacher head and classifiers)."""

@@ -185,6 +185,9 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
 
 def config_differences(saved: dict, current: dict) -> list[str]:
     """Names of options that differ between a run's config.json and the resumed config."""
-    saved_cfg = saved.get("config", {})
+    from .config import TrainConfig
+
+    # An option that a run's config predates had its default then.
+    saved_cfg = {**TrainConfig().to_json(), **saved.get("config", {})}
     return sorted(k for k in set(saved_cfg) | set(current)
                   if k not in RESUMABLE_CHANGES and saved_cfg.get(k) != current.get(k))

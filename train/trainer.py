@@ -95,10 +95,17 @@ class Trainer:
         embedder = build_embedder(config)
         method = method_class(config.method)
         domains = resolve_domains(open_collection(config.data), method.training_domains(config))
-        self.data = TrainData(config.data, domains, domain_transforms(embedder, config, domains), config.workers)
+        transforms = domain_transforms(embedder, config, domains)
+        views = (config.seed, config.cache_views) if config.frozen_part else None
+        self.data = TrainData(config.data, domains, transforms, 0 if views and config.cache_features else config.workers,
+                              views=views)
         self.domains = self.data.domains
         self.method = method(config, self.data.num_classes)
-        self.model = TrainingModel(embedder, self.method).to(self.device)
+        self.cache_seconds = 0.0
+        prefix = cached = None
+        if config.frozen_part:
+            prefix, cached = self._frozen_part(embedder, transforms)
+        self.model = TrainingModel(embedder, self.method, frozen=prefix, cached=cached).to(self.device)
         self.model.train()
         self.optimizer = make_optimizer(self.model, config)
         self.schedules = make_schedules(config)
@@ -112,10 +119,36 @@ class Trainer:
                               f"choose a split of the collection or leave the default")
         self.autocast = config.amp != "off" and self.device.type == "cuda"
         self.step = 0
-        self.elapsed = 0.0  # seconds of training, over every session of the run
+        # seconds of training, over every session of the run; building the feature cache counts
+        self.elapsed = self.cache_seconds
         self.nonfinite = 0  # consecutive steps with a non-finite loss
         self.best = {"R@1": None, "step": None}
         self._prepare_run(resume)
+
+    def _frozen_part(self, embedder, transforms):
+        """Freeze the backbone's prefix and, with ``cache_features``, put the cached data in place."""
+        from .frozen import CachedTrainData, FeatureCache, freeze, split_backbone
+
+        config = self.config
+        prefix, rest = split_backbone(embedder.backbone, config.train_blocks)
+        freeze(prefix)
+        if not config.cache_features:
+            return prefix, None
+        if config.feature_cache:
+            root = Path(config.feature_cache)
+        else:
+            from ..embed.default import cache_root
+
+            root = cache_root() / "features"
+        key = {"backbone": embedder.config.backbone, "train_blocks": config.train_blocks,
+               "preprocess": embedder.config.preprocess, "augment": config.augment,
+               "augment_domains": config.augment_domains}
+        cache = FeatureCache(root, self.data, prefix.to(self.device), key, config.cache_views, config.seed,
+                             config.cache_dtype, embedder.config.preprocess["input_size"], inputs=[config.data])
+        features, readable, seconds = cache.build(self.device, batch_size=min(config.val_batch_size, 256))
+        self.cache_seconds = seconds
+        self.data = CachedTrainData(self.data, features, readable, config.cache_views)
+        return prefix, rest
 
     # -- run directory and resume ----------------------------------------------------------------
     def _run_header(self) -> dict:
@@ -145,7 +178,8 @@ class Trainer:
             self.run.create(self._run_header())
         if self.config.absent_heads == "update":
             for p in self.model.parameters():
-                p.grad = torch.zeros_like(p)
+                if p.requires_grad:
+                    p.grad = torch.zeros_like(p)
         self.ctx.barrier()
 
     def save_last(self) -> None:
@@ -213,7 +247,7 @@ class Trainer:
         losses = method_losses(self.model, images, labels, domain, ctx, self.autocast)
         self.optimizer.zero_grad(set_to_none=config.absent_heads == "skip")
         losses["loss"].backward()
-        average_gradients(list(self.model.parameters()), ctx)
+        average_gradients([p for p in self.model.parameters() if p.requires_grad], ctx)
         values = average_scalars({k: v.item() for k, v in losses.items()}, ctx)
         update = None
         if math.isfinite(values["loss"]):
