@@ -25,9 +25,12 @@ def run(data, out, **kw):
     return train(TrainConfig(**values))
 
 
+def records(run_dir, kind: str) -> list[dict]:
+    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
+
+
 def losses(run_dir) -> list[float]:
-    return [r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
-            if r["kind"] == "train"]
+    return [r["loss"] for r in records(run_dir, "train")]
 
 
 @pytest.mark.parametrize("blocks", [None, 2])
@@ -52,10 +55,14 @@ def test_train_blocks_out_of_range():
 
 @pytest.mark.parametrize("kw", [dict(freeze_backbone=True), dict(train_blocks=1)])
 def test_cached_losses_equal_in_loop(demo_root, tmp_path, kw):
-    cached = run(demo_root, tmp_path / "cached", feature_cache=str(tmp_path / "cache"), **kw)
-    in_loop = run(demo_root, tmp_path / "loop", cache_features=False, **kw)
+    cached = run(demo_root, tmp_path / "cached", feature_cache=str(tmp_path / "cache"), val_every=5, **kw)
+    in_loop = run(demo_root, tmp_path / "loop", cache_features=False, val_every=5, **kw)
     a, b = losses(cached), losses(in_loop)
     assert len(a) == 5 and a == pytest.approx(b, rel=1e-4, abs=1e-5)
+    # validation on the cached prefix outputs = validation of the whole model
+    va, vb = records(cached, "val"), records(in_loop, "val")
+    assert [v["step"] for v in va] == [0, 5]
+    assert [v["mAP@100"] for v in va] == pytest.approx([v["mAP@100"] for v in vb], abs=1e-6)
     # a different seed picks other views: the losses differ (the comparison above can fail)
     other = run(demo_root, tmp_path / "seed1", feature_cache=str(tmp_path / "cache"), seed=1, **kw)
     assert losses(other) != pytest.approx(a, rel=1e-4)

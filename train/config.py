@@ -52,6 +52,7 @@ class TrainConfig:
     train_blocks: int | None = None  # only the last N stages (+ conv head, pooling) train; the rest is cached
     cache_features: bool = True  # False: the frozen part runs in the loop (same views, no cache)
     cache_views: int = 4  # augmented views of each train image (the frozen part's inputs)
+    cache_seed: int = 0  # seed of the views (not the run's: runs with other seeds share one cache)
     cache_dtype: str = "float16"  # float16 | float32: how cached outputs are stored
     feature_cache: str | None = None  # cache directory (shared by runs, keyed by content); None: the uniret cache
     # -- length -----------------------------------------------------------------------------------
@@ -177,8 +178,9 @@ class TrainConfig:
             self.nested_dims = dims if dims[-1] == self.dim else [*dims, self.dim]
         if self.batch_size < 2:
             raise UsageError("batch_size must be at least 2 (the relational loss compares images)")
-        if not 0 <= self.seed < 2**63:
-            raise UsageError(f"seed must be 0..2^63-1, got {self.seed}")
+        for name in ("seed", "cache_seed"):
+            if not 0 <= getattr(self, name) < 2**63:
+                raise UsageError(f"{name} must be 0..2^63-1, got {getattr(self, name)}")
         self._check_numbers()
         for spec, where in [(self.augment, "augment"),
                             *((v, f"augment_domains[{k!r}]") for k, v in self.augment_domains.items())]:

@@ -279,3 +279,36 @@ class CachedTrainData:
         x = self.features[torch.tensor(views), torch.tensor(rows)].float()
         return x, torch.tensor(labels, dtype=torch.int64)
 
+
+
+class CachedValData:
+    """Validation images as the frozen prefix's outputs (eval transform, computed once on first use:
+    the prefix never changes during the run)."""
+
+    def __init__(self, val, prefix: nn.Module, device: torch.device):
+        self.val, self.prefix, self.device = val, prefix, device
+        self.items = val.items
+        self._batches: list | None = None
+
+    def __len__(self) -> int:
+        return len(self.val)
+
+    def batches(self, batch_size: int):
+        if self._batches is None:
+            out = []
+            with torch.inference_mode():
+                for rows, images in self.val.batches(batch_size):
+                    out.append((rows, self.prefix(images.to(self.device)).cpu()))
+            self._batches = out
+        yield from self._batches
+
+
+class CachedEmbedder(nn.Module):
+    """The embedder applied to prefix outputs: ``head(normalize(rest(t)))``, for validation."""
+
+    def __init__(self, embedder: nn.Module, rest: nn.Module):
+        super().__init__()
+        self.embedder, self.rest = embedder, rest
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.embedder.embed_features(torch.nn.functional.normalize(self.rest(t), dim=-1))

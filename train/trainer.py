@@ -96,7 +96,7 @@ class Trainer:
         method = method_class(config.method)
         domains = resolve_domains(open_collection(config.data), method.training_domains(config))
         transforms = domain_transforms(embedder, config, domains)
-        views = (config.seed, config.cache_views) if config.frozen_part else None
+        views = (config.cache_seed, config.cache_views) if config.frozen_part else None
         self.data = TrainData(config.data, domains, transforms, 0 if views and config.cache_features else config.workers,
                               views=views)
         self.domains = self.data.domains
@@ -114,6 +114,12 @@ class Trainer:
                                            config.dynamic_interval, config.dynamic_window)
         self.index_samplers = [InfiniteIndexSampler(n, config.seed, key=i) for i, n in enumerate(self.data.sizes)]
         self.val = ValData(config.data, self.domains, config.val_split, embedder.transforms()[1])
+        self._cached_val = None
+        if cached is not None and (config.ema_decay is None or config.freeze_backbone):  # (an EMA has its own rest)
+            from .frozen import CachedEmbedder, CachedValData
+
+            self._cached_val = CachedValData(self.val, prefix, self.device)
+            self._cached_val_embedder = lambda e: CachedEmbedder(e, cached)
         if not len(self.val) and config.val_split != "val":
             raise UniretError(f"val_split {config.val_split!r}: no training domain has that split; "
                               f"choose a split of the collection or leave the default")
@@ -143,7 +149,7 @@ class Trainer:
         key = {"backbone": embedder.config.backbone, "train_blocks": config.train_blocks,
                "preprocess": embedder.config.preprocess, "augment": config.augment,
                "augment_domains": config.augment_domains}
-        cache = FeatureCache(root, self.data, prefix.to(self.device), key, config.cache_views, config.seed,
+        cache = FeatureCache(root, self.data, prefix.to(self.device), key, config.cache_views, config.cache_seed,
                              config.cache_dtype, embedder.config.preprocess["input_size"], inputs=[config.data])
         features, readable, seconds = cache.build(self.device, batch_size=min(config.val_batch_size, 256))
         self.cache_seconds = seconds
@@ -287,7 +293,11 @@ class Trainer:
         result = None
         if self.ctx.is_main:
             embedder = self.exported_embedder()
-            result = validate(embedder, self.val, self.config.val_batch_size, self.device, self.autocast)
+            val = self.val
+            if self._cached_val is not None:  # the frozen prefix's outputs, computed once
+                val, embedder = self._cached_val, self._cached_val_embedder(embedder)
+            result = validate(embedder, val, self.config.val_batch_size, self.device, self.autocast)
+            embedder = self.exported_embedder()
             self.run.log({"kind": "val", "step": self.step, **result})
             logger.info("step %d: merged val R@1 %.4f (%s)", self.step, result["R@1"] or 0.0,
                         " ".join(f"{d} {v:.3f}" for d, v in result["per_domain_R@1"].items() if v is not None))
