@@ -73,7 +73,7 @@ def udon_losses(
     (distillation stopped at the backbone). ``gathered`` = (student, teacher) embeddings of the global
     batch under DDP; the relational loss uses them instead of the local ones.
     """
-    cls_t = classification_loss(out["teacher_cosines"], labels, cls_scale)
+    cls_t = classification_loss(out["teacher_cosines"], out.get("teacher_labels", labels), cls_scale)
     cls_u = student_classification_loss(out, labels, cls_scale)
     log = logit_distillation(out["teacher_cosines"], out.get("distill_student_cosines", out["student_cosines"]),
                              temperature)
