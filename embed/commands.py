@@ -17,6 +17,7 @@ from ..data.collection import SPLITS
 from ..display import OutputFormat, emit
 from ..errors import UniretError, UsageError
 from ..guards import claim_output, in_range
+from .spec import HELP, ModelSpec
 
 logger = logging.getLogger("uniret")
 
@@ -58,27 +59,23 @@ def quiet_open_clip_warnings() -> None:
 
 @model_app.command("init")
 def model_init(
-    backbone: str = typer.Option(..., "--backbone", help="timm:MODEL or timm:MODEL.TAG, open_clip:ARCH or "
-                                 "open_clip:ARCH/PRETRAINED, or a model (or training run) directory."),
+    backbone: str = typer.Option(..., "--backbone", help=HELP["backbone"]),
     out: Path = typer.Option(..., "--out", help="Model directory to write."),
-    dim: int = typer.Option(None, "--dim", help="Universal embedding size (default 64; --head none: the backbone's width)."),
+    dim: int = typer.Option(None, "--dim", help=HELP["dim"]),
     head: HeadKind = typer.Option(HeadKind.linear, "--head",
-                                  help="linear: a projection to --dim that `uniret train` trains (random until then); "
-                                       "none: the backbone's pooled, L2-normalised features as they are; "
-                                       "pca: PCA-whitening to --dim fitted on the images of --pca-data (no training)."),
+                                  help=HELP["head"]),
     pca_data: Path = typer.Option(None, "--pca-data", help="--head pca: images to fit it on (collection root, packed "
                                                            "store, image folder or shards), e.g. those to be indexed."),
     pca_split: list[str] = typer.Option(None, "--pca-split", help="--head pca on a collection: only these splits."),
     pca_shrink: float = typer.Option(0.1, "--pca-shrink", help="--head pca: add this fraction of the mean "
                                                                 "eigenvalue before whitening (0 = full whitening)."),
-    nested_dims: str = typer.Option(None, "--nested-dims", help="Matryoshka prefix sizes, e.g. 8,16,32,64."),
-    image_size: int = typer.Option(None, "--image-size", help="Input size in pixels (default: the backbone's)."),
-    pool: str = typer.Option(None, "--pool", help="timm pooling: avg, max, token, gem (learnable p) or gem:P (fixed p)."),
+    nested_dims: str = typer.Option(None, "--nested-dims", help=HELP["nested_dims"]),
+    image_size: int = typer.Option(None, "--image-size", help=HELP["image_size"]),
+    pool: str = typer.Option(None, "--pool", help=HELP["pool"]),
     crop_pct: float = typer.Option(None, "--crop-pct",
-                                   help="Evaluation crop: resize the short side to input size / crop-pct, centre-crop. "
-                                        "1.0 = the UDON/UnED reference (no margin); default: the backbone's."),
-    pretrained: bool = typer.Option(False, "--pretrained", help="Load pretrained weights (hub cache)."),
-    weights: Path = typer.Option(None, "--weights", help="Load backbone weights from this file."),
+                                   help=HELP["crop_pct"]),
+    pretrained: bool = typer.Option(False, "--pretrained", help=HELP["pretrained"]),
+    weights: Path = typer.Option(None, "--weights", help=HELP["weights"]),
     seed: int = typer.Option(0, "--seed", help="Seed of the random initialisation."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier model directory at --out."),
 ) -> None:
@@ -100,13 +97,15 @@ def model_init(
         items = open_items(pca_data, splits=pca_split or None)
     import torch
 
-    from .model import build_model, is_model_output
+    from .model import is_model_output
 
     with claim_output(out, "model directory", is_model_output, inputs=inputs, overwrite=overwrite):
         quiet_open_clip_warnings()
         torch.manual_seed(seed)
-        model = build_model(backbone, dim=dim, nested_dims=parse_dims(nested_dims), pretrained=pretrained,
-                            weights=weights, image_size=image_size, pool=pool, crop_pct=crop_pct, head=head.value)
+        spec = ModelSpec(backbone=backbone, pretrained=pretrained, weights=str(weights) if weights else None,
+                         image_size=image_size, pool=pool, crop_pct=crop_pct, dim=dim,
+                         nested_dims=parse_dims(nested_dims), head=head.value)
+        model = spec.build()
         if items is not None:
             from .pca import fit_pca
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import typer
 
+from ..embed.spec import HELP
 from .methods import METHODS
 from .samplers import SAMPLERS
 
@@ -34,15 +35,15 @@ def train_command(
     method: MethodName = typer.Option(None, "--method", help=f"Training method (default udon). {_METHOD_HELP}."),
     domain: str = typer.Option(None, "--domain", help="The one domain of --method specialist."),
     sampler: SamplerName = typer.Option(None, "--sampler", help=f"Domain of each step (default: the method's). {_SAMPLER_HELP}."),
-    backbone: str = typer.Option(None, "--backbone", help="timm:<model>, open_clip:<arch>/<tag> or a model dir."),
-    image_size: int = typer.Option(None, "--image-size", help="Input size in pixels (default the backbone's)."),
-    pool: str = typer.Option(None, "--pool", help="CNN feature pooling, e.g. avg, gem or gem:4.6 (default the backbone's)."),
-    crop_pct: float = typer.Option(None, "--crop-pct", help="Evaluation crop fraction; 1.0 = short side to the input size, centre crop (the reference's)."),
-    dim: int = typer.Option(None, "--dim", help="Universal embedding size (default 64)."),
+    backbone: str = typer.Option(None, "--backbone", help=HELP["backbone"]),
+    image_size: int = typer.Option(None, "--image-size", help=HELP["image_size"]),
+    pool: str = typer.Option(None, "--pool", help=HELP["pool"]),
+    crop_pct: float = typer.Option(None, "--crop-pct", help=HELP["crop_pct"]),
+    dim: int = typer.Option(None, "--dim", help=HELP["dim"]),
     nested_dims: str = typer.Option(None, "--nested-dims",
-                                    help="Matryoshka prefix sizes trained to work alone, e.g. 8,16,32,64."),
-    pretrained: bool = typer.Option(None, "--pretrained/--no-pretrained", help="Start from the backbone's pretrained weights (needs them cached)."),
-    weights: str = typer.Option(None, "--weights", help="Backbone weights file."),
+                                    help=HELP["nested_dims"]),
+    pretrained: bool = typer.Option(None, "--pretrained/--no-pretrained", help=HELP["pretrained"]),
+    weights: str = typer.Option(None, "--weights", help=HELP["weights"]),
     freeze_backbone: bool = typer.Option(None, "--freeze-backbone/--no-freeze-backbone",
                                          help="Train the heads only: the backbone's features are computed once per "
                                               "image and view and cached."),

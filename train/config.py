@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..embed.spec import ModelSpec
 from ..errors import UniretError, UsageError
 from .augment import check_spec
 from .methods import method_class
@@ -26,8 +27,9 @@ MAX_TIME_BUDGET = 525_600  # minutes (a year): a longer --time-budget is a typo,
 
 
 @dataclass
-class TrainConfig:
-    """Everything that defines a training run. Defaults follow the UDON reference recipe."""
+class TrainConfig(ModelSpec):
+    """Everything that defines a training run: the model's :class:`ModelSpec` and the training
+    options. Defaults follow the UDON reference recipe."""
 
     # -- what to train on and where to write ----------------------------------------------------
     data: str = ""
@@ -35,17 +37,10 @@ class TrainConfig:
     method: str = "udon"
     domain: str | None = None  # the one domain of --method specialist
     sampler: str | None = None  # None: the method's (udon dynamic, uscrr round_robin, ujc size)
-    # -- model (the options of `uniret model init`) -------------------------------------------------
+    # -- model: the fields of uniret.embed.spec.ModelSpec (the options of `uniret model init`), with
+    # the reference's backbone and a 64-d student as defaults ------------------------------------------
     backbone: str = "timm:vit_base_patch16_224"
-    pretrained: bool = False
-    weights: str | None = None
-    image_size: int | None = None
-    pool: str | None = None  # CNN pooling, e.g. "gem" or "gem:4.6"; None = the backbone's
-    crop_pct: float | None = None  # eval crop; 1.0 = the reference's (short side to size, centre crop)
     dim: int = 64  # universal (student) embedding
-    # Matryoshka (METHOD.md §6): prefix sizes of the student embedding that are trained to be usable
-    # on their own, e.g. [8, 16, 32, 64]; None = no nesting.
-    nested_dims: list[int] | None = None
     teacher_dim: int = 256
     # -- a frozen part of the backbone (uniret.train.frozen) ------------------------------------------
     freeze_backbone: bool = False  # heads only: the backbone's pooled features are cached
@@ -163,6 +158,9 @@ class TrainConfig:
         for name in ("val_every", "ckpt_every", "workers"):
             if not 0 <= getattr(self, name) <= most.get(name, 2**62):
                 raise UsageError(f"{name} must be 0..{most.get(name, 2**62):,}, got {getattr(self, name)}")
+        if self.head != "linear":
+            raise UsageError(f"training trains a linear head; --head {self.head} is for a model that is not trained "
+                             "(`uniret model init --head ...`)")
         if self.freeze_backbone and self.train_blocks is not None:
             raise UsageError("--freeze-backbone freezes all of it; --train-blocks N trains the last N stages: choose one")
         if self.train_blocks is not None and not 1 <= self.train_blocks <= 1_000:

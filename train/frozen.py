@@ -71,6 +71,8 @@ def backbone_stages(model: nn.Module) -> tuple[list[nn.Module], list[nn.Module],
     plain ``nn.Sequential`` (its children are the stages)."""
     if isinstance(model, nn.Sequential):
         return [], list(model.children()), [], None
+    if type(model).__name__ == "PlainNet":  # uniret.embed.plain
+        return [], list(model.features), [], lambda x: x.mean(dim=(-2, -1))
     names = {n for n, _ in model.named_children()}
     if {"conv_stem", "bn1", "blocks"} <= names and isinstance(model.blocks, nn.Sequential):
         tail = [model.conv_head, model.bn2] if type(model).__name__ == "EfficientNet" else []

@@ -45,10 +45,9 @@ def check_output(run: RunDir, config: TrainConfig, resume: bool) -> None:
 
 def build_embedder(config: TrainConfig):
     """The model to train, built from the same options as ``uniret model init``."""
-    from ..embed.model import build_model
+    from ..embed.spec import ModelSpec
 
-    return build_model(config.backbone, dim=config.dim, nested_dims=config.nested_dims, pretrained=config.pretrained,
-                       weights=config.weights, image_size=config.image_size, pool=config.pool, crop_pct=config.crop_pct)
+    return ModelSpec.of(config).build()
 
 
 def domain_transforms(embedder, config: TrainConfig, domains: list[str]) -> dict:
