@@ -19,6 +19,8 @@ Ablations (only when named in ``--rows``), UDON with round-robin sampling and on
     udon-rr-rel-half     relational weight halved (relational_factor 0.125: at batch 128 the weight
                          L_rel has at batch 64, B/4 = 16)
     udon-rr-rel-double   relational weight doubled (relational_factor 0.5: B/4 of batch 256)
+    udon-rr-joint        per-domain teachers distilled into a student with one joint classifier
+                         (``--method udon_joint``)
 
 Regimes: from scratch (``--backbone timm:...`` and a recipe ``--config``); two-stage
 (``--stage1-steps N``: per seed, stage 1 trains ``--stage1-method`` on all training domains with
@@ -59,10 +61,11 @@ TRAINED = {  # row -> (method, sampler, config fields on top of --config)
     "udon-rr-nodistill": ("udon", "round_robin", {"distill_to_backbone": False}),
     "udon-rr-rel-half": ("udon", "round_robin", {"relational_factor": 0.125}),
     "udon-rr-rel-double": ("udon", "round_robin", {"relational_factor": 0.5}),
+    "udon-rr-joint": ("udon_joint", "round_robin", {}),
 }
 ROWS = ("untrained", "stage1", "uscrr", "ujc-size", "udon-round_robin", "udon-dynamic", "udon-dynamic+sg",
         "specialist-oracle")
-ABLATIONS = ("udon-rr-nodistill", "udon-rr-rel-half", "udon-rr-rel-double")
+ABLATIONS = ("udon-rr-nodistill", "udon-rr-rel-half", "udon-rr-rel-double", "udon-rr-joint")
 
 
 def uniret(*args: str, log: Path) -> float:
@@ -101,7 +104,8 @@ class Bench:
     def common(self, seed: int, backbone: str | None = None, config: str | None = None) -> list[str]:
         a = self.args
         backbone = backbone or self.backbone(seed)
-        opts = ["--data", a.data, "--backbone", backbone, "--steps", str(a.steps),
+        opts = ["--data", a.data, "--backbone", backbone, *(["--pretrained"] if a.pretrained and not Path(backbone).is_dir() else []),
+                "--steps", str(a.steps),
                 "--batch-size", str(a.batch_size), "--val-every", str(a.val_every), "--ckpt-every", str(a.val_every),
                 "--device", a.device, "--seed", str(seed)]
         if a.image_size and not Path(backbone).is_dir():  # a stage-1 model directory brings its own size
@@ -182,7 +186,8 @@ class Bench:
         a = self.args
         untrained = self.out / "models" / f"untrained-s{seed}"
         if not (untrained / "config.json").is_file():
-            init = ["model", "init", "--backbone", self.backbone(seed), "--seed", str(seed), "--out", str(untrained)]
+            init = ["model", "init", "--backbone", self.backbone(seed), "--seed", str(seed), "--out", str(untrained),
+                    *(["--pretrained"] if a.pretrained and not Path(self.backbone(seed)).is_dir() else [])]
             if a.image_size and not Path(self.backbone(seed)).is_dir():
                 init += ["--image-size", str(a.image_size)]
             if a.dim:
@@ -241,6 +246,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", required=True, help="folder for runs, reports, cache and results")
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--backbone", default="timm:test_resnet")
+    p.add_argument("--pretrained", action="store_true", help="start every row from the backbone's pretrained weights")
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=64)
