@@ -358,7 +358,8 @@ def build_model(backbone: str, dim: int = 64, nested_dims=None, pretrained: bool
         backbone=bb.name, dim=int(dim), nested_dims=nested, feature_dim=bb.feature_dim, pool=pool,
         preprocess=preprocess,
         provenance={"init": {"backbone": str(backbone), "pretrained": bool(pretrained),
-                             "weights": str(weights) if weights else None}},
+                             "weights": str(weights) if weights else None,
+                             "weights_source": bb.weights_source if not is_model_dir(backbone) else None}},
     )
     return UniversalEmbedder(bb, config).eval()
 
