@@ -261,8 +261,11 @@ def _timm_backbone(name: str, model_name: str, *, pretrained: bool, weights: str
                               "plain state-dict checkpoint for this architecture") from None
         if hub == "local-dir":
             raise UniretError(f"{name}: cannot read the model folder {model_id} ({_why(exc)})") from None
+        if _is_offline_error(exc) and hub == "hf-hub":
+            raise UniretError(f"{name}: not in the hub cache on this machine (offline); fill the cache where the hub "
+                              "is reachable, or save the model to a folder and use timm:local-dir:<folder>") from None
         if _is_offline_error(exc):
-            raise UniretError(no_weights_message(name, None if hub else arch)) from None
+            raise UniretError(no_weights_message(name, arch)) from None
         if "No pretrained weights exist" in str(exc):
             raise UniretError(f"{name}: timm has no pretrained weights for {arch}; pass --weights FILE "
                               "or drop --pretrained") from None
