@@ -84,7 +84,7 @@ def _data_config(cfg: dict, image_size: int | None) -> dict:
 
 # -- timm --------------------------------------------------------------------------------------------
 def timm_backbone(name: str, model_name: str, *, pretrained: bool, weights: str | None, image_size: int | None,
-                   pool: str | None) -> Backbone:
+                  pool: str | None) -> Backbone:
     import timm
     from timm.data import resolve_model_data_config
 
@@ -176,7 +176,7 @@ def timm_owns(bare: str) -> bool:
 
 # -- open_clip ---------------------------------------------------------------------------------------
 def open_clip_backbone(name: str, spec: str, *, pretrained: bool, weights: str | None,
-                        image_size: int | None, pool: str | None) -> Backbone:
+                       image_size: int | None, pool: str | None) -> Backbone:
     import open_clip
 
     if pool is not None:
