@@ -87,6 +87,9 @@ def split_name(name: str) -> tuple[str, str]:
             pass
     hint = f"did you mean {' or '.join(hints)}?" if hints else "e.g. timm:vit_small_patch16_224 or open_clip:ViT-B-16/openai"
     syntax = ", ".join(record.syntax.split(" | ")[0] for record in sources.values())
+    if sep and rest and source.isidentifier():
+        raise UniretError(f"backbone {name!r}: unknown source prefix {source!r} (known: {', '.join(sources)}; a package "
+                          "adds one through the uniret.backbones entry points)")
     raise UniretError(f"backbone {name!r}: name it with a source prefix ({syntax}) or give a uniret model directory; {hint}")
 
 

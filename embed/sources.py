@@ -23,14 +23,14 @@ from .backbone_module import Backbone, GeM, close_matches, one_line, parse_pool
 HUB_PREFIXES = ("hf-hub", "local-dir")
 
 
-def split_hub(spec: str) -> tuple[str | None, str]:
+def split_hub(name: str, spec: str) -> tuple[str | None, str]:
     """``"hf-hub:org/name"`` -> ("hf-hub", "org/name"); a plain name -> (None, name)."""
     prefix, sep, rest = spec.partition(":")
     prefix = "hf-hub" if prefix == "hf_hub" else prefix  # timm's old spelling
     if sep and prefix in HUB_PREFIXES and rest:
         return prefix, rest
     if sep:
-        raise UniretError(f"{spec!r}: after the source, write a model name, hf-hub:<org>/<name> or local-dir:<folder>")
+        raise UniretError(f"{name}: after the source, write a model name, hf-hub:<org>/<name> or local-dir:<folder>")
     return None, spec
 
 
@@ -90,7 +90,7 @@ def timm_backbone(name: str, model_name: str, *, pretrained: bool, weights: str 
 
     from .weights import apply_weights, find_weights, no_weights_message
 
-    hub, model_id = split_hub(model_name)  # timm's own "hf-hub:" / "local-dir:" names
+    hub, model_id = split_hub(name, model_name)  # timm's own "hf-hub:" / "local-dir:" names
     arch, _, tag = (model_name, "", "") if hub else model_id.partition(".")
     if hub is None and not timm.is_model(arch):
         raise UniretError(f"unknown timm model {arch!r}; close matches: {close_matches(arch, timm.list_models())}")
@@ -181,7 +181,7 @@ def open_clip_backbone(name: str, spec: str, *, pretrained: bool, weights: str |
 
     if pool is not None:
         raise UniretError("--pool applies to timm backbones; open_clip backbones use their own pooled token")
-    hub, _ = split_hub(spec)
+    hub, _ = split_hub(name, spec)
     if hub is not None:  # "hf-hub:org/name" / "local-dir:path" carry their own config and weights
         arch, tag, tag_cfg = spec, "", {}
         if weights is not None:
