@@ -385,7 +385,7 @@ def build_model(backbone: str, dim: int | None = None, nested_dims=None, pretrai
         preprocess=preprocess,
         provenance={"init": {"backbone": str(backbone), "pretrained": bool(pretrained),
                              "weights": str(weights) if weights else None,
-                             **({"weights_source": bb.weights_source} if getattr(bb, "weights_source", None) else {})}},
+                             "weights_source": bb.weights_source if not is_model_dir(backbone) else None}},
     )
     return UniversalEmbedder(bb, config).eval()
 
