@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UniretError
-from . import sources
+from . import plain, sources
 from .backbone_module import Backbone, GeM, parse_pool
 from .plugins import Registry
 
@@ -99,6 +99,9 @@ BACKBONE_SOURCES.register("timm", BackboneSource(
 BACKBONE_SOURCES.register("open_clip", BackboneSource(
     sources.open_clip_backbone, "open_clip image towers (CLIP, SigLIP, ...)",
     "open_clip:<arch>[/<pretrained>] | open_clip:hf-hub:<org>/<name> | open_clip:local-dir:<path>", sources.open_clip_owns))
+BACKBONE_SOURCES.register("plain", BackboneSource(
+    plain.build_plain, "plain CNNs trained from scratch (cnn6: the 6-conv baseline of issue #13)",
+    "plain:cnn6", lambda bare: bare in plain.ARCHS))
 
 
 def create_backbone(name: str, pretrained: bool = False, weights: str | Path | None = None,

@@ -41,8 +41,8 @@ class PlainNet(nn.Module):
         return self.features(x).mean(dim=(-2, -1))
 
 
-def build_plain(name: str, arch: str, pretrained: bool, weights, image_size: int | None, pool: str | None):
-    from .backbones import Backbone
+def build_plain(name: str, arch: str, *, pretrained: bool, weights, image_size: int | None, pool: str | None):
+    from .backbone_module import Backbone
 
     if arch not in ARCHS:
         raise UniretError(f"unknown plain architecture {arch!r}; known: {', '.join(f'plain:{a}' for a in ARCHS)}")

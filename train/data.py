@@ -32,6 +32,12 @@ def sample_seed(run_seed: int, step: int, slot: int) -> int:
     return int(np.random.SeedSequence([run_seed, step, slot, 2654435761]).generate_state(2, np.uint64)[0] >> 1)
 
 
+def view_seed(seed: int, domain: int, position: int, view: int) -> int:
+    """The augmentation seed of view ``view`` of train image ``position`` of ``domain`` (a run with a
+    frozen backbone part sees each image as one of a few fixed views: uniret.train.frozen)."""
+    return int(np.random.SeedSequence([seed, domain, position, view, 40503]).generate_state(2, np.uint64)[0] >> 1)
+
+
 def augment(transform, image, seed: int) -> torch.Tensor:
     """Run a torchvision transform under its own seed (inside :func:`isolated_rng`)."""
     torch.manual_seed(seed)
@@ -161,8 +167,6 @@ class TrainData:
         """The augmentation seed of a slot: its own, or that of the fixed view it picks."""
         if self.views is None:
             return slot_seed
-        from .frozen import view_seed
-
         seed, count = self.views
         return view_seed(seed, domain, position, slot_seed % count)
 

@@ -33,7 +33,7 @@ from torch import nn
 from ..errors import UniretError
 from ..guards import check_apart, check_writable, output_lock
 from ..utils import atomic_write_json, progress_bar, stable_hash
-from .data import TrainData, read_image
+from .data import TrainData, read_image, view_seed
 
 logger = logging.getLogger("uniret")
 
@@ -113,16 +113,6 @@ def freeze(module: nn.Module) -> None:
     module.eval()
     for p in module.parameters():
         p.requires_grad_(False)
-
-
-def view_seed(seed: int, domain: int, position: int, view: int) -> int:
-    """The augmentation seed of view ``view`` of train image ``position`` of ``domain``."""
-    return int(np.random.SeedSequence([seed, domain, position, view, 40503]).generate_state(2, np.uint64)[0] >> 1)
-
-
-def viewed_seeds(seed: int, views: int, domain: int, positions: list[int], slot_seeds: list[int]) -> list[int]:
-    """Slot seeds -> the seeds of the views they pick (``slot seed % views``)."""
-    return [view_seed(seed, domain, p, s % views) for p, s in zip(positions, slot_seeds, strict=True)]
 
 
 def weights_digest(module: nn.Module) -> str:
