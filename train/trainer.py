@@ -106,6 +106,9 @@ class Trainer:
         if config.frozen_part:
             prefix, cached = self._frozen_part(embedder, transforms)
         self.model = TrainingModel(embedder, self.method, frozen=prefix, cached=cached).to(self.device)
+        self.channels_last = self.device.type == "cuda"  # convolutions run faster in NHWC on GPUs
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
         self.model.train()
         self.optimizer = make_optimizer(self.model, config)
         self.schedules = make_schedules(config)
@@ -249,6 +252,8 @@ class Trainer:
         seeds = [sample_seed(config.seed, self.step, slot) for slot in range(lo, lo + local)]
         images, labels = self.data.load(domain, positions[lo : lo + local], seeds)
         images, labels = images.to(self.device, non_blocking=True), labels.to(self.device)
+        if self.channels_last and images.ndim == 4:
+            images = images.contiguous(memory_format=torch.channels_last)
         labels = self.method.classifier_labels(domain, labels)
         losses = method_losses(self.model, images, labels, domain, ctx, self.autocast)
         self.optimizer.zero_grad(set_to_none=config.absent_heads == "skip")
