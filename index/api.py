@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import UniretError, UsageError
-from .images import open_image_source
+from .images import index_images
 from .layout import current_version
 from .queries import QueryRows, prepare_queries
 from .rerank import get_reranker, reranker_names
@@ -99,7 +99,8 @@ class Index:
         self._open_args = {"gpu": gpu, "device": device}
         self.searcher = Searcher.open(self.root, **self._open_args)
         self.model_dir = Path(model) if model is not None else None
-        self.images = open_image_source(images)
+        self._images_given = images  # --images overrides the sources the index recorded
+        self.images = index_images(self.root, self.searcher.manifest, images)
         self._refresh_lock = threading.Lock()
         self._model = None
         self._domains: tuple = (None, [])
@@ -127,7 +128,16 @@ class Index:
                 "model": {"config_hash": model.get("config_hash"), "backbone": model.get("backbone"),
                           "copy": bool(m.get("model_dir"))},
                 "domains": self.domains(), "rerankers": reranker_names(), "max_k": MAX_K,
-                "images": repr(self.images) if self.images is not None else None}
+                "images": self._images_info()}
+
+    def _images_info(self) -> list[str] | None:
+        """Where pictures come from, as the index recorded them (relative to it) or "--images": never
+        an absolute path of the machine serving it."""
+        if self.images is None:
+            return None
+        if self._images_given is not None:
+            return ["--images"]
+        return self.images.describe()
 
     def domains(self) -> list[str]:
         """The domains of the loaded version (computed once per version: the server checks every request)."""
@@ -148,7 +158,8 @@ class Index:
         if meta is None:
             raise UnknownIdError(f"id {item_id} is not in the index")
         if self.images is None:
-            raise ImageNotFound("no image source: open the index with images=ROOT_OR_LMDB (--images)")
+            raise ImageNotFound("no image source: the index records none (built from a store without a "
+                                "source folder, or the folder moved); open it with images=ROOT_OR_LMDB (--images)")
         return self.images.get(meta)
 
     # -- live updates ---------------------------------------------------------------------------
@@ -160,10 +171,13 @@ class Index:
             if current_version(self.root).name == self.version:
                 return False
             fresh = Searcher.open(self.root, **self._open_args)
+            old_images = self.searcher.manifest.get("images")
             if fresh.model_hash != self.searcher.model_hash:
                 self._model = None  # rebuilt from another model: load its copy again
             fresh.row_domains  # noqa: B018 - read the domains before the swap, not on a request
             self.searcher = fresh  # one reference swap: searches in flight keep the old version
+            if self._images_given is None and fresh.manifest.get("images") != old_images:
+                self.images = index_images(self.root, fresh.manifest)  # `index add` brought another folder
             logger.info("index %s: now serving %s (%d items)", self.root, fresh.version_dir.name, fresh.count)
             return True
 
