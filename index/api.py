@@ -28,6 +28,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import UniretError, UsageError
+from .filters import parse_where as check_where
 from .images import index_images
 from .layout import current_version
 from .queries import QueryRows, prepare_queries
@@ -221,18 +222,21 @@ class Index:
     # -- search ---------------------------------------------------------------------------------
     def search(self, queries, k: int = 10, rerank: str | None = None, domain: str | None = None,
                threshold: float | None = None, shortlist_dim: int | None = None,
-               shortlist_k: int | None = None) -> Results:
-        """Search any mix of queries; one ranked list per (expanded) query."""
+               shortlist_k: int | None = None, where=None) -> Results:
+        """Search any mix of queries; one ranked list per (expanded) query. ``where``: one condition or
+        a list (all must hold) on any metadata field, e.g. ``["label == 'cat'", "price < 20"]``
+        (:mod:`uniret.index.filters`)."""
         searcher = self.searcher
+        check_where(where)  # a bad expression fails before any image is embedded
         rows = prepare_queries(queries, searcher)
         return self.search_vectors(rows, self.embed_rows(rows), k=k, rerank=rerank, domain=domain,
                                    threshold=threshold, shortlist_dim=shortlist_dim, shortlist_k=shortlist_k,
-                                   searcher=searcher)
+                                   searcher=searcher, where=where)
 
     def search_vectors(self, rows: QueryRows, xq: np.ndarray, k: int = 10, rerank: str | None = None,
                        domain: str | None = None, threshold: float | None = None,
                        shortlist_dim: int | None = None, shortlist_k: int | None = None,
-                       searcher=None) -> Results:
+                       searcher=None, where=None) -> Results:
         """Search an (n, dim) query matrix whose rows are described by ``rows``."""
         searcher = searcher or self.searcher
         if threshold is not None and not -1.0 <= threshold <= 1.0:
@@ -241,7 +245,7 @@ class Index:
             raise UsageError("--shortlist-k needs --shortlist-dim")
         k = check_k(k, searcher.count)
         scores, ids = searcher.search(xq, k, rerank=check_rerank(rerank), domain=domain,
-                                      shortlist_dim=shortlist_dim, shortlist_k=shortlist_k)
+                                      shortlist_dim=shortlist_dim, shortlist_k=shortlist_k, where=where)
         meta = searcher.metadata(ids)
         query_items = searcher.metadata([-1 if i is None else i for i in rows.ids])
         out = []

@@ -244,6 +244,8 @@ def search_command(
     k: int = typer.Option(10, "--k", help="Results per query (at most the index size and 10000)."),
     rerank: RerankChoice = typer.Option("none", "--rerank", help="Global-feature reranking of the top candidates."),
     domain: str = typer.Option(None, "--domain", help="Only results from this domain."),
+    where: list[str] = typer.Option(None, "--where", help="Only results whose metadata passes, e.g. \"label == 'cat'\" "
+                                    "or \"price < 20\" (ops == != < <= > >= in; repeat: all must hold)."),
     threshold: float = typer.Option(None, "--threshold", help="Only results with a similarity at or above this."),
     shortlist_dim: int = typer.Option(None, "--shortlist-dim", help="Matryoshka funnel: shortlist with this prefix size."),
     shortlist_k: int = typer.Option(None, "--shortlist-k", help="Funnel shortlist length (default max(10k, 1000))."),
@@ -262,17 +264,22 @@ def search_command(
         raise UsageError("--shortlist-k needs --shortlist-dim")
     if k < 1:
         raise UsageError(f"--k must be >= 1, got {k}")
+    from .filters import parse_where
+
+    parse_where(where or None)  # a bad expression is one line before anything is loaded
     idx = open_index(index, gpu=gpu.value, model=model, images=images)
     if model is not None:
         idx.load_model()  # check that the given model made the index, even for id queries
     results = idx.search(queries, k=k, rerank=rerank.value, domain=domain, threshold=threshold,
-                         shortlist_dim=shortlist_dim, shortlist_k=shortlist_k)
+                         shortlist_dim=shortlist_dim, shortlist_k=shortlist_k, where=where or None)
     if html is not None:
         _write_html(html, results.to_html(title=f"uniret search {index}"))
     rows = [dict(r, score=display_score(r["score"]),
                  class_id=r["class_ids"][0] if len(r.get("class_ids") or []) == 1 else r.get("class_ids") or None)
             for r in results.rows()]
-    emit(rows, ["query", "rank", "id", "score", "path", "domain", "class_id"], fmt, metrics=["score"])
+    labelled = any(r.get("label") is not None for r in rows)
+    emit(rows, ["query", "rank", "id", "score", "path", "domain", "class_id", *(["label"] if labelled else [])],
+         fmt, metrics=["score"])
 
 
 def dedup_command(
