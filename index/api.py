@@ -75,6 +75,14 @@ class Results(list):
     def _repr_html_(self) -> str:
         return self.to_html(fragment=True)
 
+    def to_pandas(self):
+        """The flat rows (:meth:`rows`) as a pandas DataFrame (pandas is optional: ``pip install pandas``)."""
+        try:
+            import pandas as pd
+        except ImportError:
+            raise UniretError("Results.to_pandas() needs pandas: pip install pandas (or use .rows())") from None
+        return pd.DataFrame(self.rows())
+
 
 def check_k(k, count: int) -> int:
     """``k`` as the number of results to fetch: >= 1, at most the index size and :data:`MAX_K`."""
@@ -181,6 +189,25 @@ class Index:
                 self.images = index_images(self.root, fresh.manifest)  # `index add` brought another folder
             logger.info("index %s: now serving %s (%d items)", self.root, fresh.version_dir.name, fresh.count)
             return True
+
+    # -- writing (a new version, then this object switches to it) --------------------------------
+    def add(self, source, model=None, metadata=None, **options) -> dict:
+        """Add images (a folder, collection, packed store, shards), a store, or an ``(n, d)`` array
+        with ``metadata`` rows; returns the counts and the new ``ids``."""
+        from .create import add_to
+
+        res = add_to(self.root, source, model=model if model is not None else self.model_dir, metadata=metadata,
+                     **options)
+        self.refresh()
+        return res
+
+    def remove(self, ids) -> dict:
+        """Remove ids (unknown ones are counted, not an error); returns the counts."""
+        from .build import remove_from_index
+
+        res = remove_from_index(self.root, ids)
+        self.refresh()
+        return res
 
     # -- embedding ------------------------------------------------------------------------------
     def load_model(self):
