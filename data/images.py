@@ -59,7 +59,7 @@ def decode_image(data: bytes) -> Image.Image:
         raise ImageDecodeError(f"cannot decode image: over the limit of {MAX_PIXELS:,} pixels "
                                "(a decompression bomb?)") from None
     except _DECODE_ERRORS as exc:
-        raise ImageDecodeError(f"cannot decode image: {_reason(exc)}") from None
+        raise ImageDecodeError(f"cannot decode image: {short_reason(exc)}") from None
     with im:
         width, height = im.size
         if width * height > MAX_PIXELS:
@@ -78,7 +78,7 @@ def decode_image(data: bytes) -> Image.Image:
                 return canvas
             return im.convert("RGB")
         except _DECODE_ERRORS as exc:
-            raise ImageDecodeError(f"cannot decode image: truncated or corrupt {im.format} ({_reason(exc)})") from None
+            raise ImageDecodeError(f"cannot decode image: truncated or corrupt {im.format} ({short_reason(exc)})") from None
 
 
 def _exif_upright(im: Image.Image) -> None:
@@ -118,11 +118,18 @@ def _to_8bit(im: Image.Image) -> Image.Image:
     return Image.fromarray(np.nan_to_num(scaled, nan=0.0).clip(0, 255).round().astype(np.uint8), mode="L")
 
 
-def _reason(exc: BaseException) -> str:
+def short_reason(exc: BaseException) -> str:
     """Pillow's message on one short line, without the object reprs it sometimes embeds."""
     text = re.sub(r"\s*<[^<>]* object at 0x[0-9a-fA-F]+>", "", str(exc)).strip()
     text = (text.splitlines() or [""])[0][:160].rstrip(" :")
     return text or type(exc).__name__
+
+
+def readable_formats() -> str:
+    """The image formats a folder or an upload may hold, for messages: "JPEG, PNG, ..."."""
+    names = {".jpg": "JPEG", ".png": "PNG", ".webp": "WebP", ".gif": "GIF", ".bmp": "BMP", ".tif": "TIFF",
+             ".ppm": "PPM", ".avif": "AVIF", ".heic": "HEIC"}
+    return ", ".join(name for ext, name in names.items() if ext in IMAGE_EXTENSIONS)
 
 
 def is_image_file(path: Path) -> bool:

@@ -28,6 +28,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import UniretError, UsageError
+from ..utils import announce_model_load
 from .filters import parse_where as check_where
 from .images import index_images
 from .layout import current_version
@@ -131,7 +132,7 @@ class Index:
         """Model, dims, counts, index kind, search parameters and the recall measured at build."""
         m = self.searcher.manifest
         model = m.get("model") or {}
-        return {"index": str(self.root), "version": self.version, "count": self.count, "dim": self.dim,
+        return {"index": self.root.resolve().name, "version": self.version, "count": self.count, "dim": self.dim,
                 "key": m["key"], "kind": m.get("kind"), "metric": m.get("metric"),
                 "search_params": m.get("search_params") or {}, "recall": m.get("recall"),
                 "model": {"config_hash": model.get("config_hash"), "backbone": model.get("backbone"),
@@ -215,6 +216,7 @@ class Index:
         if self._model is None:
             searcher = self.searcher
             device = "cuda" if searcher.device.startswith("cuda") else "cpu"
+            announce_model_load(self.model_dir or self.root / "model")
             self._model = searcher.load_model(self.model_dir, device=device)
         return self._model
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ..errors import UniretError
 from ..guards import claim_output
+from ..utils import announce_model_load
 from .inputs import is_own_index
 from .layout import MODEL_DIR, is_index_dir
 
@@ -35,18 +36,12 @@ def is_store_path(path) -> bool:
     return p.is_dir() and any((p / name).exists() for name in ("manifest.json", "parts", "embeddings.npy"))
 
 
-def announce_model(model) -> None:
-    """One stderr line before a model is loaded (importing torch alone takes seconds)."""
-    what = model if model is not None else "the default model"
-    logger.info("loading model %s (the first time takes ~10 s)", what)
-
-
 def load_embedder(model=None, device: str = "cpu"):
     """``model`` (a model directory, or a loaded :class:`~uniret.embed.model.UniversalEmbedder`) or the
     default model; returns ``(model, its directory or None)``."""
     if model is not None and not isinstance(model, (str, os.PathLike)):
         return model, getattr(model, "source_dir", None)
-    announce_model(model)
+    announce_model_load(model)
     from ..embed.commands import quiet_open_clip_warnings
 
     quiet_open_clip_warnings()

@@ -142,8 +142,8 @@ def index_images(root: Path, manifest: dict, override=None):
         candidates = [Path(root) / entry.get("path", ""), Path(entry.get("absolute", ""))]
         found = next((c for c in candidates if str(c) and c.is_dir()), None)
         if found is None:
-            logger.warning("warning: the images of %s (%s) are no longer there; pass --images to show pictures",
-                           root, entry.get("path"))
+            where = " ".join(f"{root} ({entry.get('path')})".splitlines())
+            logger.warning("warning: the images of %s are no longer there; pass --images to show pictures", where)
             continue
         source = open_image_source(found)
         source.label = entry.get("path")

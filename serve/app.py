@@ -23,6 +23,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -219,8 +220,11 @@ def create_app(index: Index, settings: ServeSettings | None = None) -> FastAPI:
         if batcher is not None:
             await batcher.stop()
 
-    app = FastAPI(title="uniret", version=__version__, lifespan=lifespan,
-                  description="Instance-level image search over a uniret index (read-only).")
+    # FastAPIOffline: FastAPI whose /docs (Swagger UI) and /redoc pages load their scripts from the
+    # installed package instead of a CDN, so they work on a machine without internet access.
+    app = FastAPIOffline(title="uniret", version=__version__, lifespan=lifespan,
+                         description="Search a uniret index by image similarity (read-only): POST /search with "
+                                     "an image file, stored ids or vectors; GET /items/ID for an item.")
     app.add_middleware(BodyLimit, max_bytes=int(settings.max_upload_mb * 2**20))
     app.add_middleware(Guard, token=settings.token, metrics=metrics)  # added last: runs first
 

@@ -163,5 +163,5 @@ def test_no_model_uses_the_default_or_says_how(tmp_path, capsys):
     else:
         assert main(args) == 0
         err = capsys.readouterr().err
-        assert "loading model the default model" in err and "no --model given: using the pretrained" in err
+        assert "loading model (the default)" in err and "no --model given: using the pretrained" in err
         assert (tmp_path / "idx" / "model" / "config.json").is_file()  # saved so that image queries work
