@@ -140,11 +140,12 @@ def embed_command(
     unknown = [s for s in split or [] if s not in SPLITS]
     if unknown:
         raise UsageError(f"--split {unknown[0]!r}: splits are {', '.join(SPLITS)}")
+    items = open_items(data, domains=domain or None, splits=split or None)
     announce_model_load(model)
     from .extract import embed_items
     from .model import load_model
+
     quiet_open_clip_warnings()
-    items = open_items(data, domains=domain or None, splits=split or None)
     embedder = load_model(model)
     if workers is None:
         workers = min(16, os.cpu_count() or 1)

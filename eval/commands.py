@@ -100,9 +100,6 @@ def eval_main(
     in_range(batch_size, "--batch-size", 1, 65_536)
     in_range(workers, "--workers", 0, 256)
     in_range(samples, "--samples", 0, 1000)
-    from ..utils import announce_model_load
-
-    announce_model_load(", ".join(str(m) for m in model) if model != [None] else None)
     from .run import evaluate
 
     report = evaluate(parse_models(model), data, split=split.value, protocol=protocol.value, rerank=rerank.value,

@@ -137,9 +137,12 @@ def load_models(model_dir, model, pairs: dict, index_kind: str) -> dict:
     """``{None: model}``, or ``{domain: model}`` for per-domain model directories (checked to cover
     every evaluated domain)."""
     from ..embed.model import load_model
+    from ..utils import announce_model_load
 
     if model is not None:
         return {None: model}
+    announce_model_load(", ".join(f"{d}={p}" for d, p in model_dir.items()) if isinstance(model_dir, dict)
+                        else model_dir)
     if model_dir is None:
         from ..embed.default import default_model
 

@@ -17,6 +17,7 @@ import os
 import shutil
 from pathlib import Path
 
+from ..data import open_items
 from ..errors import UniretError
 from ..guards import claim_output
 from ..utils import announce_model_load
@@ -54,13 +55,11 @@ def load_embedder(model=None, device: str = "cpu"):
     return load_model(model), resolve_model_dir(model)
 
 
-def embed_source(embedder, source, store_dir: Path, layout: str = "auto", batch_size: int = 64,
+def embed_source(embedder, items, source, store_dir: Path, layout: str = "auto", batch_size: int = 64,
                  workers: int | None = None, device: str | None = None):
-    """Embed the images of ``source`` into the store ``store_dir`` (resumable); returns the store."""
-    from ..data import open_items
+    """Embed ``items`` (of ``source``) into the store ``store_dir`` (resumable); returns the store."""
     from ..embed.extract import embed_items
 
-    items = open_items(source, layout=layout)
     if workers is None:  # worker processes pay off only past a few hundred images
         workers = 0 if len(items) < 256 else min(8, os.cpu_count() or 1)
     info = {"path": str(Path(source).resolve()), "domains": [], "splits": [], "layout": layout}
@@ -82,9 +81,10 @@ def build_from_images(source, out, model=None, layout: str = "auto", kind: str =
                       overwrite=overwrite or not is_index_dir(root)):
         created = not root.exists()
         try:
+            items = open_items(source, layout=layout)  # no images: one line before a model is loaded
             embedder, model_dir = load_embedder(model, device="cpu")
             root.mkdir(parents=True, exist_ok=True)
-            store = embed_source(embedder, source, root / EMBED_DIR, layout, batch_size, workers, device)
+            store = embed_source(embedder, items, source, root / EMBED_DIR, layout, batch_size, workers, device)
             if model_dir is None:
                 # No model directory to copy (the default model, or one built in Python): save it, so
                 # that the index embeds image queries with the model that embedded its items.
@@ -114,13 +114,14 @@ def add_images(index_dir, source, model=None, layout: str = "auto", batch_size: 
             raise UniretError(f"{root} holds no model copy (built from a store without --model); pass --model DIR, "
                               "the model that embedded the index")
         model = root / MODEL_DIR
+    items = open_items(source, layout=layout)
     embedder, _ = load_embedder(model, device="cpu")
     want = (manifest.get("model") or {}).get("config_hash")
     if want and embedder.config_hash() != want:
         raise UniretError(f"--model {model} is model {embedder.config_hash()}, but index {root} was built from "
                           f"{want}; add with the model that embedded the index")
     store_dir = root / EMBED_DIR
-    store = embed_source(embedder, source, store_dir, layout, batch_size, workers, device)
+    store = embed_source(embedder, items, source, store_dir, layout, batch_size, workers, device)
     result = add_to_index(root, store, max_memory=max_memory)
     shutil.rmtree(store_dir, ignore_errors=True)
     return result
