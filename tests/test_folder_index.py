@@ -34,6 +34,35 @@ def test_exif_orientation_is_applied_when_decoding():
     assert np.abs(decoded - stored).mean() > 20
 
 
+def test_avif_where_pillow_opens_it(tmp_path):
+    from PIL import Image, features
+
+    from uniret.data.images import IMAGE_EXTENSIONS
+
+    if not features.check("avif"):
+        pytest.skip("this Pillow has no AVIF codec")
+    assert ".avif" in IMAGE_EXTENSIONS
+    (tmp_path / "a").mkdir()
+    pattern(3).save(tmp_path / "a" / "x.avif", quality=90)
+    items = open_items(tmp_path)
+    assert [it.path for it in items] == ["a/x.avif"]
+    decoded = np.asarray(decode_image(items.get_image_bytes(0)), dtype=float)
+    assert np.abs(decoded - np.asarray(pattern(3), dtype=float)).mean() < 12
+    assert Image.open(tmp_path / "a" / "x.avif").format == "AVIF"
+
+
+def test_one_step_index_from_webdataset_shards(tiny_model, tmp_path, capsys):
+    from shards import write_shards
+
+    paths = write_shards(tmp_path / "shards", shards=2, per_shard=3)
+    spec = str(tmp_path / "shards" / "{00000..00001}.tar")
+    assert len(paths) == 2
+    assert main(["index", "build", spec, "--out", str(tmp_path / "idx"), "--model", str(tiny_model),
+                 "--format", "json"]) == 0
+    manifest = json.loads(capsys.readouterr().out)["manifest"]
+    assert manifest["count"] == 6 and manifest["images"] == []  # tar members give no folder to show
+
+
 def test_layouts_by_depth_and_flag(tmp_path):
     make_photo_folder(tmp_path / "cls", per_class=2)
     listing = list_folder(tmp_path / "cls")

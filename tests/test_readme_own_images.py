@@ -108,5 +108,8 @@ def check_serve(line: str, tmp: Path) -> None:
     assert args[:2] == ["uniret", "serve"] and len(args) == 3
     index = uniret.open_index(tmp / args[2])
     with LiveServer(create_app(index, ServeSettings())) as url, httpx.Client(base_url=url, timeout=60) as client:
+        info = client.get("/info")
+        assert info.status_code == 200 and str(tmp) not in info.text  # no absolute server paths
+        assert info.json()["images"] == ["../my-photos"]
         image = client.get("/items/0/image")
         assert image.status_code == 200 and image.content == (tmp / "my-photos" / "cat" / "0.jpg").read_bytes()
