@@ -68,6 +68,8 @@ def _summary_rows(manifest: dict, root: Path) -> list[dict]:
         {"field": "model", "value": f"{model.get('config_hash')} ({model.get('backbone', '?')})"},
         {"field": "model copy", "value": manifest.get("model_dir") or "none (image queries need --model)"},
         {"field": "next id", "value": manifest["next_id"]},
+        {"field": "images", "value": ", ".join(e["path"] for e in manifest.get("images") or [])
+         or "none recorded (pictures need --images)"},
         {"field": "updates", "value": len(manifest.get("history", []))},
     ]
 

@@ -194,3 +194,23 @@ def test_no_model_uses_the_default_or_says_how(tmp_path, capsys):
         err = capsys.readouterr().err
         assert "loading model (the default)" in err and "no --model given: using the pretrained" in err
         assert (tmp_path / "idx" / "model" / "config.json").is_file()  # saved so that image queries work
+
+
+def test_interrupted_one_step_build_resumes(tiny_model, tmp_path, capsys, monkeypatch):
+    import uniret.index.build as build_module
+
+    make_photo_folder(tmp_path / "p", per_class=2)
+    args = ["index", "build", str(tmp_path / "p"), "--out", str(tmp_path / "idx"), "--model", str(tiny_model)]
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(build_module, "_build", interrupted)
+    assert main(args) == 130
+    assert "re-run the same command to resume" in capsys.readouterr().err
+    assert (tmp_path / "idx" / "embeddings" / "manifest.json").is_file()  # the embeddings are kept
+    monkeypatch.undo()
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "already holds these 8 embeddings; nothing to do" in err  # not embedded again
+    assert (tmp_path / "idx" / "CURRENT").is_file() and not (tmp_path / "idx" / "embeddings").exists()
