@@ -104,21 +104,18 @@ def parse_where(where) -> list[Condition]:
     return [parse_condition(t) for t in texts]
 
 
-def row_items(searcher) -> list[dict | None]:
-    """Every row's metadata (row order), read once per loaded version."""
+def row_items(searcher) -> tuple[list[dict | None], set[str]]:
+    """Every row's metadata (row order) and the field names they have, read once per loaded version
+    (a new version is a new searcher). Memory: the metadata of every item, as dicts."""
     cached = searcher.__dict__.get("_filter_items")
     if cached is None:
-        cached = searcher.metadata(searcher.ids)
-        searcher.__dict__["_filter_items"] = cached
+        items = searcher.metadata(searcher.ids)
+        fields = {"class_id"}
+        for item in items:
+            if item:
+                fields.update(item)
+        cached = searcher.__dict__["_filter_items"] = (items, fields)
     return cached
-
-
-def known_fields(items: list[dict | None]) -> set[str]:
-    fields = {"class_id"}
-    for item in items:
-        if item:
-            fields.update(item)
-    return fields
 
 
 def select_rows(searcher, where, rows: np.ndarray | None = None) -> np.ndarray | None:
@@ -127,8 +124,7 @@ def select_rows(searcher, where, rows: np.ndarray | None = None) -> np.ndarray |
     conditions = parse_where(where)
     if not conditions:
         return rows
-    items = row_items(searcher)
-    fields = known_fields(items)
+    items, fields = row_items(searcher)
     for c in conditions:
         if c.field not in fields:
             shown = ", ".join(sorted(fields)[:20])
