@@ -298,3 +298,10 @@ def progress_bar(description: str, total: int | None, disable: bool = False) -> 
                 prog.advance(task, n)
 
         yield advance
+
+
+def announce_model_load(what) -> None:
+    """One stderr line as soon as a command starts loading a model: importing torch and building the
+    network take seconds of silence otherwise."""
+    name = "(the default)" if what is None else str(what).replace("\r", "\\r").replace("\n", "\\n")
+    logger.info("loading model %s (the first time takes ~10 s)", name)

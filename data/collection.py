@@ -289,7 +289,8 @@ class FolderCollection(Collection):
         if not self.info_dir.is_dir():
             raise UniretError(
                 f"{self.info_dir}: no split folder; a collection root needs info/<domain>/<split>.json "
-                "(for the UnED download pass --info-dir info_files --image-root IMAGES)"
+                "(for the UnED download pass --info-dir info_files --image-root IMAGES); a plain image "
+                "folder needs its images in class subfolders, root/<class>/<image>"
             )
         self.domains = sorted(p.name for p in self.info_dir.iterdir() if p.is_dir())
         if not self.domains:

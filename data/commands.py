@@ -24,7 +24,8 @@ ImageRoot = typer.Option(None, "--image-root", help="Folder the record paths are
 
 @app.command("check")
 def check(
-    root: Path = typer.Argument(..., help="Collection root or packed LMDB store."),
+    root: Path = typer.Argument(..., help="Collection root, packed LMDB store, or image folder with class "
+                                          "subfolders (root/<class>/<image>)."),
     info_dir: str = InfoDir,
     image_root: str = ImageRoot,
     fmt: OutputFormat = typer.Option(OutputFormat.table, "--format", help="table or json."),
@@ -34,7 +35,8 @@ def check(
 
     res = check_collection(root, info_dir=info_dir, image_root=image_root)
     emit(res.rows, ["domain", "split", "images", "classes", "min", "median", "max"], fmt,
-         extra={"errors": res.errors, "warnings": res.warnings, "ok": res.ok})
+         title="; ".join(res.notes) or None,
+         extra={"errors": res.errors, "warnings": res.warnings, "notes": res.notes, "ok": res.ok})
     for w in res.warnings:
         typer.echo(f"warning: {w}", err=True)
     for e in res.errors:

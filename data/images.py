@@ -10,21 +10,40 @@ from __future__ import annotations
 
 import io
 import re
+import struct
 import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import ImageDecodeError, UniretError
 from .collection import Item, ItemList
 
-#: File name endings taken as images when a plain folder is embedded or searched.
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
+
+def _register_heif() -> bool:
+    """Let Pillow open HEIF/HEIC (phone photos) when the optional ``pillow-heif`` is installed
+    (``pip install 'uniret[heif]'``); AVIF is Pillow's own from 11.3."""
+    try:
+        from pillow_heif import register_heif_opener
+    except ImportError:
+        return False
+    register_heif_opener()
+    return True
+
+
+_register_heif()
+
+#: File name endings taken as images when a plain folder is embedded or searched: the common ones,
+#: plus HEIF/HEIC and AVIF where the installed Pillow (or pillow-heif) opens them.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm") + tuple(
+    ext for ext in (".avif", ".heic", ".heif") if ext in Image.registered_extensions())
 
 
 def decode_image(data: bytes) -> Image.Image:
-    """Decode encoded image bytes to an RGB image (fully loaded, so truncation is caught here).
+    """Decode encoded image bytes to an RGB image (fully loaded, so truncation is caught here), turned
+    upright by its EXIF orientation (a phone photo stored sideways is embedded, searched and shown as
+    it was taken).
 
     Raises :class:`ImageDecodeError` with a one-line reason, e.g. "cannot decode image: not a known
     image format" or "cannot decode image: truncated or corrupt PNG (image file is truncated)".
@@ -40,7 +59,7 @@ def decode_image(data: bytes) -> Image.Image:
         raise ImageDecodeError(f"cannot decode image: over the limit of {MAX_PIXELS:,} pixels "
                                "(a decompression bomb?)") from None
     except _DECODE_ERRORS as exc:
-        raise ImageDecodeError(f"cannot decode image: {_reason(exc)}") from None
+        raise ImageDecodeError(f"cannot decode image: {short_reason(exc)}") from None
     with im:
         width, height = im.size
         if width * height > MAX_PIXELS:
@@ -48,6 +67,7 @@ def decode_image(data: bytes) -> Image.Image:
                                    f"{MAX_PIXELS:,} (a decompression bomb?)")
         try:
             im.load()
+            _exif_upright(im)
             if im.mode in _WIDE_MODES:
                 return _to_8bit(im).convert("RGB")
             if im.mode in ("RGBA", "LA", "P") and ("transparency" in im.info or im.mode != "P"):
@@ -58,7 +78,16 @@ def decode_image(data: bytes) -> Image.Image:
                 return canvas
             return im.convert("RGB")
         except _DECODE_ERRORS as exc:
-            raise ImageDecodeError(f"cannot decode image: truncated or corrupt {im.format} ({_reason(exc)})") from None
+            raise ImageDecodeError(f"cannot decode image: truncated or corrupt {im.format} ({short_reason(exc)})") from None
+
+
+def _exif_upright(im: Image.Image) -> None:
+    """Apply the EXIF orientation tag in place (and drop it); a damaged EXIF block leaves the image as
+    stored rather than failing the decode."""
+    try:
+        ImageOps.exif_transpose(im, in_place=True)
+    except (SyntaxError, ValueError, TypeError, KeyError, struct.error):
+        pass
 
 
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
@@ -89,11 +118,18 @@ def _to_8bit(im: Image.Image) -> Image.Image:
     return Image.fromarray(np.nan_to_num(scaled, nan=0.0).clip(0, 255).round().astype(np.uint8), mode="L")
 
 
-def _reason(exc: BaseException) -> str:
+def short_reason(exc: BaseException) -> str:
     """Pillow's message on one short line, without the object reprs it sometimes embeds."""
     text = re.sub(r"\s*<[^<>]* object at 0x[0-9a-fA-F]+>", "", str(exc)).strip()
     text = (text.splitlines() or [""])[0][:160].rstrip(" :")
     return text or type(exc).__name__
+
+
+def readable_formats() -> str:
+    """The image formats a folder or an upload may hold, for messages: "JPEG, PNG, ..."."""
+    names = {".jpg": "JPEG", ".png": "PNG", ".webp": "WebP", ".gif": "GIF", ".bmp": "BMP", ".tif": "TIFF",
+             ".ppm": "PPM", ".avif": "AVIF", ".heic": "HEIC"}
+    return ", ".join(name for ext, name in names.items() if ext in IMAGE_EXTENSIONS)
 
 
 def is_image_file(path: Path) -> bool:

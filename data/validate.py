@@ -11,6 +11,7 @@ from statistics import median
 from ..errors import UniretError
 from ..safeio import MissingImage, UnsafePath, check_contained
 from .collection import SPLITS, Collection, FolderCollection, Record
+from .folder import FOLDER_SPLIT, LabelledFolder
 from .sources import open_collection
 
 REQUIRED_SPLITS = ("train", "val", "test")
@@ -22,6 +23,7 @@ class CheckResult:
     rows: list[dict] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -65,6 +67,12 @@ def check_collection(path: str | Path, info_dir: str = "info", image_root: str |
     res = CheckResult()
     coll: Collection = open_collection(path, info_dir=info_dir, image_root=image_root)
     is_folder = isinstance(coll, FolderCollection)
+    if isinstance(coll, LabelledFolder):
+        # Labels from the folder layout: one split, each image searched against the others.
+        required_splits = (FOLDER_SPLIT,)
+        res.notes.append(f"{coll.root}: an image folder, labels from its subfolders (layout {coll.layout}: "
+                         f"{len(coll.domains)} domain(s)); `uniret eval {coll.root}` searches every image "
+                         "against the others")
     for domain in coll.domains:
         present = coll.splits(domain)
         errors_before = len(res.errors)

@@ -161,9 +161,7 @@ def embed_command(
     """Embed images into a store (row i = item i). Resumable; several GPUs through torchrun (each rank
     writes its own part), several machines through --part I/N and `uniret store merge`."""
     from ..data import open_items
-    from ..utils import resolve_device
-    from .extract import embed_items
-    from .model import load_model
+    from ..utils import announce_model_load, resolve_device
     from .parts import parse_part
 
     resolve_device(device)  # a bad --device (or --part) fails before any image or weight is read
@@ -174,12 +172,16 @@ def embed_command(
     unknown = [s for s in split or [] if s not in SPLITS]
     if unknown:
         raise UsageError(f"--split {unknown[0]!r}: splits are {', '.join(SPLITS)}")
-    quiet_open_clip_warnings()
     items = open_items(data, domains=domain or None, splits=split or None)
     if model is None:
         from .default import default_model_dir
 
         model = default_model_dir()
+    announce_model_load(model)
+    from .extract import embed_items
+    from .model import load_model
+
+    quiet_open_clip_warnings()
     embedder = load_model(model)
     if workers is None:
         workers = min(16, os.cpu_count() or 1)

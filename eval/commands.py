@@ -6,6 +6,7 @@ from enum import Enum
 from pathlib import Path
 
 import typer
+from typer.core import TyperGroup
 
 from ..display import OutputFormat, emit
 from ..errors import UniretError
@@ -32,9 +33,33 @@ IndexKind = Enum("IndexKind", {kind: kind for kind in KINDS}, type=str)
 #: result arrays must fit in memory.
 MAX_K = 10_000
 
+class _EvalGroup(TyperGroup):
+    """``uniret eval FOLDER [options]``: a bare path (not a subcommand name, not an option's value) is
+    ``--data FOLDER``; the group keeps its ``compare`` subcommand."""
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        takes_value = {opt for p in self.params if getattr(p, "param_type_name", "") == "option"
+                       and not getattr(p, "is_flag", False) and not getattr(p, "count", False) for opt in p.opts}
+        args = list(args)
+        i = 0
+        while i < len(args):
+            token = args[i]
+            if token == "--":
+                break
+            if token.startswith("-"):
+                i += 2 if token in takes_value else 1
+                continue
+            if token not in self.commands:
+                args[i:i + 1] = ["--data", token]
+            break
+        return super().parse_args(ctx, args)
+
+
 eval_app = typer.Typer(
-    help="Evaluate retrieval the UnED way (mMP@5, mAP@100, R@1; merged and separate protocols).",
+    help="Evaluate retrieval the UnED way (mMP@5, mAP@100, R@1; merged and separate protocols). "
+         "`uniret eval FOLDER`: an image folder with class subfolders, every image searched against the others.",
     invoke_without_command=True,
+    cls=_EvalGroup,
 )
 
 
@@ -44,7 +69,8 @@ def eval_main(
     model: list[str] = typer.Option(None, "--model",
                                     help="Model directory (or training run). Repeat as DOMAIN=DIR to embed each "
                                          "domain with its own model (Specialist + Oracle)."),
-    data: Path = typer.Option(None, "--data", help="Collection root or packed LMDB store."),
+    data: Path = typer.Option(None, "--data", help="Collection root, packed LMDB store, or image folder with class "
+                                                  "subfolders (also as the first argument: uniret eval FOLDER)."),
     split: Split = typer.Option("test", "--split", help="Evaluate on the test or the val split."),
     protocol: Protocol = typer.Option("merged", "--protocol",
                                       help="merged (one index of all domains), separate (per domain) or both."),
@@ -66,8 +92,10 @@ def eval_main(
     """Embed the query and index splits (reusing cached embeddings), search, score and write a report."""
     if ctx.invoked_subcommand is not None:
         return
-    if not model or data is None:
-        raise UniretError("uniret eval needs --model DIR and --data ROOT|LMDB (or a subcommand: compare)")
+    if data is None:
+        raise UniretError("uniret eval needs data: uniret eval FOLDER, or --data ROOT|LMDB (or a subcommand: compare)")
+    if not model:
+        model = [None]  # the default model (uniret.embed.default)
     in_range(k, "--k", 1, MAX_K)
     in_range(batch_size, "--batch-size", 1, 65_536)
     in_range(workers, "--workers", 0, 256)
@@ -81,8 +109,10 @@ def eval_main(
     typer.echo(f"report: {Path(out) / 'report.html'}", err=True)
 
 
-def parse_models(values: list[str]) -> Path | dict[str, Path]:
-    """One model directory, or DOMAIN=DIR pairs (one model per domain)."""
+def parse_models(values: list[str | None]) -> Path | dict[str, Path] | None:
+    """One model directory, or DOMAIN=DIR pairs (one model per domain); ``[None]``: the default model."""
+    if values == [None]:
+        return None
     pairs = [v for v in values if "=" in v]
     if not pairs:
         if len(values) > 1:

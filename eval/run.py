@@ -64,7 +64,9 @@ def evaluate(
 ) -> dict:
     """Evaluate a model on a collection (METHOD.md §2); write a report directory when ``out`` is set.
 
-    ``model_dir``: a model directory, or ``{domain: dir}`` (each domain embedded by its own model).
+    ``model_dir``: a model directory, ``{domain: dir}`` (each domain embedded by its own model), or None
+    for the default model (:mod:`uniret.embed.default`). ``data`` may be an image folder with class
+    subfolders (:class:`uniret.data.folder.LabelledFolder`: every image searched against the others).
     ``protocol``: merged, separate or both. ``rerank``: none or a name of
     :data:`uniret.index.rerank.RERANKERS`. ``index_kind``: flat (exact search) or a kind of
     ``uniret.index.build_index`` for the merged index. ``samples``: sample queries per domain shown
@@ -135,9 +137,18 @@ def load_models(model_dir, model, pairs: dict, index_kind: str) -> dict:
     """``{None: model}``, or ``{domain: model}`` for per-domain model directories (checked to cover
     every evaluated domain)."""
     from ..embed.model import load_model
+    from ..utils import announce_model_load
 
+    if model is not None:
+        return {None: model}
+    announce_model_load(", ".join(f"{d}={p}" for d, p in model_dir.items()) if isinstance(model_dir, dict)
+                        else model_dir)
+    if model_dir is None:
+        from ..embed.default import default_model
+
+        return {None: default_model()}
     if not isinstance(model_dir, dict):
-        return {None: model if model is not None else load_model(model_dir)}
+        return {None: load_model(model_dir)}
     # "Specialist + Oracle": each domain's queries and index embedded by that domain's own model.
     if index_kind != "flat":
         raise UniretError("per-domain models (DOMAIN=DIR) are evaluated with exact search: drop --index-kind")

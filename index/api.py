@@ -28,7 +28,9 @@ import numpy as np
 from PIL import Image
 
 from ..errors import UniretError, UsageError
-from .images import open_image_source
+from ..utils import announce_model_load
+from .filters import parse_where as check_where
+from .images import index_images
 from .layout import current_version
 from .queries import QueryRows, prepare_queries
 from .rerank import get_reranker, reranker_names
@@ -74,6 +76,14 @@ class Results(list):
     def _repr_html_(self) -> str:
         return self.to_html(fragment=True)
 
+    def to_pandas(self):
+        """The flat rows (:meth:`rows`) as a pandas DataFrame (pandas is optional: ``pip install pandas``)."""
+        try:
+            import pandas as pd
+        except ImportError:
+            raise UniretError("Results.to_pandas() needs pandas: pip install pandas (or use .rows())") from None
+        return pd.DataFrame(self.rows())
+
 
 def check_k(k, count: int) -> int:
     """``k`` as the number of results to fetch: >= 1, at most the index size and :data:`MAX_K`."""
@@ -99,7 +109,8 @@ class Index:
         self._open_args = {"gpu": gpu, "device": device}
         self.searcher = Searcher.open(self.root, **self._open_args)
         self.model_dir = Path(model) if model is not None else None
-        self.images = open_image_source(images)
+        self._images_given = images  # --images overrides the sources the index recorded
+        self.images = index_images(self.root, self.searcher.manifest, images)
         self._refresh_lock = threading.Lock()
         self._model = None
         self._domains: tuple = (None, [])
@@ -121,13 +132,22 @@ class Index:
         """Model, dims, counts, index kind, search parameters and the recall measured at build."""
         m = self.searcher.manifest
         model = m.get("model") or {}
-        return {"index": str(self.root), "version": self.version, "count": self.count, "dim": self.dim,
+        return {"index": self.root.resolve().name, "version": self.version, "count": self.count, "dim": self.dim,
                 "key": m["key"], "kind": m.get("kind"), "metric": m.get("metric"),
                 "search_params": m.get("search_params") or {}, "recall": m.get("recall"),
                 "model": {"config_hash": model.get("config_hash"), "backbone": model.get("backbone"),
                           "copy": bool(m.get("model_dir"))},
                 "domains": self.domains(), "rerankers": reranker_names(), "max_k": MAX_K,
-                "images": repr(self.images) if self.images is not None else None}
+                "images": self._images_info()}
+
+    def _images_info(self) -> list[str] | None:
+        """Where pictures come from, as the index recorded them (relative to it) or "--images": never
+        an absolute path of the machine serving it."""
+        if self.images is None:
+            return None
+        if self._images_given is not None:
+            return ["--images"]
+        return self.images.describe()
 
     def domains(self) -> list[str]:
         """The domains of the loaded version (computed once per version: the server checks every request)."""
@@ -148,7 +168,8 @@ class Index:
         if meta is None:
             raise UnknownIdError(f"id {item_id} is not in the index")
         if self.images is None:
-            raise ImageNotFound("no image source: open the index with images=ROOT_OR_LMDB (--images)")
+            raise ImageNotFound("no image source: the index records none (built from a store without a "
+                                "source folder, or the folder moved); open it with images=ROOT_OR_LMDB (--images)")
         return self.images.get(meta)
 
     # -- live updates ---------------------------------------------------------------------------
@@ -160,12 +181,34 @@ class Index:
             if current_version(self.root).name == self.version:
                 return False
             fresh = Searcher.open(self.root, **self._open_args)
+            old_images = self.searcher.manifest.get("images")
             if fresh.model_hash != self.searcher.model_hash:
                 self._model = None  # rebuilt from another model: load its copy again
             fresh.row_domains  # noqa: B018 - read the domains before the swap, not on a request
             self.searcher = fresh  # one reference swap: searches in flight keep the old version
+            if self._images_given is None and fresh.manifest.get("images") != old_images:
+                self.images = index_images(self.root, fresh.manifest)  # `index add` brought another folder
             logger.info("index %s: now serving %s (%d items)", self.root, fresh.version_dir.name, fresh.count)
             return True
+
+    # -- writing (a new version, then this object switches to it) --------------------------------
+    def add(self, source, model=None, metadata=None, **options) -> dict:
+        """Add images (a folder, collection, packed store, shards), a store, or an ``(n, d)`` array
+        with ``metadata`` rows; returns the counts and the new ``ids``."""
+        from .create import add_to
+
+        res = add_to(self.root, source, model=model if model is not None else self.model_dir, metadata=metadata,
+                     **options)
+        self.refresh()
+        return res
+
+    def remove(self, ids) -> dict:
+        """Remove ids (unknown ones are counted, not an error); returns the counts."""
+        from .build import remove_from_index
+
+        res = remove_from_index(self.root, ids)
+        self.refresh()
+        return res
 
     # -- embedding ------------------------------------------------------------------------------
     def load_model(self):
@@ -173,6 +216,7 @@ class Index:
         if self._model is None:
             searcher = self.searcher
             device = "cuda" if searcher.device.startswith("cuda") else "cpu"
+            announce_model_load(self.model_dir or self.root / "model")
             self._model = searcher.load_model(self.model_dir, device=device)
         return self._model
 
@@ -207,18 +251,21 @@ class Index:
     # -- search ---------------------------------------------------------------------------------
     def search(self, queries, k: int = 10, rerank: str | None = None, domain: str | None = None,
                threshold: float | None = None, shortlist_dim: int | None = None,
-               shortlist_k: int | None = None) -> Results:
-        """Search any mix of queries; one ranked list per (expanded) query."""
+               shortlist_k: int | None = None, where=None) -> Results:
+        """Search any mix of queries; one ranked list per (expanded) query. ``where``: one condition or
+        a list (all must hold) on any metadata field, e.g. ``["label == 'cat'", "price < 20"]``
+        (:mod:`uniret.index.filters`)."""
         searcher = self.searcher
+        check_where(where)  # a bad expression fails before any image is embedded
         rows = prepare_queries(queries, searcher)
         return self.search_vectors(rows, self.embed_rows(rows), k=k, rerank=rerank, domain=domain,
                                    threshold=threshold, shortlist_dim=shortlist_dim, shortlist_k=shortlist_k,
-                                   searcher=searcher)
+                                   searcher=searcher, where=where)
 
     def search_vectors(self, rows: QueryRows, xq: np.ndarray, k: int = 10, rerank: str | None = None,
                        domain: str | None = None, threshold: float | None = None,
                        shortlist_dim: int | None = None, shortlist_k: int | None = None,
-                       searcher=None) -> Results:
+                       searcher=None, where=None) -> Results:
         """Search an (n, dim) query matrix whose rows are described by ``rows``."""
         searcher = searcher or self.searcher
         if threshold is not None and not -1.0 <= threshold <= 1.0:
@@ -227,7 +274,7 @@ class Index:
             raise UsageError("--shortlist-k needs --shortlist-dim")
         k = check_k(k, searcher.count)
         scores, ids = searcher.search(xq, k, rerank=check_rerank(rerank), domain=domain,
-                                      shortlist_dim=shortlist_dim, shortlist_k=shortlist_k)
+                                      shortlist_dim=shortlist_dim, shortlist_k=shortlist_k, where=where)
         meta = searcher.metadata(ids)
         query_items = searcher.metadata([-1 if i is None else i for i in rows.ids])
         out = []

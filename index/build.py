@@ -146,11 +146,14 @@ def build_index(store, out, kind: str = "auto", gpu: str = "auto", gpus: int | N
 
 
 def _build(store, root: Path, kind: str, gpu: str, gpus: int | None, max_memory: int | None, target_recall: float,
-           recall_k: int, model_dir, tune_sample: int, shard: bool, seed: int) -> Path:
+           recall_k: int, model_dir, tune_sample: int, shard: bool, seed: int,
+           row_ids: np.ndarray | None = None) -> Path:
+    """``row_ids``: the index id of each store row (ascending; the Python API's own ids), else the row."""
     model_dir = model_to_copy(store, model_dir)
     use_gpu, ngpu = gpu_util.resolve(gpu, gpus)
-    ids = np.flatnonzero(store.valid_mask).astype(np.int64)
-    vectors = store.embeddings[ids] if len(ids) < store.count else np.asarray(store.embeddings)
+    rows = np.flatnonzero(store.valid_mask).astype(np.int64)
+    ids = rows if row_ids is None else np.asarray(row_ids, dtype=np.int64)[rows]
+    vectors = store.embeddings[rows] if len(rows) < store.count else np.asarray(store.embeddings)
     if len(ids) == 0:
         raise UniretError(f"{store.path} has no usable embeddings; re-embed it")
     check_finite(vectors, f"{store.path}", ids=ids)
@@ -186,13 +189,29 @@ def _build(store, root: Path, kind: str, gpu: str, gpus: int | None, max_memory:
             "model": store.manifest.get("model") or {}, "model_dir": model_ref,
             "dim": store.dim, "metric": "inner_product", "normalized": bool(store.manifest.get("normalized", True)),
             "kind": kind, "key": key, "search_params": {recall["param"]: recall["value"]} if recall["param"] else {},
-            "count": int(len(ids)), "next_id": int(store.count), "vectors_dtype": "float16",
+            "count": int(len(ids)), "next_id": int(store.count if row_ids is None else ids[-1] + 1),
+            "vectors_dtype": "float16",
             "recall": recall, "built_on": f"{ngpu} GPU(s)" if on_gpu else "cpu", "build_seconds": round(build_s, 3),
             "history": [{"op": "build", "store": str(store.path.resolve()), "added": int(len(ids)),
                          "skipped_failed": int(store.count - len(ids))}],
+            "images": _images_of(store, root, 0, store.count, []) if row_ids is None else [],
         }
         set_search_param(index, recall["value"])
-        return _write_version(root, manifest, index, ids, vectors, None, (ids, [store.items[i] for i in ids]))
+        return _write_version(root, manifest, index, ids, vectors, None, (ids, [store.items[i] for i in rows]))
+
+
+def _images_of(store, root: Path, first_id: int, stop_id: int, recorded: list) -> list:
+    """The index's image sources with the store's (where ids ``[first_id, stop_id)`` come from) added,
+    so that pages and the server find pictures without ``--images``."""
+    from .images import source_entry
+
+    entry = source_entry((store.manifest.get("source") or {}).get("path"), root, first_id, stop_id)
+    if entry is None:
+        return list(recorded)
+    last = recorded[-1] if recorded else None
+    if last is not None and last["absolute"] == entry["absolute"] and last["stop_id"] == first_id:
+        return recorded[:-1] + [dict(last, stop_id=stop_id)]  # the same folder again: one range
+    return [*recorded, entry]
 
 
 def _on_disk(root: Path) -> bool:
@@ -236,7 +255,9 @@ def add_to_index(index_dir, store, max_memory: int | None = None, workers: int |
         check_finite(new_vectors, f"{store.path}", ids=rows)
         _add_vectors(index, new_vectors, new_ids)
         manifest = dict(manifest, count=int(len(ids) + len(rows)), next_id=int(new_ids[-1] + 1),
-                        history=manifest["history"] + [{"op": "add", "store": str(store.path.resolve()), **counts}])
+                        history=manifest["history"] + [{"op": "add", "store": str(store.path.resolve()), **counts}],
+                        images=_images_of(store, root, int(new_ids[0]), int(new_ids[-1] + 1),
+                                          manifest.get("images") or []))
         all_vectors = np.concatenate([vectors, new_vectors.astype(np.float16)])
         final = _write_version(root, manifest, index, np.concatenate([ids, new_ids]), all_vectors,
                                cur / "meta", (new_ids, items))

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import typer
 
+from ..data.folder import LAYOUTS
 from ..display import OutputFormat, display_score, emit
 from ..errors import UsageError
 from ..guards import check_output_file, file_has_format
@@ -32,6 +33,10 @@ class GpuMode(str, Enum):
 RerankChoice = Enum("RerankChoice", {name: name for name in reranker_names()}, type=str)
 
 
+#: ``--layout``: how labels are read from an image folder's subfolders (uniret.data.folder.LAYOUTS).
+LayoutChoice = Enum("LayoutChoice", {name: name for name in LAYOUTS}, type=str)
+LayoutOpt = typer.Option("auto", "--layout", help="Image folders: labels from root/<class>/IMG (class), "
+                         "root/<domain>/<class>/IMG (domain-class), none (flat), or auto (by depth).")
 FormatOpt = typer.Option(OutputFormat.table, "--format", help="table or json.")
 GpuOpt = typer.Option(GpuMode.auto, "--gpu", help="auto: use Faiss GPUs when there are some; on: require; off: CPU.")
 
@@ -63,6 +68,8 @@ def _summary_rows(manifest: dict, root: Path) -> list[dict]:
         {"field": "model", "value": f"{model.get('config_hash')} ({model.get('backbone', '?')})"},
         {"field": "model copy", "value": manifest.get("model_dir") or "none (image queries need --model)"},
         {"field": "next id", "value": manifest["next_id"]},
+        {"field": "images", "value": ", ".join(e["path"] for e in manifest.get("images") or [])
+         or "none recorded (pictures need --images)"},
         {"field": "updates", "value": len(manifest.get("history", []))},
     ]
 
@@ -78,7 +85,9 @@ def _storage(manifest: dict) -> str:
 
 @index_app.command("build")
 def index_build(
-    store: Path = typer.Argument(..., help="Embedding store (from `uniret embed`)."),
+    store: Path = typer.Argument(..., help="Embedding store (from `uniret embed`), or images to embed first: an "
+                                 "image folder (labels from class subfolders), collection root, packed store or "
+                                 "webdataset shards.", metavar="STORE_OR_IMAGES"),
     out: Path = typer.Option(..., "--out", help="Index directory to write (an existing index gets a new version "
                                                 "with --overwrite)."),
     kind: str = typer.Option("auto", "--kind", help="auto, flat, ivf-flat, ivf-sq8, ivf-pq, hnsw or a Faiss factory string."),
@@ -88,12 +97,16 @@ def index_build(
     max_memory: str = typer.Option(None, "--max-memory", help="Memory budget of the index (e.g. 8G); auto picks codes to fit."),
     target_recall: float = typer.Option(0.95, "--target-recall", help="Recall@k that nprobe/efSearch are tuned to."),
     recall_k: int = typer.Option(100, "--recall-k", help="k of the recall target."),
-    model: Path = typer.Option(None, "--model", help="Model directory that made the store; copied into the index "
-                                                     "so that `uniret search` can embed query images."),
+    model: Path = typer.Option(None, "--model", help="Model directory that made the store (images: that embeds "
+                                                     "them; default: the pretrained default model); copied into "
+                                                     "the index so that `uniret search` can embed query images."),
+    layout: LayoutChoice = LayoutOpt,
+    batch_size: int = typer.Option(64, "--batch-size", help="Images: images per embedding batch."),
+    device: str = typer.Option(None, "--device", help="Images: where they are embedded (auto, cpu, cuda, cuda:N)."),
     on_disk: bool = typer.Option(False, "--on-disk", help="IVF lists on disk, searched memory-mapped (--kind ivf-flat|"
                                  "ivf-sq8|ivf-pq; auto = ivf-sq8); --max-memory is then the build's peak RSS (default 4G)."),
     workers: int = typer.Option(None, "--workers", help="--on-disk: encoding processes (default: CPU count, as "
-                                                        "--max-memory allows)."),
+                                                        "--max-memory allows); images: decoding processes."),
     shard_rows: int = typer.Option(None, "--shard-rows", help="--on-disk: store rows per IVF shard (default: what "
                                                               "--max-memory allows, at most 1M)."),
     train_only: bool = typer.Option(False, "--train-only", help="--on-disk step 1 of 3: train the quantizer, plan "
@@ -104,9 +117,21 @@ def index_build(
     overwrite: bool = typer.Option(False, "--overwrite", help="Build a new version of the index already at --out."),
     fmt: OutputFormat = FormatOpt,
 ) -> None:
-    """Build an index from an embedding store (in RAM, or --on-disk in resumable steps)."""
+    """Build an index from an embedding store (in RAM, or --on-disk in resumable steps), or from images
+    in one step (embedded with --model, or the default model; resumable)."""
+    from .from_images import build_from_images, is_store_path
     from .layout import read_manifest
 
+    if not is_store_path(store):
+        if on_disk or train_only or encode_part or merge or shard_rows is not None:
+            raise UsageError(f"{store} is not an embedding store: --on-disk builds start from one; embed the images "
+                             "first with `uniret embed --data IMAGES --out STORE`")
+        version = build_from_images(store, out, model=model, layout=layout.value, kind=kind, gpu=gpu.value, gpus=gpus,
+                                    max_memory=parse_bytes(max_memory), target_recall=target_recall,
+                                    recall_k=recall_k, overwrite=overwrite, batch_size=batch_size,
+                                    workers=workers, device=device)
+        manifest = read_manifest(version)
+        return emit(_summary_rows(manifest, out), ["field", "value"], fmt, extra={"manifest": manifest})
     if on_disk:
         from . import ondisk_build as od
 
@@ -143,15 +168,27 @@ def index_build(
 @index_app.command("add")
 def index_add(
     index: Path = typer.Argument(..., help="Index directory."),
-    store: Path = typer.Argument(..., help="Embedding store of the same model."),
+    store: Path = typer.Argument(..., help="Embedding store of the same model, or images to embed with the "
+                                           "index's model (a folder, collection, packed store or shards).",
+                                 metavar="STORE_OR_IMAGES"),
     max_memory: str = typer.Option(None, "--max-memory", help="On-disk indexes: peak RSS of the update (default 4G)."),
-    workers: int = typer.Option(None, "--workers", help="On-disk indexes: encoding processes (default: CPU count)."),
+    workers: int = typer.Option(None, "--workers", help="On-disk indexes: encoding processes (default: CPU count); "
+                                                        "images: decoding processes."),
+    model: Path = typer.Option(None, "--model", help="Images: the model that embedded the index (default: its copy)."),
+    layout: LayoutChoice = LayoutOpt,
+    batch_size: int = typer.Option(64, "--batch-size", help="Images: images per embedding batch."),
+    device: str = typer.Option(None, "--device", help="Images: where they are embedded (auto, cpu, cuda, cuda:N)."),
     fmt: OutputFormat = FormatOpt,
 ) -> None:
-    """Add a store's items to an index (items already present are skipped); crash-safe."""
+    """Add a store's (or a folder's) items to an index (items already present are skipped); crash-safe."""
     from .build import add_to_index
+    from .from_images import add_images, is_store_path
 
-    res = add_to_index(index, store, max_memory=parse_bytes(max_memory), workers=workers)
+    if is_store_path(store):
+        res = add_to_index(index, store, max_memory=parse_bytes(max_memory), workers=workers)
+    else:
+        res = add_images(index, store, model=model, layout=layout.value, batch_size=batch_size, workers=workers,
+                         device=device, max_memory=parse_bytes(max_memory))
     emit([res], ["added", "skipped_present", "skipped_failed", "count", "version"], fmt)
 
 
@@ -198,7 +235,7 @@ DEDUP_FORMAT = "uniret-dedup/1"
 
 
 ImagesOpt = typer.Option(None, "--images", help="Packed store or collection/image folder of the indexed items "
-                                                "(thumbnails in --html).")
+                                                "(thumbnails in --html; default: the folder the index was built from).")
 HtmlOpt = typer.Option(None, "--html", help="Also write a self-contained page of thumbnails here (OUT.html).")
 OverwriteOpt = typer.Option(False, "--overwrite", help="Replace a page (or JSON) that uniret wrote there before.")
 
@@ -209,6 +246,8 @@ def search_command(
     k: int = typer.Option(10, "--k", help="Results per query (at most the index size and 10000)."),
     rerank: RerankChoice = typer.Option("none", "--rerank", help="Global-feature reranking of the top candidates."),
     domain: str = typer.Option(None, "--domain", help="Only results from this domain."),
+    where: list[str] = typer.Option(None, "--where", help="Only results whose metadata passes, e.g. \"label == 'cat'\" "
+                                    "or \"price < 20\" (ops == != < <= > >= in; repeat: all must hold)."),
     threshold: float = typer.Option(None, "--threshold", help="Only results with a similarity at or above this."),
     shortlist_dim: int = typer.Option(None, "--shortlist-dim", help="Matryoshka funnel: shortlist with this prefix size."),
     shortlist_k: int = typer.Option(None, "--shortlist-k", help="Funnel shortlist length (default max(10k, 1000))."),
@@ -227,17 +266,22 @@ def search_command(
         raise UsageError("--shortlist-k needs --shortlist-dim")
     if k < 1:
         raise UsageError(f"--k must be >= 1, got {k}")
+    from .filters import parse_where
+
+    parse_where(where or None)  # a bad expression is one line before anything is loaded
     idx = open_index(index, gpu=gpu.value, model=model, images=images)
     if model is not None:
         idx.load_model()  # check that the given model made the index, even for id queries
     results = idx.search(queries, k=k, rerank=rerank.value, domain=domain, threshold=threshold,
-                         shortlist_dim=shortlist_dim, shortlist_k=shortlist_k)
+                         shortlist_dim=shortlist_dim, shortlist_k=shortlist_k, where=where or None)
     if html is not None:
         _write_html(html, results.to_html(title=f"uniret search {index}"))
     rows = [dict(r, score=display_score(r["score"]),
                  class_id=r["class_ids"][0] if len(r.get("class_ids") or []) == 1 else r.get("class_ids") or None)
             for r in results.rows()]
-    emit(rows, ["query", "rank", "id", "score", "path", "domain", "class_id"], fmt, metrics=["score"])
+    labelled = any(r.get("label") is not None for r in rows)
+    emit(rows, ["query", "rank", "id", "score", "path", "domain", "class_id", *(["label"] if labelled else [])],
+         fmt, metrics=["score"])
 
 
 def dedup_command(
@@ -255,15 +299,15 @@ def dedup_command(
     """Find groups of near-duplicate items and which one of each group to keep."""
     from ..utils import atomic_write_json
     from .dedup import find_duplicates
-    from .images import open_image_source
+    from .images import index_images
     from .searcher import Searcher
 
     if out is not None:
         check_output_file(out, "dedup result", lambda p: file_has_format(p, DEDUP_FORMAT.split("/")[0]),
                           [index, images], overwrite, option="--out")
     _check_html(html, [index, images], overwrite)
-    image_source = open_image_source(images)
     searcher = Searcher.open(index)
+    image_source = index_images(index, searcher.manifest, images)
     res = find_duplicates(searcher, threshold=threshold, fraction=fraction, neighbors=neighbors)
     if out is not None:
         atomic_write_json(out, {"format": DEDUP_FORMAT, **res})

@@ -17,6 +17,7 @@ from ..utils import publish_dir, read_json
 from .layout import MODEL_DIR, is_index_dir
 
 WORK_DIRS = ("ondisk-build", "ondisk-update")  # on-disk builds' shards (index/shards.py)
+EMBED_DIRS = ("embeddings", ".embeddings.lock")  # a one-step build's store (index/from_images.py)
 
 
 def open_store(store) -> EmbeddingStore:
@@ -44,7 +45,7 @@ def copy_model(root: Path, model_dir: Path | None) -> str | None:
 
 def is_leftover(path: Path) -> bool:
     """Files an interrupted first build leaves behind (a re-run may reuse the directory)."""
-    return (path.name in (".lock", MODEL_DIR, f".{MODEL_DIR}.tmp", f"{MODEL_DIR}.old", *WORK_DIRS)
+    return (path.name in (".lock", MODEL_DIR, f".{MODEL_DIR}.tmp", f"{MODEL_DIR}.old", *WORK_DIRS, *EMBED_DIRS)
             or path.name.endswith(".partial"))
 
 

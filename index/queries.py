@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from ..errors import ImageDecodeError, UniretError, UsageError
 from .ids import MAX_ID, UnknownIdError, parse_id
@@ -61,7 +61,7 @@ class QueryRows:
 
 def decode_query_image(data: bytes, label: str = "image") -> Image.Image:
     """Decode image bytes to RGB, refusing images that declare more than :data:`MAX_PIXELS`."""
-    from ..data.images import decode_image
+    from ..data.images import decode_image, readable_formats, short_reason
 
     try:
         with Image.open(io.BytesIO(data)) as probe:  # reads the header only
@@ -69,8 +69,11 @@ def decode_query_image(data: bytes, label: str = "image") -> Image.Image:
     except Image.DecompressionBombError:
         raise ImageDecodeError(f"{label}: over the limit of {MAX_PIXELS:,} pixels (a decompression bomb?); "
                                "downscale it first") from None
+    except UnidentifiedImageError:
+        raise ImageDecodeError(f"{label}: this file is not an image uniret can read; send a picture "
+                               f"({readable_formats()})") from None
     except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageDecodeError(f"{label}: not a readable image ({type(exc).__name__}: {exc})") from None
+        raise ImageDecodeError(f"{label}: the image is damaged or cut short ({short_reason(exc)})") from None
     if width * height > MAX_PIXELS:
         raise ImageDecodeError(f"{label}: {width} x {height} pixels is over the limit of {MAX_PIXELS:,} "
                                "(a decompression bomb?); downscale it first")

@@ -9,6 +9,9 @@ float32, ids (nq, k) int64)`` with -1 / -inf where fewer than k results exist. P
 - on-disk IVF indexes (``index build --on-disk``) search on the CPU with their lists, ids and raw
   vectors memory-mapped; exact paths (domain filter, funnel) stream the raw vectors in blocks;
 - ``domain=D`` searches exactly among that domain's vectors (a filtered IVF probe could miss them);
+- ``where=`` conditions on any metadata field (:mod:`uniret.index.filters`) search only the rows that
+  pass: exactly when they are few, else Faiss with an ``IDSelector``, exactly again where that
+  returned fewer than k of them;
 - ``shortlist_dim=d`` (Matryoshka funnel) searches the re-normalised d-prefix of the raw vectors for
   ``shortlist_k`` candidates and rescores them with the full vectors;
 - ``rerank=`` a name of :data:`uniret.index.rerank.RERANKERS` reranks the top ``rerank_depth``
@@ -29,6 +32,7 @@ from ..errors import UniretError
 from ..utils import resolve_device
 from . import gpu as gpu_util
 from .exact import REFINE_FACTOR, exact_search, rescore, torch_search
+from .filters import FILTER_EXACT_MAX, filtered_faiss_search, select_rows
 from .keys import is_lossy, search_param_name, set_search_param
 from .layout import MODEL_DIR, MetadataDB, current_version, load_ids_vectors, read_manifest
 from .ondisk import read_version_index
@@ -147,13 +151,19 @@ class Searcher:
         return scores, np.where(mapped >= 0, self.ids[np.maximum(mapped, 0)], -1)
 
     def _base_search(self, xq: np.ndarray, k: int, domain: str | None, shortlist_dim: int | None,
-                     shortlist_k: int | None):
+                     shortlist_k: int | None, where=None):
         rows = None
         if domain is not None:
             rows = np.flatnonzero(self.row_domains == domain)
             if len(rows) == 0:
                 known = sorted({d for d in self.row_domains if d is not None})
                 raise UniretError(f"--domain {domain!r} has no items in this index; domains: {', '.join(known) or 'none'}")
+        if where:
+            rows = select_rows(self, where, rows)
+            if len(rows) == 0:  # nothing passes: no results, not an error
+                return np.full((len(xq), k), -np.inf, np.float32), np.full((len(xq), k), -1, np.int64)
+            if shortlist_dim is None and len(rows) > FILTER_EXACT_MAX:
+                return filtered_faiss_search(self, xq, k, rows)
         if shortlist_dim is not None:
             return self._funnel(xq, k, rows, shortlist_dim, shortlist_k or max(10 * k, 1000))
         if rows is not None:
@@ -197,7 +207,7 @@ class Searcher:
 
     def search(self, queries, k: int = 10, rerank: str | None = None, domain: str | None = None,
                shortlist_dim: int | None = None, shortlist_k: int | None = None, rerank_depth: int | None = None,
-               **rerank_options) -> tuple[np.ndarray, np.ndarray]:
+               where=None, **rerank_options) -> tuple[np.ndarray, np.ndarray]:
         """Top-k ids and scores for a batch of query embeddings (see the module docstring)."""
         xq = np.ascontiguousarray(np.asarray(queries, dtype=np.float32))
         if xq.ndim == 1:
@@ -208,7 +218,7 @@ class Searcher:
             raise UniretError(f"--k must be >= 1, got {k}")
         xq = xq / np.maximum(np.linalg.norm(xq, axis=1, keepdims=True), 1e-12)
         depth = candidate_depth(rerank, k, rerank_depth)
-        scores, ids = self._base_search(xq, depth, domain, shortlist_dim, shortlist_k)
+        scores, ids = self._base_search(xq, depth, domain, shortlist_dim, shortlist_k, where)
         scores, ids = apply_rerank(rerank, xq, self.vectors_for, ids, scores, **rerank_options)
         return scores[:, :k], ids[:, :k]
 

@@ -23,6 +23,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -40,7 +41,7 @@ from .metrics import ServerMetrics
 logger = logging.getLogger("uniret")
 
 STATIC = Path(__file__).resolve().parent / "static"
-PARAMS = ("k", "rerank", "domain", "threshold")
+PARAMS = ("k", "rerank", "domain", "threshold", "where")
 # The page builds its DOM with textContent only; this policy would stop injected script anyway.
 PAGE_CSP = "default-src 'self'; img-src 'self' blob: data:; script-src 'self'; style-src 'self'; object-src 'none'"
 SEARCH_BODY = {"requestBody": {"content": {
@@ -52,7 +53,9 @@ SEARCH_BODY = {"requestBody": {"content": {
         "ids": {"type": "array", "items": {"type": "integer"}},
         "vectors": {"type": "array", "items": {"type": "array", "items": {"type": "number"}}},
         "k": {"type": "integer", "default": 10}, "rerank": {"type": "string", "default": "none"},
-        "domain": {"type": "string"}, "threshold": {"type": "number"}}}}}}}
+        "domain": {"type": "string"}, "threshold": {"type": "number"},
+        "where": {"type": "array", "items": {"type": "string"},
+                  "description": "conditions on metadata fields, all must hold: [\"label == 'cat'\", \"price < 20\"]"}}}}}}}
 
 
 @dataclass
@@ -112,6 +115,19 @@ def parse_params(params: dict, index: Index) -> tuple[int, str | None, str | Non
     return k, rerank, domain, threshold
 
 
+def parse_where_param(value) -> list[str]:
+    """``where``: one condition or a list of them (:mod:`uniret.index.filters`), checked; 400 otherwise."""
+    from ..index.filters import parse_where
+
+    if value in (None, "", []):
+        return []
+    if not (isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))):
+        raise UsageError("where: expected a condition such as \"label == 'cat'\" or a list of them")
+    conditions = [value] if isinstance(value, str) else value
+    parse_where(conditions)
+    return conditions
+
+
 def prepare(index: Index, uploads: list[tuple[str, bytes]], ids: list, vectors) -> object:
     """Query rows of one request: decoded uploads (labelled by file name), stored ids, vectors."""
     queries: list = [data for _, data in uploads] + parse_ids(ids, what="ids: id").tolist()
@@ -135,6 +151,8 @@ def prepare(index: Index, uploads: list[tuple[str, bytes]], ids: list, vectors) 
 async def read_search_request(request: Request, max_queries: int) -> tuple[list, list, object, dict]:
     """(uploads as (file name, bytes), ids, vectors, parameters) of a multipart or JSON search request."""
     params: dict = dict(request.query_params)
+    if "where" in params:
+        params["where"] = request.query_params.getlist("where")
     uploads, ids, vectors = [], [], None
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("multipart/form-data"):
@@ -144,6 +162,8 @@ async def read_search_request(request: Request, max_queries: int) -> tuple[list,
                     uploads.append((value.filename or key, await value.read()))
                 elif key == "ids":
                     ids.extend(value.replace(",", " ").split())
+                elif key == "where":
+                    params["where"] = [*(params.get("where") or []), value]
                 elif key in PARAMS:
                     params[key] = value
                 else:
@@ -200,8 +220,11 @@ def create_app(index: Index, settings: ServeSettings | None = None) -> FastAPI:
         if batcher is not None:
             await batcher.stop()
 
-    app = FastAPI(title="uniret", version=__version__, lifespan=lifespan,
-                  description="Instance-level image search over a uniret index (read-only).")
+    # FastAPIOffline: FastAPI whose /docs (Swagger UI) and /redoc pages load their scripts from the
+    # installed package instead of a CDN, so they work on a machine without internet access.
+    app = FastAPIOffline(title="uniret", version=__version__, lifespan=lifespan,
+                         description="Search a uniret index by image similarity (read-only): POST /search with "
+                                     "an image file, stored ids or vectors; GET /items/ID for an item.")
     app.add_middleware(BodyLimit, max_bytes=int(settings.max_upload_mb * 2**20))
     app.add_middleware(Guard, token=settings.token, metrics=metrics)  # added last: runs first
 
@@ -260,13 +283,18 @@ def create_app(index: Index, settings: ServeSettings | None = None) -> FastAPI:
     @app.post("/search", openapi_extra=SEARCH_BODY)
     async def search(request: Request):
         """Multipart image file(s) (+ optional ``ids``), or JSON ``{"ids": [...]}`` / ``{"vectors": [[...]]}``;
-        k, rerank, domain and threshold as query parameters, form fields or JSON keys."""
+        k, rerank, domain, threshold and where as query parameters, form fields or JSON keys."""
         started = time.perf_counter()
         with batcher.incoming() if batcher is not None else contextlib.nullcontext():
             uploads, ids, vectors, params = await read_search_request(request, settings.max_queries)
             k, rerank, domain, threshold = parse_params(params, index)
+            where = parse_where_param(params.get("where"))
             rows = await run_in_threadpool(prepare, index, uploads, ids, vectors)
-        if batcher is not None:
+        if where:  # filtered queries are searched on their own (batches group by k, rerank and domain)
+            results = await run_in_threadpool(
+                lambda: index.search_vectors(rows, index.embed_rows(rows), k=k, rerank=rerank, domain=domain,
+                                             threshold=threshold, where=where))
+        elif batcher is not None:
             results = await batcher.submit(Job(rows, k, rerank, domain, threshold))
         else:
             results = await run_in_threadpool(
@@ -274,7 +302,7 @@ def create_app(index: Index, settings: ServeSettings | None = None) -> FastAPI:
                                              threshold=threshold))
         # JSONResponse directly: FastAPI's jsonable_encoder walk of every row costs more than the search.
         return JSONResponse({"version": index.version, "k": k, "rerank": rerank or "none", "domain": domain,
-                             "threshold": threshold, "took_ms": round(1000 * (time.perf_counter() - started), 2),
+                             "threshold": threshold, "where": where, "took_ms": round(1000 * (time.perf_counter() - started), 2),
                              "results": _payload(results)})
 
     return app

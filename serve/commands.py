@@ -49,8 +49,9 @@ def serve_command(
     if not is_loopback(host) and not token:
         logger.warning("warning: serving %s on %s without --token: anyone who can reach this address can "
                        "search it and read its images; set --token or UNIRET_TOKEN", index, host)
-    if images is None:
-        logger.info("no --images: results show no pictures; pass --images DATA (a packed store or folder)")
+    if opened.images is None:
+        logger.info("no --images and no image folder recorded in the index: results show no pictures; "
+                    "pass --images DATA (a packed store or folder)")
     app = create_app(opened, ServeSettings(max_batch=max_batch, max_wait_ms=max_wait_ms,
                                            max_upload_mb=max_upload_mb, token=token))
     shown = f"[{host}]" if ":" in host else host

@@ -135,7 +135,7 @@ def test_index_kind_searches_a_built_index(report_dir, tiny_model, demo_root, tm
 
 
 @pytest.mark.parametrize("args, message", [
-    (["eval", "--data", "{data}"], "needs --model"),
+    (["eval", "--format", "json"], "uniret eval needs data"),  # no --model: the default model
     (["eval", "--model", "{data}", "--data", "{data}"], "not a model directory"),
     (["eval", "--model", "{model}", "--data", "{data}/nope"], "no such file"),
     (["eval", "compare", "{data}"], "no metrics.json"),

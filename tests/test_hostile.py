@@ -60,7 +60,9 @@ def snapshot(*roots: Path) -> dict:
 
 
 def one_line(err: str) -> list[str]:
-    return [line for line in err.splitlines() if line.strip()]
+    """The lines of stderr that say something about the outcome ("loading model ..." only says that a
+    model is being loaded, before anything can fail)."""
+    return [line for line in err.splitlines() if line.strip() and not line.startswith("loading model ")]
 
 
 def refused(capfd, args, *trees, codes=(1, 2), match: str | None = None, after_work: bool = False) -> str:

@@ -85,7 +85,7 @@ def test_bad_inputs_are_one_line_4xx(server, demo_root):
     buf = io.BytesIO()
     Image.new("RGB", (300, 300), (10, 200, 10)).save(buf, format="PNG")
     cases = [
-        ("not an image", dict(files={"file": ("a.png", b"hello")}), 400, "not a readable image"),
+        ("not an image", dict(files={"file": ("a.png", b"hello")}), 400, "not an image uniret can read"),
         ("truncated", dict(files={"file": ("t.png", buf.getvalue()[:200])}), 400, "truncated"),
         ("over the limit", dict(files={"file": ("big.png", b"\0" * (1 << 20) + image)}), 413, "upload limit"),
         ("bomb", dict(files={"file": ("bomb.png", bomb_png())}), 400, "decompression bomb"),

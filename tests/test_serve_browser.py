@@ -1,5 +1,6 @@
 """The page at `/` in a real headless Chromium (selenium): upload a demo image, see the grid with the
-right top-1, click a result and see a new grid; paths and domains that are HTML show as text."""
+right top-1, click a result and see a new grid; paths and domains that are HTML show as text; a file
+that is not an image gets a message in words; /docs (Swagger UI) renders from local files only."""
 
 from __future__ import annotations
 
@@ -65,7 +66,7 @@ def test_upload_see_grid_click_result(browser, image_index, demo_root):
     image = demo_root / "images" / store.items[target].path
     with LiveServer(create_app(uniret.open_index(image_index / "index", images=demo_root))) as url:
         browser.get(url + "/")
-        wait_for(browser, lambda d: "74 items" in d.find_element(By.ID, "info").text)
+        wait_for(browser, lambda d: "74 pictures" in d.find_element(By.ID, "info").text)
         k = browser.find_element(By.ID, "k")
         k.clear()
         k.send_keys("5")
@@ -95,7 +96,7 @@ def test_html_in_metadata_renders_as_text(browser, tmp_path):
     build_index(tmp_path / "store", tmp_path / "index")
     with LiveServer(create_app(uniret.open_index(tmp_path / "index"))) as url:
         browser.get(url + "/")
-        wait_for(browser, lambda d: "6 items" in d.find_element(By.ID, "info").text)
+        wait_for(browser, lambda d: "6 pictures" in d.find_element(By.ID, "info").text)
         browser.find_element(By.ID, "id").send_keys("0")
         browser.find_element(By.ID, "go").click()
         wait_for(browser, lambda d: grid(d)[0] == "id:0")
@@ -105,3 +106,26 @@ def test_html_in_metadata_renders_as_text(browser, tmp_path):
         assert not browser.find_elements(By.CSS_SELECTOR, "#results script, #results img[src='x']")
         options = [o.text for o in browser.find_elements(By.CSS_SELECTOR, "#domain option")]
         assert evil_domain in options
+
+
+def test_non_image_upload_and_offline_docs(browser, image_index, demo_root, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    (tmp_path / "notes.txt").write_text("shopping list: milk, eggs")
+    with LiveServer(create_app(uniret.open_index(image_index / "index", images=demo_root))) as url:
+        browser.get(url + "/")
+        wait_for(browser, lambda d: "74 pictures" in d.find_element(By.ID, "info").text)
+        browser.find_element(By.ID, "file").send_keys(str(tmp_path / "notes.txt"))
+        wait_for(browser, lambda d: "error" in d.find_element(By.ID, "status").get_attribute("class"))
+        message = browser.find_element(By.ID, "status").text
+        assert "not an image uniret can read" in message and "JPEG, PNG" in message
+        assert "BytesIO" not in message and "0x" not in message
+        # Swagger UI from the installed package: the operations render, and every script and style
+        # sheet comes from this server (nothing from a CDN)
+        browser.get(url + "/docs")
+        wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, ".opblock-summary-path"))
+        paths = {e.text.strip() for e in browser.find_elements(By.CSS_SELECTOR, ".opblock-summary-path")}
+        assert {"/search", "/info", "/items/{item_id}"} <= {p.replace("\u200b", "") for p in paths}
+        sources = browser.execute_script(
+            "return Array.from(document.querySelectorAll('script[src], link[href]')).map(e => e.src || e.href)")
+        assert sources and all(s.startswith(url) for s in sources), sources

@@ -35,8 +35,10 @@ async function loadInfo() {
   const response = await fetch("/info");
   const info = await response.json();
   if (!response.ok) { setStatus(info.error || "cannot read /info", true); return; }
-  $("info").textContent = `${info.count.toLocaleString()} items · ${info.dim}-d · ${info.key} · model ` +
-    `${info.model.backbone || "?"} (${info.model.config_hash || "?"}) · version ${info.version}`;
+  const model = (info.model.backbone || "an unnamed model").replace(/^timm:|^open_clip:/, "");
+  $("info").textContent = `${info.count.toLocaleString()} pictures, compared by the ${model} model.`;
+  $("tech").textContent = `${info.dim}-number embeddings · Faiss index ${info.key} · model ` +
+    `${info.model.backbone || "?"} (${info.model.config_hash || "?"}) · index version ${info.version}`;
   for (const name of info.rerankers) $("rerank").appendChild(el("option", { value: name, text: name }));
   for (const name of info.domains) $("domain").appendChild(el("option", { value: name, text: name }));
   $("k").max = String(info.max_k);
@@ -57,7 +59,7 @@ function showResults(payload) {
     const card = el("div", { class: "card", title: row.path || "", dataset: { id: String(row.id), rank: String(row.rank) } },
       image(row.image_url, row.path || String(row.id)),
       el("div", { class: "score", text: `#${row.rank}  ${score(row.score)}` }),
-      el("div", { text: `id ${row.id}` + (row.domain ? ` · ${row.domain}` : "") }),
+      el("div", { text: `id ${row.id}` + (row.domain ? ` · ${row.domain}` : "") + (row.label ? ` · ${row.label}` : "") }),
       el("div", { class: "path", text: row.path || "" }));
     card.addEventListener("click", () => searchId(row.id));
     grid.appendChild(card);
@@ -66,7 +68,8 @@ function showResults(payload) {
 }
 
 function params() {
-  return { k: Number($("k").value) || 10, rerank: $("rerank").value || "none", domain: $("domain").value || null };
+  return { k: Number($("k").value) || 10, rerank: $("rerank").value || "none", domain: $("domain").value || null,
+           where: $("where").value.trim() || null };
 }
 
 async function run(request) {
