@@ -10,6 +10,10 @@
 # selected on the test split: the recipe run validates nowhere (val_every 0) and exports its last
 # weights, as the plain one does.
 #
+# RECIPE=FILE picks the uniret recipe (default benchmarks/recipes/cpu_scratch.json; e.g.
+# benchmarks/recipes/cpu_cnn6.json trains the plain recipe's own CNN, plain:cnn6, through `uniret
+# train`); METHOD=- keeps the recipe's method.
+#
 # Writes OUT/plain/summary.json, OUT/recipe/ (the run), OUT/recipe-report/ and OUT/comparison.md.
 set -euo pipefail
 
@@ -20,6 +24,9 @@ METHOD=${4:-uscrr}
 SEED=${5:-0}
 MODE=${6:-serial}
 HERE=$(cd "$(dirname "$0")" && pwd)
+RECIPE=${RECIPE:-$HERE/recipes/cpu_scratch.json}
+METHOD_ARGS=()
+if [ "$METHOD" != "-" ]; then METHOD_ARGS=(--method "$METHOD"); fi
 PY=${PYTHON:-python}
 mkdir -p "$OUT"
 if [ "$MODE" = parallel ]; then
@@ -39,7 +46,7 @@ if [ ! -f "$OUT/plain/summary.json" ]; then
 fi
 if [ ! -f "$OUT/recipe/summary.json" ]; then
     rm -rf "$OUT/recipe"
-    "$PY" -m uniret.cli train --data "$DATA" --config "$HERE/recipes/cpu_scratch.json" --method "$METHOD" \
+    "$PY" -m uniret.cli train --data "$DATA" --config "$RECIPE" "${METHOD_ARGS[@]}" \
         --seed "$SEED" --time-budget "$MINUTES" --val-every 0 --ckpt-every 0 --device cpu --out "$OUT/recipe" \
         > "$OUT/recipe.log" 2>&1
 fi
