@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import json
 import os
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -74,11 +73,13 @@ def has_format(path: str | Path, marker: str, prefix: str) -> bool:
 
 def file_has_format(file: str | Path, prefix: str) -> bool:
     """Whether ``file`` is a small JSON object whose ``format`` starts with ``prefix``."""
+    from .safeio import read_json  # safeio imports this module
+
     file = Path(file)
     try:
         if not file.is_file() or file.stat().st_size > 1 << 26:
             return False
-        obj = json.loads(file.read_bytes())
+        obj = read_json(file)
     except (OSError, ValueError):
         return False
     return isinstance(obj, dict) and str(obj.get("format", "")).startswith(prefix)

@@ -8,12 +8,17 @@
 - :func:`check_lmdb`: an LMDB data file shorter than its own header says is refused before it is
   memory-mapped (reading past its end would kill the process with SIGBUS).
 - :func:`check_finite`: NaN or infinite vectors are refused where they enter an index or a metric.
+- :func:`read_small` / :func:`read_json` / :func:`parse_json`: the one reader of JSON and other small
+  files (configs, manifests, splits, id lists, reports, side files): a regular file only (a FIFO or
+  ``/dev/zero`` is refused from ``fstat``, never read), at most a size cap, JSON nested at most
+  :data:`MAX_JSON_DEPTH` deep; every failure is one line naming the file.
 
 Every refusal is a one-line :class:`~uniret.errors.UniretError` saying what to do.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import struct
@@ -26,6 +31,20 @@ from .guards import resolved
 
 #: Largest image file read for packing, embedding or a query (a larger one is skipped and listed).
 MAX_IMAGE_BYTES = 64 << 20
+
+
+#: Largest JSON or other small file read whole (configs, manifests, splits, id lists, reports).
+MAX_SMALL_BYTES = 256 << 20
+
+#: Deepest nesting of lists and objects in any JSON uniret reads (its own files nest at most ~6 deep).
+MAX_JSON_DEPTH = 64
+
+
+class BadFile(UniretError, ValueError):
+    """A small file that is not what it should be: not a regular file, too large, not (shallow) JSON.
+
+    Also a ValueError, so that callers that wrap a damaged file's ValueError in their own line
+    (naming what the file is for) keep doing so."""
 
 
 class UnsafePath(UniretError):
@@ -200,3 +219,61 @@ def check_finite(vectors: np.ndarray, what: str, ids: np.ndarray | None = None, 
         shown = ", ".join(str(int(i)) for i in names[:5]) + (", ..." if len(bad) > 5 else "")
         raise UniretError(f"{what}: {len(bad)} vector(s) with NaN or infinite values (ids {shown}); "
                           "the model that made them is broken: re-train or re-embed")
+
+
+def read_small(path: str | Path, what: str = "file", max_bytes: int = MAX_SMALL_BYTES) -> bytes:
+    """The bytes of a small file read whole: a regular file (symbolic links followed) of at most
+    ``max_bytes``. A FIFO, a device or a directory is refused from ``fstat`` after a non-blocking open,
+    so nothing hangs on a FIFO or reads ``/dev/zero`` until memory runs out. A missing or unreadable
+    file raises the OSError (callers that expect one say what it means)."""
+    path = Path(path)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = ("a FIFO" if stat.S_ISFIFO(st.st_mode) else "a device" if stat.S_ISCHR(st.st_mode)
+                    or stat.S_ISBLK(st.st_mode) else "a directory" if stat.S_ISDIR(st.st_mode) else "a socket")
+            raise BadFile(f"{path}: {kind}, not a regular file; give the {what} as a file")
+        if st.st_size > max_bytes:
+            raise BadFile(f"{path}: {st.st_size:,} bytes is over the {max_bytes >> 20} MB limit for a {what}")
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise BadFile(f"{path}: over the {max_bytes >> 20} MB limit for a {what}")
+    return data
+
+
+def json_depth_ok(obj, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether ``obj`` nests lists and dicts at most ``limit`` deep (checked without recursion)."""
+    stack = [(obj, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (list, dict)):
+            if depth > limit:
+                return False
+            stack.extend((v, depth + 1) for v in (value.values() if isinstance(value, dict) else value))
+    return True
+
+
+def parse_json(data: bytes | str, source: str | Path, what: str = "JSON file"):
+    """``json.loads`` that fails as one line naming ``source``: invalid JSON, text that is not UTF-8,
+    and lists or objects nested deeper than :data:`MAX_JSON_DEPTH` (which would otherwise be a
+    RecursionError here or in any code that walks the value)."""
+    try:
+        obj = json.loads(data)
+    except RecursionError:
+        obj = _TOO_DEEP
+    except json.JSONDecodeError as exc:
+        raise BadFile(f"{source}: not valid JSON (line {exc.lineno}: {exc.msg}); fix or re-create the {what}") from None
+    except UnicodeDecodeError:
+        raise BadFile(f"{source}: not UTF-8 text; fix or re-create the {what}") from None
+    if obj is _TOO_DEEP or not json_depth_ok(obj):
+        raise BadFile(f"{source}: JSON nested deeper than {MAX_JSON_DEPTH} levels; fix or re-create the {what}")
+    return obj
+
+
+_TOO_DEEP = object()
+
+
+def read_json(path: str | Path, what: str = "JSON file", max_bytes: int = MAX_SMALL_BYTES):
+    """A JSON file read through :func:`read_small` and :func:`parse_json`."""
+    return parse_json(read_small(path, what, max_bytes), path, what)

@@ -52,9 +52,12 @@ def make_readable(path: str | Path) -> None:
     os.chmod(path, 0o666 & ~mask)
 
 
-def read_json(path: str | Path):
-    with open(path) as f:
-        return json.load(f)
+def read_json(path: str | Path, what: str = "JSON file"):
+    """A JSON file through the one guarded reader (:func:`uniret.safeio.read_json`): a regular file,
+    size-capped, shallow; its failures are ValueErrors (and one-line UniretErrors)."""
+    from .safeio import read_json as guarded
+
+    return guarded(path, what)
 
 
 def publish_dir(tmp: str | Path, final: str | Path) -> None:

@@ -16,14 +16,13 @@ every source answers ``get_image_bytes`` and callers decode
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import UniretError
-from ..safeio import check_contained, read_contained
+from ..safeio import check_contained, read_contained, read_json
 from ..utils import stable_hash
 
 #: Largest class id a record may carry.
@@ -131,13 +130,11 @@ def parse_class_ids(value) -> tuple[int, ...] | None:
 def load_split_file(path: Path) -> list[Record]:
     """Read one split file strictly; raise a one-line :class:`UniretError` naming the problem."""
     try:
-        raw = json.loads(path.read_text())
+        raw = read_json(path, "split file")
     except FileNotFoundError:
         raise UniretError(f"{path}: split file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UniretError(f"{path}: cannot read split file ({exc})") from None
-    except json.JSONDecodeError as exc:
-        raise UniretError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    except OSError as exc:
+        raise UniretError(f"{path}: cannot read split file ({exc.strerror or exc})") from None
     if not isinstance(raw, list):
         raise UniretError(f"{path}: expected a JSON list of {{'path', 'class_id'}} records")
     records = []

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ from .keys import check_lists, index_key, is_lossy, new_index, nlist_for, set_se
 from .layout import (
     FORMAT,
     MetadataDB,
+    check_provenance,
     current_version,
     is_index_dir,
     load_ids_vectors,
@@ -182,8 +184,8 @@ def _build(store, root: Path, kind: str, gpu: str, gpus: int | None, max_memory:
     with writer_lock(root, create=True):
         model_ref = copy_model(root, Path(model_dir) if model_dir is not None else None)
         manifest = {
-            "format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "git_commit": git_commit(),
-            "model": store.manifest.get("model") or {}, "model_dir": model_ref,
+            "format": FORMAT, "index_id": uuid.uuid4().hex, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "git_commit": git_commit(), "model": store.manifest.get("model") or {}, "model_dir": model_ref,
             "dim": store.dim, "metric": "inner_product", "normalized": bool(store.manifest.get("normalized", True)),
             "kind": kind, "key": key, "search_params": {recall["param"]: recall["value"]} if recall["param"] else {},
             "count": int(len(ids)), "next_id": int(store.count), "vectors_dtype": "float16",
@@ -202,7 +204,7 @@ def _on_disk(root: Path) -> bool:
 def _load_current(root: Path):
     cur = current_version(root)
     manifest = read_manifest(cur)
-    index = read_index(cur / "index.faiss")
+    index = read_index(cur / "index.faiss", manifest)
     ids, vectors = load_ids_vectors(cur, manifest)
     return cur, manifest, index, ids, vectors
 
@@ -243,17 +245,20 @@ def add_to_index(index_dir, store, max_memory: int | None = None, workers: int |
         return dict(counts, count=manifest["count"], version=final.name)
 
 
-def remove_from_index(index_dir, remove_ids) -> dict:
-    """Remove ids (unknown ids are counted, not an error). Returns counts."""
+def remove_from_index(index_dir, remove_ids, made_from: dict | None = None, what: str = "the id list") -> dict:
+    """Remove ids (unknown ids are counted, not an error). Returns counts. ``made_from``: the
+    provenance of a ``uniret dedup`` result; it must name this index and its current version."""
     import faiss
 
     root = Path(index_dir)
     if _on_disk(root):
         from .ondisk_update import remove_ondisk
 
-        return remove_ondisk(root, remove_ids)
+        return remove_ondisk(root, remove_ids, made_from=made_from, what=what)
     remove_ids = np.unique(np.asarray(remove_ids, dtype=np.int64))
     with writer_lock(root):
+        cur = current_version(root)
+        check_provenance(root, cur, read_manifest(cur), made_from, what)
         cur, manifest, index, ids, vectors = _load_current(root)
         gone = np.isin(ids, remove_ids)
         counts = {"removed": int(gone.sum()), "not_present": int(len(remove_ids) - gone.sum())}

@@ -164,9 +164,10 @@ def index_remove(
 ) -> None:
     """Remove ids from an index; crash-safe."""
     from .build import remove_from_index
-    from .ids import read_id_file
+    from .ids import read_id_source
 
-    res = remove_from_index(index, read_id_file(ids))
+    remove, made_from = read_id_source(ids)
+    res = remove_from_index(index, remove, made_from=made_from, what=f"--ids {ids}")
     emit([res], ["removed", "not_present", "count", "version"], fmt)
 
 
@@ -266,7 +267,10 @@ def dedup_command(
     searcher = Searcher.open(index)
     res = find_duplicates(searcher, threshold=threshold, fraction=fraction, neighbors=neighbors)
     if out is not None:
-        atomic_write_json(out, {"format": DEDUP_FORMAT, **res})
+        from .layout import provenance
+
+        made_from = provenance(index, searcher.version_dir, searcher.manifest)
+        atomic_write_json(out, {"format": DEDUP_FORMAT, "index": made_from, **res})
     group_ids = [i for g in res["groups"] for i in g]
     meta = dict(zip(group_ids, searcher.metadata(group_ids)))
     if html is not None:

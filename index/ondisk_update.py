@@ -18,7 +18,7 @@ from ..errors import UniretError
 from .budget import check_workers, plan_memory
 from .inputs import open_store
 from .keys import ivf_of
-from .layout import MetadataDB, current_version, read_manifest, writer_lock
+from .layout import MetadataDB, check_provenance, current_version, read_manifest, writer_lock
 from .ondisk import ListSource, load_trained
 from .ondisk_build import UPDATE_DIR, _budget, _encode, _ensure_plan
 from .ondisk_version import copy_meta, merge_version, publish, settle_meta, write_meta
@@ -88,11 +88,13 @@ def add_ondisk(root: Path, store, max_memory: int | None = None, workers: int | 
     return dict(counts, count=manifest["count"], version=final.name)
 
 
-def remove_ondisk(root: Path, remove_ids: np.ndarray, max_memory: int | None = None) -> dict:
+def remove_ondisk(root: Path, remove_ids: np.ndarray, max_memory: int | None = None, made_from: dict | None = None,
+                  what: str = "the id list") -> dict:
     """Remove ids: a new version whose lists, raw vectors, ids and metadata leave them out."""
     root, remove_ids = Path(root), np.unique(np.asarray(remove_ids, dtype=np.int64))
     with writer_lock(root):
         cur, manifest = _live(root)
+        check_provenance(root, cur, manifest, made_from, what)
         ids = np.load(cur / "ids.npy", mmap_mode="r")
         gone = np.concatenate([np.isin(ids[s:s + (1 << 22)], remove_ids) for s in range(0, len(ids), 1 << 22)]
                               or [np.zeros(0, dtype=bool)])

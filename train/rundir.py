@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from ..errors import UniretError
+from ..safeio import parse_json, read_small
 from ..utils import atomic_write_json, atomic_write_text, read_json
 
 CHECKPOINT_FORMAT = "uniret-train-checkpoint/1"
@@ -83,7 +84,8 @@ class RunDir:
     def read_metrics(self) -> list[dict]:
         if not self.metrics_file.is_file():
             return []
-        return [json.loads(line) for line in self.metrics_file.read_text().splitlines() if line.strip()]
+        text = read_small(self.metrics_file, "training log").decode("utf-8", "replace")
+        return [parse_json(line, self.metrics_file, "training log") for line in text.splitlines() if line.strip()]
 
     def truncate_metrics(self, step: int) -> None:
         """Drop log lines written after the checkpoint a resumed run continues from."""
@@ -122,7 +124,7 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
             if meta.get("format") != CHECKPOINT_FORMAT:
                 raise UniretError(f"{path}: not a uniret training checkpoint (format {meta.get('format')!r})")
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-        state = json.loads(meta["state"])
+        state = parse_json(meta["state"], path, "checkpoint state")
     except (SafetensorError, OSError, ValueError, KeyError) as exc:
         raise UniretError(f"{path}: not a readable uniret training checkpoint ({exc}); "
                           f"start a new run with another --out") from None
