@@ -221,6 +221,16 @@ def check_finite(vectors: np.ndarray, what: str, ids: np.ndarray | None = None, 
                           "the model that made them is broken: re-train or re-embed")
 
 
+def is_utf8_name(name: str) -> bool:
+    """Whether a name (a file name, a record path) is UTF-8 text: a file name that is not decodes to
+    lone surrogates (Python's surrogate escapes), which no JSON, LMDB key or Parquet column holds."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def read_small(path: str | Path, what: str = "file", max_bytes: int = MAX_SMALL_BYTES) -> bytes:
     """The bytes of a small file read whole: a regular file (symbolic links followed) of at most
     ``max_bytes``. A FIFO, a device or a directory is refused from ``fstat`` after a non-blocking open,
@@ -242,16 +252,30 @@ def read_small(path: str | Path, what: str = "file", max_bytes: int = MAX_SMALL_
     return data
 
 
-def json_depth_ok(obj, limit: int = MAX_JSON_DEPTH) -> bool:
-    """Whether ``obj`` nests lists and dicts at most ``limit`` deep (checked without recursion)."""
-    stack = [(obj, 1)]
+def json_problem(obj, limit: int = MAX_JSON_DEPTH) -> str | None:
+    """Why a parsed JSON value is not usable, or None: lists and objects nested deeper than ``limit``,
+    or text holding lone surrogate escapes (``"\\ud800"``: valid JSON, but no text that UTF-8 can
+    encode, so no path, LMDB key or Parquet column can hold it). Checked without recursion."""
+    surrogate = "text with a lone surrogate escape (\\udXXX), which is not UTF-8 text"
+    if isinstance(obj, str):
+        return None if is_utf8_name(obj) else surrogate
+    stack = [(obj, 1)] if isinstance(obj, (list, dict)) else []
     while stack:
         value, depth = stack.pop()
-        if isinstance(value, (list, dict)):
-            if depth > limit:
-                return False
-            stack.extend((v, depth + 1) for v in (value.values() if isinstance(value, dict) else value))
-    return True
+        if depth > limit:
+            return f"JSON nested deeper than {limit} levels"
+        if isinstance(value, dict):
+            if not all(is_utf8_name(k) for k in value):
+                return surrogate
+            value = value.values()
+        for v in value:
+            kind = type(v)
+            if kind is str:
+                if not is_utf8_name(v):
+                    return surrogate
+            elif kind is list or kind is dict:
+                stack.append((v, depth + 1))
+    return None
 
 
 def parse_json(data: bytes | str, source: str | Path, what: str = "JSON file"):
@@ -266,8 +290,9 @@ def parse_json(data: bytes | str, source: str | Path, what: str = "JSON file"):
         raise BadFile(f"{source}: not valid JSON (line {exc.lineno}: {exc.msg}); fix or re-create the {what}") from None
     except UnicodeDecodeError:
         raise BadFile(f"{source}: not UTF-8 text; fix or re-create the {what}") from None
-    if obj is _TOO_DEEP or not json_depth_ok(obj):
-        raise BadFile(f"{source}: JSON nested deeper than {MAX_JSON_DEPTH} levels; fix or re-create the {what}")
+    problem = f"JSON nested deeper than {MAX_JSON_DEPTH} levels" if obj is _TOO_DEEP else json_problem(obj)
+    if problem:
+        raise BadFile(f"{source}: {problem}; fix or re-create the {what}")
     return obj
 
 

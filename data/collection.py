@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UniretError
-from ..safeio import check_contained, read_contained, read_json
-from ..utils import stable_hash
+from ..safeio import check_contained, is_utf8_name, read_contained, read_json
+from ..utils import logger, stable_hash
 
 #: Largest class id a record may carry.
 MAX_CLASS_ID = 2**31 - 1
@@ -142,7 +142,10 @@ def load_split_file(path: Path) -> list[Record]:
     for i, rec in enumerate(raw):
         if not isinstance(rec, dict) or not isinstance(rec.get("path"), str) or "class_id" not in rec:
             bad.append(f"#{i} has no path or class_id")
+        elif not is_utf8_name(rec["path"]) or not canonical_path(rec["path"]):
+            bad.append(f"#{i} has a path that is empty or not UTF-8 text (a lone surrogate escape)")
         else:
+            rec = dict(rec, path=canonical_path(rec["path"]))
             cids = parse_class_ids(rec["class_id"])
             if cids is None:
                 bad.append(f"#{i} ({rec['path']}) has class_id {rec['class_id']!r}, not an integer in 0..{MAX_CLASS_ID}")
@@ -153,6 +156,15 @@ def load_split_file(path: Path) -> list[Record]:
     if bad:
         raise UniretError(f"{path}: bad records: {'; '.join(bad)}")
     return records
+
+
+def canonical_path(rel: str) -> str:
+    """The canonical form of a record path: ``\\`` as ``/``, empty and ``.`` parts dropped
+    (``a/./x.png`` and ``a//x.png`` are ``a/x.png``). ``..`` and a leading ``/`` are kept, so that
+    reading refuses them (:func:`uniret.safeio.contained_path`) and the record is listed."""
+    text = rel.replace("\\", "/")
+    parts = [p for p in text.split("/") if p not in ("", ".")]
+    return ("/" if text.startswith("/") else "") + "/".join(parts)
 
 
 def slice_bounds(n: int, k: int, parts: int) -> tuple[int, int]:
@@ -288,7 +300,12 @@ class FolderCollection(Collection):
                 f"{self.info_dir}: no split folder; a collection root needs info/<domain>/<split>.json "
                 "(for the UnED download pass --info-dir info_files --image-root IMAGES)"
             )
-        self.domains = sorted(p.name for p in self.info_dir.iterdir() if p.is_dir())
+        names = [p.name for p in self.info_dir.iterdir() if p.is_dir()]
+        self.domains = sorted(n for n in names if is_utf8_name(n))
+        skipped = [n for n in names if not is_utf8_name(n)]
+        if skipped:
+            logger.warning("%s: %d domain folder(s) whose names are not UTF-8 skipped, e.g. %s; rename them",
+                           self.info_dir, len(skipped), ", ".join(sorted(skipped)[:3]))
         if not self.domains:
             raise UniretError(f"{self.info_dir}: no domain folders found")
         self._records: dict[tuple[str, str], list[Record]] = {}

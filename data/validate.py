@@ -83,7 +83,8 @@ def check_collection(path: str | Path, info_dir: str = "info", image_root: str |
         for s, recs in loaded.items():
             dup = [p for p, n in Counter(r.path for r in recs).items() if n > 1]
             if dup:
-                res.errors.append(f"{where(s)}: {len(dup)} duplicate paths, e.g. {_examples(dup)}")
+                res.errors.append(f"{where(s)}: {len(dup)} duplicate paths (compared in canonical form: a/./x.png "
+                                  f"and a//x.png are a/x.png), e.g. {_examples(dup)}")
             if check_files and is_folder:
                 missing, unsafe = _file_problems(coll, recs)
                 if missing:

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ImageDecodeError, UniretError
-from ..safeio import MAX_IMAGE_BYTES, BadFile, parse_json, read_json
+from ..safeio import MAX_IMAGE_BYTES, BadFile, is_utf8_name, parse_json, read_json
 from ..utils import stable_hash
 from .collection import Item, ItemList, extra_fields, slice_bounds
 from .images import IMAGE_EXTENSIONS
@@ -170,6 +170,9 @@ def list_shard(path: Path, label: str, read_side: bool = True) -> ShardListing:
             name = f"{label}/{member.name}"
             if member.offset_data + member.size > size:
                 out.notes.append(f"{name}: truncated (the shard ends inside it); skipped")
+                continue
+            if not is_utf8_name(member.name):
+                out.notes.append(f"{name}: a member name that is not UTF-8; skipped")
                 continue
             m = _KEY_EXT.match(member.name)
             if m is None:
