@@ -146,13 +146,16 @@ def index_add(
     store: Path = typer.Argument(..., help="Embedding store of the same model."),
     max_memory: str = typer.Option(None, "--max-memory", help="On-disk indexes: peak RSS of the update (default 4G)."),
     workers: int = typer.Option(None, "--workers", help="On-disk indexes: encoding processes (default: CPU count)."),
+    replace: bool = typer.Option(False, "--replace", help="Replace items indexed at the same domain, split and path "
+                                                          "whose content changed (they get new ids); without it "
+                                                          "such items are refused."),
     fmt: OutputFormat = FormatOpt,
 ) -> None:
-    """Add a store's items to an index (items already present are skipped); crash-safe."""
+    """Add a store's items to an index (items already present with the same content are skipped); crash-safe."""
     from .build import add_to_index
 
-    res = add_to_index(index, store, max_memory=parse_bytes(max_memory), workers=workers)
-    emit([res], ["added", "skipped_present", "skipped_failed", "count", "version"], fmt)
+    res = add_to_index(index, store, max_memory=parse_bytes(max_memory), workers=workers, replace=replace)
+    emit([res], ["added", "replaced", "skipped_present", "skipped_failed", "count", "version"], fmt)
 
 
 @index_app.command("remove")
@@ -180,12 +183,14 @@ def index_info(index: Path = typer.Argument(..., help="Index directory."), fmt: 
     emit(_summary_rows(manifest, index), ["field", "value"], fmt, extra={"manifest": manifest})
 
 
-def _check_html(path: Path | None, inputs: list, overwrite: bool) -> None:
-    """``--html``: a new .html file, or (with ``--overwrite``) a page uniret wrote; never inside an input."""
+def _check_html(path: Path | None, inputs: list, overwrite: bool, kind: str) -> None:
+    """``--html``: a new .html file, or (with ``--overwrite``) a page of this ``kind`` that uniret
+    wrote; never inside an input or another uniret output."""
     from ..pages import is_page
 
     if path is not None:
-        check_output_file(path, "page", is_page, inputs, overwrite, option="--html", suffixes=(".html", ".htm"))
+        check_output_file(path, f"{kind} page", lambda p: is_page(p, kind), inputs, overwrite, option="--html",
+                          suffixes=(".html", ".htm"))
 
 
 def _write_html(path: Path, page: str) -> None:
@@ -223,7 +228,7 @@ def search_command(
     """Search an index by image, folder, stored id or embeddings; prints rank, id, score and metadata."""
     from .api import open_index
 
-    _check_html(html, [index, images, model, *queries], overwrite)
+    _check_html(html, [index, images, model, *queries], overwrite, "search")
     if shortlist_k is not None and shortlist_dim is None:
         raise UsageError("--shortlist-k needs --shortlist-dim")
     if k < 1:
@@ -262,7 +267,7 @@ def dedup_command(
     if out is not None:
         check_output_file(out, "dedup result", lambda p: file_has_format(p, DEDUP_FORMAT.split("/")[0]),
                           [index, images], overwrite, option="--out")
-    _check_html(html, [index, images], overwrite)
+    _check_html(html, [index, images], overwrite, "dedup")
     image_source = open_image_source(images)
     searcher = Searcher.open(index)
     res = find_duplicates(searcher, threshold=threshold, fraction=fraction, neighbors=neighbors)

@@ -135,6 +135,28 @@ def check_index_shape(index, path: Path, manifest: dict | None) -> None:
                           f"says {manifest['dim']} and {manifest['count']}; the index is damaged, rebuild it")
 
 
+def changed_content(ids: np.ndarray, vectors, old_ids: np.ndarray, new_vectors: np.ndarray) -> np.ndarray:
+    """Bool per item already indexed (``old_ids``): does its new vector differ from the stored one?
+    Both are compared as the fp16 values the index keeps, so re-adding the same store is no change."""
+    rows = np.searchsorted(ids, old_ids)
+    out = np.zeros(len(old_ids), dtype=bool)
+    for start in range(0, len(rows), 65_536):
+        part = slice(start, start + 65_536)
+        old = np.asarray(vectors[rows[part]], dtype=np.float16)
+        out[part] = (old != np.asarray(new_vectors[part]).astype(np.float16)).any(axis=1)
+    return out
+
+
+def refuse_changed(root: Path, store_path: Path, changed_paths: list[str], on_disk: bool = False) -> None:
+    """The one line for ``index add`` of items whose content changed at paths the index holds."""
+    shown = ", ".join(changed_paths[:3]) + (", ..." if len(changed_paths) > 3 else "")
+    way = ("remove them first (`uniret index remove` with their ids), then add" if on_disk else
+           "pass --replace to replace them (their old ids are removed, the new content gets new ids)")
+    raise UniretError(f"{store_path}: {len(changed_paths)} item(s) are indexed in {root} at the same domain, split "
+                      f"and path with other content (e.g. {shown}); adding would keep the old vectors: {way}, "
+                      "or index them under other paths")
+
+
 def index_identity(manifest: dict) -> str:
     """Which index a version belongs to: the ``index_id`` a build gives it (kept by every add and
     remove), or for indexes built before it existed, a hash of their build record."""
@@ -291,6 +313,12 @@ class MetadataDB:
         """Bool per item: is an item with the same domain, split and path already indexed?"""
         with self.env.begin() as txn:
             return np.array([txn.get(item_key(it)) is not None for it in items], dtype=bool)
+
+    def ids_of(self, items: list[Item]) -> np.ndarray:
+        """The id indexed at each item's domain, split and path; -1 where none is."""
+        with self.env.begin() as txn:
+            found = [txn.get(item_key(it)) for it in items]
+        return np.array([int(v) if v is not None else -1 for v in found], dtype=np.int64)
 
     def get(self, ids: Iterable[int]) -> list[dict | None]:
         with self.env.begin() as txn:

@@ -18,7 +18,15 @@ from ..errors import UniretError
 from .budget import check_workers, plan_memory
 from .inputs import open_store
 from .keys import ivf_of
-from .layout import MetadataDB, check_provenance, current_version, read_manifest, writer_lock
+from .layout import (
+    MetadataDB,
+    changed_content,
+    check_provenance,
+    current_version,
+    read_manifest,
+    refuse_changed,
+    writer_lock,
+)
 from .ondisk import ListSource, load_trained
 from .ondisk_build import UPDATE_DIR, _budget, _encode, _ensure_plan
 from .ondisk_version import copy_meta, merge_version, publish, settle_meta, write_meta
@@ -31,9 +39,11 @@ def _live(root: Path) -> tuple[Path, dict]:
     return cur, read_manifest(cur)
 
 
-def add_ondisk(root: Path, store, max_memory: int | None = None, workers: int | None = None) -> dict:
-    """Encode the store's new items (same domain, split and path are skipped) into shards with the
-    live version's quantizer and merge them with its lists into a new version."""
+def add_ondisk(root: Path, store, max_memory: int | None = None, workers: int | None = None,
+               replace: bool = False) -> dict:
+    """Encode the store's new items (same domain, split and path are skipped when their vector is the
+    same; other content there is refused, also with ``replace``: on-disk indexes remove first) into
+    shards with the live version's quantizer and merge them with its lists into a new version."""
     store, root = open_store(store), Path(root)
     workers, budget = check_workers(workers), _budget(max_memory)
     with writer_lock(root):
@@ -43,13 +53,21 @@ def add_ondisk(root: Path, store, max_memory: int | None = None, workers: int | 
             raise UniretError(f"{store.path} has dim {store.dim}, index {root} has {manifest['dim']}")
         valid = np.flatnonzero(store.valid_mask).astype(np.int64)
         present, meta, chunk = np.zeros(len(valid), dtype=bool), MetadataDB(cur / "meta"), []
+        live_ids, live_vectors, changed = MappedArray(cur / "ids.npy").array, MappedArray(cur / "vectors.npy").array, []
         for pos, (_, item) in enumerate(iter_items(store, valid)):
             chunk.append(item)
             if len(chunk) == 100_000 or pos == len(valid) - 1:
-                present[pos + 1 - len(chunk):pos + 1] = meta.present(chunk)
+                block = slice(pos + 1 - len(chunk), pos + 1)
+                old_ids = meta.ids_of(chunk)
+                present[block] = old_ids >= 0
+                hit = np.flatnonzero(old_ids >= 0)
+                differs = changed_content(live_ids, live_vectors, old_ids[hit], store.embeddings[valid[block][hit]])
+                changed += [chunk[i].path for i in hit[differs]]
                 chunk = []
+        if changed:
+            refuse_changed(root, store.path, changed, on_disk=True)
         rows = valid[~present]
-        counts = {"added": int(len(rows)), "skipped_present": int(present.sum()),
+        counts = {"added": int(len(rows)), "replaced": 0, "skipped_present": int(present.sum()),
                   "skipped_failed": int(store.count - len(valid))}
         if len(rows) == 0:
             return dict(counts, count=manifest["count"], version=cur.name)
