@@ -108,8 +108,10 @@ def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], state: dict) -
     try:
         save_file(flat, str(tmp), metadata={"format": CHECKPOINT_FORMAT, "state": json.dumps(state)})
         os.replace(tmp, path)
-    except OSError as exc:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if not isinstance(exc, OSError):
+            raise
         raise UniretError(f"{path}: cannot write the checkpoint ({exc.strerror or exc}); free space or fix "
                           f"permissions, then re-run with --resume") from None
 
