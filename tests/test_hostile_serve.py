@@ -270,6 +270,7 @@ def test_half_sent_requests_do_not_starve_healthz(image_index, tmp_path):
             r = httpx.get(f"{url}/healthz", timeout=5)
             slowest = max(slowest, time.monotonic() - started)
             assert r.status_code == 200 and r.json()["status"] == "ok"
+        print(f"slowest /healthz of 5 with 600 half-sent requests held, 256 descriptors: {slowest * 1000:.0f} ms")
         assert slowest < 1.0, f"/healthz took {slowest:.2f} s while 600 requests were held"
     finally:
         for sock in held:
