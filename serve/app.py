@@ -32,7 +32,7 @@ from ..index.ids import UnknownIdError, parse_id, parse_ids
 from ..index.images import ImageNotFound
 from ..index.queries import prepare_queries
 from .batcher import Job, MicroBatcher
-from .connections import quiet_accept_errors
+from .connections import quiet_server_logs
 from .guards import (
     LOOPBACK_HOSTS,
     BodyLimit,
@@ -183,7 +183,7 @@ def create_app(index: Index, settings: ServeSettings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        quiet_accept_errors(asyncio.get_running_loop())
+        quiet_server_logs(asyncio.get_running_loop())
         if batcher is not None:
             batcher.start()
         watcher = asyncio.create_task(watch_index())

@@ -15,7 +15,9 @@ uvicorn's own h11 protocol with:
   served at once; connections in the middle of a request are never closed for this;
 
 and :func:`quiet_accept_errors` reports a failing ``accept()`` (EMFILE, ENFILE, ENOBUFS) as one
-warning line per minute. A slow request *body* is timed out by :class:`uniret.serve.guards.BodyLimit`.
+warning line per minute, and :class:`OncePerInterval` keeps uvicorn's per-request warnings
+("Invalid HTTP request received.", "Exceeded concurrency limit.") to one line per message a minute:
+a client cannot fill the log. A slow request *body* is timed out by :class:`uniret.serve.guards.BodyLimit`.
 """
 
 from __future__ import annotations
@@ -96,6 +98,33 @@ def guarded_h11(head_timeout: float, max_connections: int) -> type[H11Protocol]:
     return GuardedH11Protocol
 
 
+class OncePerInterval(logging.Filter):
+    """Let each distinct message of a logger through at most once per ``every`` seconds."""
+
+    def __init__(self, every: float = 60.0):
+        super().__init__()
+        self.every = every
+        self.last: dict[str, float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = str(record.msg)[:200]
+        now = time.monotonic()
+        if now - self.last.get(key, float("-inf")) < self.every:
+            return False
+        if len(self.last) > 1000:  # bounded memory, whatever the messages
+            self.last.clear()
+        self.last[key] = now
+        return True
+
+
+def quiet_server_logs(loop: asyncio.AbstractEventLoop, every: float = 60.0) -> None:
+    """:func:`quiet_accept_errors` on ``loop``, and :class:`OncePerInterval` on uvicorn's error log."""
+    quiet_accept_errors(loop, every)
+    log = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, OncePerInterval) for f in log.filters):
+        log.addFilter(OncePerInterval(every))
+
+
 _ACCEPT_ERRORS = ("out of system resource", "Too many open files", "EMFILE", "ENFILE", "ENOBUFS")
 
 
@@ -109,8 +138,7 @@ def quiet_accept_errors(loop: asyncio.AbstractEventLoop, every: float = 60.0) ->
     def handler(loop, context) -> None:
         exc = context.get("exception")
         text = f"{context.get('message', '')} {exc or ''}"
-        if isinstance(exc, OSError) and any(e in text for e in _ACCEPT_ERRORS) or "accept" in text and \
-                any(e in text for e in _ACCEPT_ERRORS):
+        if any(e in text for e in _ACCEPT_ERRORS):
             now = time.monotonic()
             if now - last[0] >= every:
                 more = f" ({skipped[0]} more since the last report)" if skipped[0] else ""

@@ -232,7 +232,51 @@ def test_a_non_ascii_bearer_is_401_not_500(image_index):
         assert r.status_code == 401
 
 
-# -- slow clients ---------------------------------------------------------------------------------------
+# -- slow clients and a short log ------------------------------------------------------------------------
+
+def test_exhausted_descriptors_and_bad_requests_log_one_line(caplog):
+    import asyncio
+    import errno
+    import logging
+
+    from uniret.serve.connections import OncePerInterval, quiet_server_logs
+
+    loop = asyncio.new_event_loop()
+    try:
+        quiet_server_logs(loop)
+        with caplog.at_level(logging.WARNING):
+            for _ in range(1000):  # what asyncio reports for each failed accept() retry
+                loop.call_exception_handler({"message": "socket.accept() out of system resource",
+                                             "exception": OSError(errno.EMFILE, "Too many open files")})
+        lines = [r for r in caplog.records if "file descriptors" in r.getMessage()]
+        assert len(lines) == 1 and "ulimit -n" in lines[0].getMessage()
+    finally:
+        loop.close()
+    keep = OncePerInterval(every=60)
+    record = logging.LogRecord("uvicorn.error", logging.WARNING, __file__, 1, "Invalid HTTP request received.",
+                               None, None)
+    other = logging.LogRecord("uvicorn.error", logging.WARNING, __file__, 1, "Exceeded concurrency limit.",
+                              None, None)
+    assert [keep.filter(record) for _ in range(500)].count(True) == 1 and keep.filter(other)
+
+
+def test_garbage_requests_do_not_fill_the_log(live):
+    import logging
+
+    _, url = live
+    seen: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: seen.append(record.getMessage())
+    log = logging.getLogger("uvicorn.error")  # uvicorn's own logger (it does not propagate to the root)
+    log.addHandler(handler)
+    try:
+        for _ in range(100):
+            answer = raw_request(url, b"\x16\x03\x01 not http at all\r\n\r\n", timeout=5)
+            assert answer.startswith(b"HTTP/1.1 400") or answer == b""
+    finally:
+        log.removeHandler(handler)
+    assert 1 <= len(seen) <= 2, seen[:5]
+
 
 def _low_fd_limit() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
