@@ -155,7 +155,22 @@ def load_split_file(path: Path) -> list[Record]:
             break
     if bad:
         raise UniretError(f"{path}: bad records: {'; '.join(bad)}")
+    seen: set[str] = set()
+    dup = sorted({r.path for r in records if r.path in seen or seen.add(r.path)})
+    if dup:
+        raise DuplicatePaths(path, records, dup)
     return records
+
+
+class DuplicatePaths(UniretError):
+    """A split that lists one image more than once (compared in canonical form): it would be embedded,
+    indexed and counted as relevant twice. ``records`` lets ``data check`` go on checking the split."""
+
+    def __init__(self, path: Path, records: list, duplicates: list[str]):
+        shown = ", ".join(duplicates[:3]) + (f", ... ({len(duplicates) - 3} more)" if len(duplicates) > 3 else "")
+        super().__init__(f"{path}: {len(duplicates)} duplicate paths (compared in canonical form: a/./x.png and "
+                         f"a//x.png are a/x.png), e.g. {shown}; list each image once")
+        self.records = records
 
 
 def canonical_path(rel: str) -> str:

@@ -10,7 +10,7 @@ from statistics import median
 
 from ..errors import UniretError
 from ..safeio import MissingImage, UnsafePath, check_contained
-from .collection import SPLITS, Collection, FolderCollection, Record
+from .collection import SPLITS, Collection, DuplicatePaths, FolderCollection, Record
 from .sources import open_collection
 
 REQUIRED_SPLITS = ("train", "val", "test")
@@ -76,6 +76,8 @@ def check_collection(path: str | Path, info_dir: str = "info", image_root: str |
         for s in present:
             try:
                 loaded[s] = coll.records(domain, s)
+            except DuplicatePaths as exc:  # reported below, with every other problem of the split
+                loaded[s] = exc.records
             except UniretError as exc:
                 res.errors.append(str(exc))
         if not any(loaded.values()) and len(res.errors) == errors_before:

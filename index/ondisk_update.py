@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UniretError
+from ..safeio import load_npy
 from .budget import check_workers, plan_memory
 from .inputs import open_store
 from .keys import ivf_of
@@ -113,7 +114,7 @@ def remove_ondisk(root: Path, remove_ids: np.ndarray, max_memory: int | None = N
     with writer_lock(root):
         cur, manifest = _live(root)
         check_provenance(root, cur, manifest, made_from, what)
-        ids = np.load(cur / "ids.npy", mmap_mode="r")
+        ids = load_npy(cur / "ids.npy", mmap=True, kinds="iu", what="index ids")
         gone = np.concatenate([np.isin(ids[s:s + (1 << 22)], remove_ids) for s in range(0, len(ids), 1 << 22)]
                               or [np.zeros(0, dtype=bool)])
         counts = {"removed": int(gone.sum()), "not_present": int(len(remove_ids) - gone.sum())}

@@ -302,9 +302,16 @@ def test_record_paths_are_canonical_and_duplicates_found(world, tmp_path, capfd)
     assert main(["data", "check", coll]) == 1
     err = capfd.readouterr().err
     assert "1 duplicate paths" in err and "canonical" in err and "Traceback" not in err
-    from uniret.data.collection import canonical_path, load_split_file
+    from uniret.data.collection import DuplicatePaths, canonical_path, load_split_file
 
-    assert [r.path for r in load_split_file(split)][-3:] == [rel] * 3
+    with pytest.raises(DuplicatePaths) as caught:
+        load_split_file(split)
+    assert [r.path for r in caught.value.records][-3:] == [rel] * 3
+    # embedding, packing or evaluating it would count one image twice: refused
+    for args in (["embed", "--model", world.model, "--data", coll, "--out", tmp_path / "s", "--device", "cpu",
+                  "--workers", "0"], ["data", "pack", coll, tmp_path / "p.lmdb", "--max-side", "16"],
+                 ["eval", "--model", world.model, "--data", coll, "--out", tmp_path / "r", "--device", "cpu"]):
+        refused(capfd, args, *world.trees, coll, match="1 duplicate paths")
     assert canonical_path("a\\b/./c//d") == "a/b/c/d" and canonical_path("../x") == "../x"
     assert canonical_path("/abs/./x") == "/abs/x"
 
