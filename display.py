@@ -82,7 +82,8 @@ def render_table(rows: Sequence[dict], columns: Sequence[str], title: str | None
 
     out = []
     if title:
-        out.append(printable(title))
+        body = title.lstrip("\n")  # a blank line before the title is the caller's; anything inside is escaped
+        out.append(title[:len(title) - len(body)] + printable(body))
     out.append(line([printable(c) for c in columns]))
     out.append(line(["-" * w for w in widths]))
     out.extend(line(row) for row in cells)

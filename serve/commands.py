@@ -14,6 +14,7 @@ from pathlib import Path
 
 import typer
 
+from ..display import printable
 from ..errors import UniretError, UsageError
 
 logger = logging.getLogger("uniret")
@@ -69,8 +70,8 @@ def serve_command(
                                            max_upload_mb=max_upload_mb, token=token, allowed_hosts=hosts))
     cap = connection_cap()
     shown = f"[{host}]" if ":" in host else host
-    typer.echo(f"uniret serve: {index} ({opened.count} items, {opened.version}) on http://{shown}:{port}/"
-               f"{'?token=<token>' if token else ''}  (API docs: /docs; Ctrl-C stops)", err=True)
+    typer.echo(printable(f"uniret serve: {index} ({opened.count} items, {opened.version}) on http://{shown}:{port}/"
+                         f"{'?token=<token>' if token else ''}  (API docs: /docs; Ctrl-C stops)"), err=True)
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, http=guarded_h11(HEAD_TIMEOUT, cap),
                 timeout_keep_alive=KEEP_ALIVE_TIMEOUT, limit_concurrency=cap + 1)
 

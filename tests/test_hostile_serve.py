@@ -155,7 +155,21 @@ MALFORMED = {  # name: (request keyword arguments, what the one line must say)
     "top-level list": (dict(json=[1, 2]), "JSON object"),
     "top-level string": (dict(json="ids"), "JSON object"),
     "unknown key": (dict(json={"ids": [1], "__proto__": 1}), "unknown key"),
+    "k overflowing float": (dict(content=b'{"ids": [1], "k": 1e400}', headers={"content-type": "application/json"}),
+                            "k must be"),
+    "infinite vector": (dict(content=b'{"vectors": [[1e400' + b", 1" * 15 + b"]]}",
+                             headers={"content-type": "application/json"}), "infinite"),
+    "too many form fields": (dict(data={f"x{i}": "1" for i in range(100)}, files={"file": ("a.png", b"x")}),
+                             "field"),
+    "unknown form field": (dict(data={"kk": "1"}, files={"file": ("a.png", b"x")}), "unknown form field"),
 }
+
+
+@pytest.mark.parametrize("path", ["/items/١", "/items/%C2%B2", "/items/1e3", "/items/0x10", "/items/%00",
+                                  "/items/" + "9" * 40, "/items/1%0A2/image"])
+def test_malformed_item_ids_are_one_line_400(live, path):
+    client, _ = live
+    assert_one_line_error(client.get(path), 400)
 
 
 @pytest.mark.parametrize("name", MALFORMED)
