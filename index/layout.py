@@ -135,15 +135,23 @@ def check_index_shape(index, path: Path, manifest: dict | None) -> None:
                           f"says {manifest['dim']} and {manifest['count']}; the index is damaged, rebuild it")
 
 
+#: Below this cosine similarity an item's new vector is other content, not numerical noise (the same
+#: image embedded on another device or batch size stays above 0.9999).
+SAME_CONTENT = 0.9995
+
+
 def changed_content(ids: np.ndarray, vectors, old_ids: np.ndarray, new_vectors: np.ndarray) -> np.ndarray:
-    """Bool per item already indexed (``old_ids``): does its new vector differ from the stored one?
-    Both are compared as the fp16 values the index keeps, so re-adding the same store is no change."""
+    """Bool per item already indexed (``old_ids``): is its new vector other content than the stored
+    one (cosine below :data:`SAME_CONTENT`)? Re-adding the same store is no change."""
     rows = np.searchsorted(ids, old_ids)
     out = np.zeros(len(old_ids), dtype=bool)
     for start in range(0, len(rows), 65_536):
         part = slice(start, start + 65_536)
-        old = np.asarray(vectors[rows[part]], dtype=np.float16)
-        out[part] = (old != np.asarray(new_vectors[part]).astype(np.float16)).any(axis=1)
+        old = np.asarray(vectors[rows[part]], dtype=np.float32)
+        new = np.asarray(new_vectors[part]).astype(np.float16).astype(np.float32)
+        norms = np.linalg.norm(old, axis=1) * np.linalg.norm(new, axis=1)
+        cosine = np.einsum("ij,ij->i", old, new) / np.maximum(norms, 1e-12)
+        out[part] = ~(cosine >= SAME_CONTENT)  # NaN counts as changed
     return out
 
 
