@@ -99,7 +99,7 @@ class _StderrHandler(logging.StreamHandler):
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """Library warnings as one ``warning:`` line (no source line, no file path)."""
     text = " ".join(str(message).split())
-    sys.stderr.write(f"warning: {text[:300]}\n")
+    sys.stderr.write(f"warning: {_flat(text[:300])}\n")
 
 
 def _flat(text: str) -> str:
