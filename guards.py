@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from .errors import UniretError, UsageError
+from .files import read_json
 
 
 def resolved(path: str | Path) -> Path:
@@ -123,8 +124,6 @@ def has_format(path: str | Path, marker: str, prefix: str) -> bool:
 
 def file_has_format(file: str | Path, prefix: str) -> bool:
     """Whether ``file`` is a small JSON object whose ``format`` starts with ``prefix``."""
-    from .safeio import read_json  # safeio imports this module
-
     file = Path(file)
     try:
         if not file.is_file() or file.stat().st_size > 1 << 26:

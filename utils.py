@@ -58,9 +58,9 @@ def make_readable(path: str | Path) -> None:
 
 
 def read_json(path: str | Path, what: str = "JSON file"):
-    """A JSON file through the one guarded reader (:func:`uniret.safeio.read_json`): a regular file,
+    """A JSON file through the one guarded reader (:func:`uniret.files.read_json`): a regular file,
     size-capped, shallow; its failures are ValueErrors (and one-line UniretErrors)."""
-    from .safeio import read_json as guarded
+    from .files import read_json as guarded
 
     return guarded(path, what)
 
