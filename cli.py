@@ -99,12 +99,22 @@ class _StderrHandler(logging.StreamHandler):
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """Library warnings as one ``warning:`` line (no source line, no file path)."""
     text = " ".join(str(message).split())
-    sys.stderr.write(f"warning: {text[:300]}\n")
+    sys.stderr.write(f"warning: {_flat(text[:300])}\n")
 
 
 def _flat(text: str) -> str:
-    """A message on one line, whatever the names in it hold (a path with a newline in it)."""
-    return text.replace("\r", "\\r").replace("\n", "\\n")
+    """A message on one line that is safe on a terminal, whatever the names in it hold (a path with
+    a newline, an escape sequence or bytes that are not UTF-8)."""
+    from .display import printable
+
+    return printable(text)
+
+
+class _OneLineFormatter(logging.Formatter):
+    """Log records as one terminal-safe line each (names in them may hold newlines or escapes)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return _flat(super().format(record))
 
 
 def command_path(command, argv: list[str]) -> str:
@@ -129,7 +139,7 @@ def _usage_error(exc: Exception, where: str) -> int:
         typer.echo(exc.format_message(), err=True)
     else:
         hint = f"; see `uniret {where + ' ' if where else ''}--help`"
-        typer.echo(f"error: {_flat(' '.join(exc.format_message().split()).rstrip('.'))}{hint}", err=True)
+        typer.echo(f"error: {_flat(' '.join(exc.format_message().split()).rstrip('.'))}{_flat(hint)}", err=True)
     return getattr(exc, "exit_code", 2)
 
 
@@ -147,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         # Ours even when a host (a test runner, a notebook) configured logging first: uniret's lines
         # must reach stderr as a user would see them.
         handler = _StderrHandler()
-        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.setFormatter(_OneLineFormatter("%(message)s"))
         root.addHandler(handler)
     root.setLevel(logging.DEBUG if debug_enabled() else logging.INFO)
     command = typer.main.get_command(app)

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import typer
 
-from .display import display_score, emit
+from .display import display_score, emit, printable
 from .guards import claim_output, has_format, in_range
 from .utils import atomic_write_json, read_json
 
@@ -138,9 +138,9 @@ def _run_demo(out: Path, steps: int | None, device: str | None, scale: float) ->
     emit(hits, ["rank", "domain", "class_ids", "score", "match", "path"], title="\none query, top 5 of the merged index",
          metrics=["score"])
     html = (reports / "udon" / "report.html").resolve()
-    typer.echo(f"\nHTML report: {html}\nopen it in a browser (file://{html})")
+    typer.echo(f"\nHTML report: {printable(html)}\nopen it in a browser (file://{printable(html)})")
     serve = f"uniret serve {shlex.quote(str(out / 'index'))} --images {shlex.quote(str(data))}"
-    typer.echo(f"\nsearch the index in a browser:\n  {serve}\nthen open http://127.0.0.1:8000/")
+    typer.echo(f"\nsearch the index in a browser:\n  {printable(serve)}\nthen open http://127.0.0.1:8000/")
     return {"out": str(out), "model": str(model_dir), "report": str(html), "serve": serve,
             "mean": {name: r["results"]["merged"]["mean"] for name, r in results.items()}}
 

@@ -1,4 +1,10 @@
-"""Printing results: a plain-text table or JSON on stdout (``--format table|json``).
+r"""Printing results: a plain-text table or JSON on stdout (``--format table|json``).
+
+Everything printed is terminal-safe (:func:`printable`): control characters (``ESC``, ``BEL``,
+newlines, C1 codes, bidirectional overrides) in paths, names and metadata are shown escaped, so a
+record path can neither retitle or clear the terminal nor forge a result row; file names that are
+not UTF-8 (Python's surrogate escapes) are shown as ``\xNN``, so no invalid UTF-8 reaches stdout.
+JSON output is escaped by the encoder (``ensure_ascii``).
 
 One convention for numbers a user compares: retrieval metrics are fractions (0-1, as in UnED and
 the README), shown with :data:`DECIMALS` decimals in the terminal and in report.md/html alike
@@ -8,6 +14,7 @@ the README), shown with :data:`DECIMALS` decimals in the terminal and in report.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections.abc import Collection, Sequence
 from enum import Enum
@@ -19,6 +26,27 @@ class OutputFormat(str, Enum):
 
 
 DECIMALS = 4
+
+
+# C0 and C1 control characters, DEL, line/paragraph separators, bidirectional overrides and
+# isolates, and lone surrogates (undecodable bytes of a file name, or escapes in JSON).
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape(match: re.Match) -> str:
+    ch = match.group()
+    code = ord(ch)
+    if ch in _NAMED:
+        return _NAMED[ch]
+    if 0xDC80 <= code <= 0xDCFF:  # surrogateescape: the raw byte of a file name that is not UTF-8
+        return f"\\x{code - 0xDC00:02x}"
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def printable(text) -> str:
+    """``text`` safe to write to a terminal: control characters and undecodable bytes escaped."""
+    return _UNSAFE.sub(_escape, str(text))
 
 
 def format_metric(value: float | None) -> str:
@@ -38,7 +66,7 @@ def format_cell(value) -> str:
         return f"{value:.4f}".rstrip("0").rstrip(".") if value == value else "nan"
     if isinstance(value, (list, tuple)):
         return ",".join(format_cell(v) for v in value)
-    return str(value)
+    return printable(value)
 
 
 def render_table(rows: Sequence[dict], columns: Sequence[str], title: str | None = None,
@@ -54,8 +82,9 @@ def render_table(rows: Sequence[dict], columns: Sequence[str], title: str | None
 
     out = []
     if title:
-        out.append(title)
-    out.append(line(list(columns)))
+        body = title.lstrip("\n")  # a blank line before the title is the caller's; anything inside is escaped
+        out.append(title[:len(title) - len(body)] + printable(body))
+    out.append(line([printable(c) for c in columns]))
     out.append(line(["-" * w for w in widths]))
     out.extend(line(row) for row in cells)
     return "\n".join(out)

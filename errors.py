@@ -90,6 +90,8 @@ def describe(exc: BaseException) -> tuple[str, int] | None:
         return f"invalid JSON ({exc.msg} at line {exc.lineno}); fix or re-create the file", 1
     if isinstance(exc, UnicodeDecodeError):
         return f"a file that should be UTF-8 text is not ({exc.reason}); check the input files", 1
+    if isinstance(exc, RecursionError):  # deeply nested input that a reader did not catch itself
+        return "an input nested too deeply to read (deeply nested JSON?); check the input files", 1
     if isinstance(exc, MemoryError):
         return _ERRNO_ADVICE[errno.ENOMEM][:1].upper() + _ERRNO_ADVICE[errno.ENOMEM][1:], 1
     if isinstance(exc, RuntimeError) and "faiss" in text.lower():

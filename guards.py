@@ -8,6 +8,10 @@ Every writing command (``data demo|pack``, ``model init``, ``embed``, ``index bu
   the command recognises by its marker (a manifest, a config, a format key) and replaces only when
   the user passes ``--overwrite``; any other non-empty directory, or a file, is refused;
 - an output may not be, or lie inside, one of the command's inputs, nor contain one;
+- an output may not lie inside another uniret output (an index, a store, a model, a run, a report,
+  a packed store), even with ``--overwrite``: ``model init --out INDEX/model`` would replace the
+  index's model copy, ``search --html REPORT/report.html`` an evaluation's page
+  (:func:`enclosing_output`);
 - an output under a file, on a read-only file system or in a directory without write permission is
   refused before any work is done (one line, not a traceback halfway);
 - two commands writing the same output at once: the second gets a one-line error (a lock).
@@ -20,12 +24,12 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import json
 import os
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from .errors import UniretError, UsageError
+from .files import read_json
 
 
 def resolved(path: str | Path) -> Path:
@@ -48,10 +52,56 @@ def check_apart(out: str | Path, inputs: Iterable[str | Path | None], option: st
                               "choose another output")
 
 
+#: How uniret's outputs are recognised: (what, marker file, format prefix or None for any such file).
+#: A demo folder is absent on purpose: it holds the outputs of every stage by design.
+OUTPUT_MARKERS = (
+    ("index", "CURRENT", None),
+    ("embedding store", "manifest.json", "uniret-embeddings"),
+    ("model directory", "config.json", "uniret-model"),
+    ("evaluation report", "metrics.json", "uniret-eval-report"),
+    ("training run", "train_config.json", None),
+    ("packed store", "data.mdb", None),
+    ("demo collection", "summary.json", "uniret-demo-collection"),
+)
+
+
+def output_kind(path: str | Path) -> str | None:
+    """What uniret output the directory ``path`` is (by its marker file), or None."""
+    path = Path(path)
+    for what, marker, prefix in OUTPUT_MARKERS:
+        file = path / marker
+        if not file.is_file():
+            continue
+        if marker == "CURRENT":  # an index names its live version (other tools use this name too)
+            try:
+                with open(file, "rb") as f:
+                    if f.read(8)[:1] == b"v":
+                        return what
+            except OSError:
+                pass
+        elif prefix is None or file_has_format(file, prefix):
+            return what
+    return None
+
+
+def enclosing_output(out: str | Path) -> tuple[Path, str] | None:
+    """The uniret output that ``out`` would be written inside (its nearest such ancestor), or None."""
+    for parent in resolved(out).parents:
+        kind = output_kind(parent)
+        if kind is not None:
+            return parent, kind
+    return None
+
+
 def check_writable(out: str | Path, option: str = "--out") -> None:
-    """Refuse an output whose nearest existing ancestor is a file, or is not writable (read-only file
-    system, no permission), before any work is done."""
+    """Refuse an output inside another uniret output (:func:`enclosing_output`), and one whose
+    nearest existing ancestor is a file, or is not writable (read-only file system, no permission),
+    before any work is done."""
     out = Path(out)
+    inside = enclosing_output(out)
+    if inside is not None:
+        raise UniretError(f"{option} {out} is inside the {inside[1]} {inside[0]}; uniret never writes into another "
+                          "of its outputs (not even with --overwrite): choose a path outside it")
     parent = Path(os.path.abspath(out)).parent
     while not parent.exists() and not parent.is_symlink():
         parent = parent.parent
@@ -78,7 +128,7 @@ def file_has_format(file: str | Path, prefix: str) -> bool:
     try:
         if not file.is_file() or file.stat().st_size > 1 << 26:
             return False
-        obj = json.loads(file.read_bytes())
+        obj = read_json(file)
     except (OSError, ValueError):
         return False
     return isinstance(obj, dict) and str(obj.get("format", "")).startswith(prefix)

@@ -12,6 +12,7 @@ import base64
 import io
 import logging
 import math
+import os
 from functools import cache
 from pathlib import Path
 
@@ -32,20 +33,40 @@ def environment():
 
 #: In the head of every page (templates/base.html): how a command recognises a page it may replace.
 GENERATOR = b'<meta name="generator" content="uniret">'
+#: Which page it is: a command replaces only a page of its own kind (search results never replace
+#: an evaluation report). Pages written before the kind was recorded carry none and are not replaced.
+PAGE_KINDS = {"results.html": "search", "duplicates.html": "dedup", "report.html": "report"}
 
 
-def is_page(path: Path) -> bool:
-    """A page that uniret wrote (its head carries :data:`GENERATOR`)."""
+def page_kind(path: Path) -> str | None:
+    """The kind of a page that uniret wrote (``search``, ``dedup``, ``report``), ``""`` for a page of
+    uniret's without a recorded kind, None for anything else (or a file that is not a regular one)."""
+    import re
+    import stat
+
     try:
-        with open(path, "rb") as f:
-            return GENERATOR in f.read(4096)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
-        return False
+        return None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        head = f.read(4096)
+    if GENERATOR not in head:
+        return None
+    found = re.search(rb'<meta name="uniret-page" content="([a-z]+)">', head)
+    return found.group(1).decode() if found else ""
+
+
+def is_page(path: Path, kind: str | None = None) -> bool:
+    """A page that uniret wrote (its head carries :data:`GENERATOR`), of ``kind`` when given."""
+    found = page_kind(path)
+    return found is not None and (kind is None or found == kind)
 
 
 def render(template: str, **context) -> str:
-    """Render ``templates/<template>`` with autoescaping."""
-    return environment().get_template(template).render(**context)
+    """Render ``templates/<template>`` with autoescaping (pages record their kind, :data:`PAGE_KINDS`)."""
+    return environment().get_template(template).render(page_kind=PAGE_KINDS.get(template, ""), **context)
 
 
 def format_score(value) -> str:

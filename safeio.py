@@ -8,6 +8,8 @@
 - :func:`check_lmdb`: an LMDB data file shorter than its own header says is refused before it is
   memory-mapped (reading past its end would kill the process with SIGBUS).
 - :func:`check_finite`: NaN or infinite vectors are refused where they enter an index or a metric.
+- :func:`read_small` / :func:`read_json` / :func:`parse_json` (from :mod:`uniret.files`, re-exported
+  here): the one reader of JSON and other small files.
 
 Every refusal is a one-line :class:`~uniret.errors.UniretError` saying what to do.
 """
@@ -22,6 +24,16 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from .errors import UniretError
+from .files import (  # noqa: F401 - the one reader of small files, re-exported for its users
+    MAX_JSON_DEPTH,
+    MAX_SMALL_BYTES,
+    BadFile,
+    is_utf8_name,
+    json_problem,
+    parse_json,
+    read_json,
+    read_small,
+)
 from .guards import resolved
 
 #: Largest image file read for packing, embedding or a query (a larger one is skipped and listed).

@@ -24,15 +24,20 @@ logger = logging.getLogger("uniret")
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary name and a rename: readers see the old file or
-    the new one, never half of it."""
+    the new one, never half of it, and a failed write (a full disk, Ctrl-C) leaves no temporary file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -52,9 +57,12 @@ def make_readable(path: str | Path) -> None:
     os.chmod(path, 0o666 & ~mask)
 
 
-def read_json(path: str | Path):
-    with open(path) as f:
-        return json.load(f)
+def read_json(path: str | Path, what: str = "JSON file"):
+    """A JSON file through the one guarded reader (:func:`uniret.files.read_json`): a regular file,
+    size-capped, shallow; its failures are ValueErrors (and one-line UniretErrors)."""
+    from .files import read_json as guarded
+
+    return guarded(path, what)
 
 
 def publish_dir(tmp: str | Path, final: str | Path) -> None:
@@ -122,11 +130,16 @@ class PartialDir:
             shutil.rmtree(self.path)
         self.path.mkdir(parents=True)
         # The marker comes first (ours from now on), holding the fingerprint only once ``init`` is
-        # done: a kill during initialisation starts over next time.
-        atomic_write_json(marker, {"initialising": fingerprint})
-        if init is not None:
-            init(self.path)
-        atomic_write_json(marker, fingerprint)
+        # done: a kill during initialisation starts over next time. A failure here (a full disk)
+        # removes the directory just made: nothing is left that a re-run would take for a stranger's.
+        try:
+            atomic_write_json(marker, {"initialising": fingerprint})
+            if init is not None:
+                init(self.path)
+            atomic_write_json(marker, fingerprint)
+        except BaseException:
+            shutil.rmtree(self.path, ignore_errors=True)
+            raise
 
     def discard(self) -> None:
         """Remove the partial directory (after a failure that makes resuming pointless: a full disk)."""

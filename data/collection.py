@@ -16,15 +16,14 @@ every source answers ``get_image_bytes`` and callers decode
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import UniretError
-from ..safeio import check_contained, read_contained
-from ..utils import stable_hash
+from ..safeio import check_contained, is_utf8_name, read_contained, read_json
+from ..utils import logger, stable_hash
 
 #: Largest class id a record may carry.
 MAX_CLASS_ID = 2**31 - 1
@@ -131,13 +130,11 @@ def parse_class_ids(value) -> tuple[int, ...] | None:
 def load_split_file(path: Path) -> list[Record]:
     """Read one split file strictly; raise a one-line :class:`UniretError` naming the problem."""
     try:
-        raw = json.loads(path.read_text())
+        raw = read_json(path, "split file")
     except FileNotFoundError:
         raise UniretError(f"{path}: split file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UniretError(f"{path}: cannot read split file ({exc})") from None
-    except json.JSONDecodeError as exc:
-        raise UniretError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    except OSError as exc:
+        raise UniretError(f"{path}: cannot read split file ({exc.strerror or exc})") from None
     if not isinstance(raw, list):
         raise UniretError(f"{path}: expected a JSON list of {{'path', 'class_id'}} records")
     records = []
@@ -145,7 +142,10 @@ def load_split_file(path: Path) -> list[Record]:
     for i, rec in enumerate(raw):
         if not isinstance(rec, dict) or not isinstance(rec.get("path"), str) or "class_id" not in rec:
             bad.append(f"#{i} has no path or class_id")
+        elif not is_utf8_name(rec["path"]) or not canonical_path(rec["path"]):
+            bad.append(f"#{i} has a path that is empty or not UTF-8 text (a lone surrogate escape)")
         else:
+            rec = dict(rec, path=canonical_path(rec["path"]))
             cids = parse_class_ids(rec["class_id"])
             if cids is None:
                 bad.append(f"#{i} ({rec['path']}) has class_id {rec['class_id']!r}, not an integer in 0..{MAX_CLASS_ID}")
@@ -155,7 +155,31 @@ def load_split_file(path: Path) -> list[Record]:
             break
     if bad:
         raise UniretError(f"{path}: bad records: {'; '.join(bad)}")
+    seen: set[str] = set()
+    dup = sorted({r.path for r in records if r.path in seen or seen.add(r.path)})
+    if dup:
+        raise DuplicatePaths(path, records, dup)
     return records
+
+
+class DuplicatePaths(UniretError):
+    """A split that lists one image more than once (compared in canonical form): it would be embedded,
+    indexed and counted as relevant twice. ``records`` lets ``data check`` go on checking the split."""
+
+    def __init__(self, path: Path, records: list, duplicates: list[str]):
+        shown = ", ".join(duplicates[:3]) + (f", ... ({len(duplicates) - 3} more)" if len(duplicates) > 3 else "")
+        super().__init__(f"{path}: {len(duplicates)} duplicate paths (compared in canonical form: a/./x.png and "
+                         f"a//x.png are a/x.png), e.g. {shown}; list each image once")
+        self.records = records
+
+
+def canonical_path(rel: str) -> str:
+    """The canonical form of a record path: ``\\`` as ``/``, empty and ``.`` parts dropped
+    (``a/./x.png`` and ``a//x.png`` are ``a/x.png``). ``..`` and a leading ``/`` are kept, so that
+    reading refuses them (:func:`uniret.safeio.contained_path`) and the record is listed."""
+    text = rel.replace("\\", "/")
+    parts = [p for p in text.split("/") if p not in ("", ".")]
+    return ("/" if text.startswith("/") else "") + "/".join(parts)
 
 
 def slice_bounds(n: int, k: int, parts: int) -> tuple[int, int]:
@@ -292,7 +316,12 @@ class FolderCollection(Collection):
                 "(for the UnED download pass --info-dir info_files --image-root IMAGES); a plain image "
                 "folder needs its images in class subfolders, root/<class>/<image>"
             )
-        self.domains = sorted(p.name for p in self.info_dir.iterdir() if p.is_dir())
+        names = [p.name for p in self.info_dir.iterdir() if p.is_dir()]
+        self.domains = sorted(n for n in names if is_utf8_name(n))
+        skipped = [n for n in names if not is_utf8_name(n)]
+        if skipped:
+            logger.warning("%s: %d domain folder(s) whose names are not UTF-8 skipped, e.g. %s; rename them",
+                           self.info_dir, len(skipped), ", ".join(sorted(skipped)[:3]))
         if not self.domains:
             raise UniretError(f"{self.info_dir}: no domain folders found")
         self._records: dict[tuple[str, str], list[Record]] = {}

@@ -18,6 +18,8 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import ImageDecodeError, UniretError
+from ..safeio import is_utf8_name
+from ..utils import logger
 from .collection import Item, ItemList
 
 
@@ -145,7 +147,12 @@ def image_folder_items(path: str | Path) -> ItemList:
         return ItemList([Item(p.name, position=0)], base=p.parent)
     if not p.is_dir():
         raise UniretError(f"{p}: no such file or directory")
-    files = sorted(f.relative_to(p).as_posix() for f in p.rglob("*") if is_image_file(f))
+    found = sorted(f.relative_to(p).as_posix() for f in p.rglob("*") if is_image_file(f))
+    files = [f for f in found if is_utf8_name(f)]
+    if len(files) < len(found):
+        skipped = [f for f in found if not is_utf8_name(f)]
+        logger.warning("%s: %d image file(s) whose names are not UTF-8 skipped, e.g. %s; rename them",
+                       p, len(skipped), ", ".join(skipped[:3]))
     if not files:
         raise UniretError(f"{p}: no image files found (known endings: {', '.join(IMAGE_EXTENSIONS)})")
     return ItemList([Item(f, position=i) for i, f in enumerate(files)], base=p)

@@ -31,7 +31,7 @@ from PIL import Image
 from .. import testing
 from ..errors import ImageDecodeError, UniretError
 from ..guards import claim_output, in_range, is_disk_full
-from ..safeio import check_lmdb, read_contained, settle_lmdb
+from ..safeio import check_lmdb, parse_json, read_contained, settle_lmdb
 from ..utils import PartialDir, logger, progress_bar, stable_hash
 from .collection import SPLITS, Collection, FolderCollection, Item, Record
 
@@ -107,7 +107,7 @@ class LmdbCollection(Collection):
     def _json(self, raw: bytes, key: str):
         """A metadata value; JSON only (anything else, e.g. a planted pickle, is a damaged store)."""
         try:
-            return json.loads(raw)
+            return parse_json(raw, key)
         except ValueError:
             raise UniretError(f"{self.root}: damaged store ({key} is not JSON); re-pack the collection") from None
 
@@ -285,7 +285,7 @@ def _write_records(env: lmdb.Environment, src: FolderCollection, domains: dict) 
                      for d in domains for s in domains[d]])
     with env.begin() as txn:
         prev = txn.get(_SKIPPED_SO_FAR)
-    return json.loads(prev) if prev else []
+    return parse_json(prev, "skipped list") if prev else []
 
 
 def _missing_images(env: lmdb.Environment, domains: dict, skipped: list[dict]) -> list[tuple[str, str, int]]:

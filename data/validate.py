@@ -10,7 +10,7 @@ from statistics import median
 
 from ..errors import UniretError
 from ..safeio import MissingImage, UnsafePath, check_contained
-from .collection import SPLITS, Collection, FolderCollection, Record
+from .collection import SPLITS, Collection, DuplicatePaths, FolderCollection, Record
 from .folder import FOLDER_SPLIT, LabelledFolder
 from .sources import open_collection
 
@@ -84,6 +84,8 @@ def check_collection(path: str | Path, info_dir: str = "info", image_root: str |
         for s in present:
             try:
                 loaded[s] = coll.records(domain, s)
+            except DuplicatePaths as exc:  # reported below, with every other problem of the split
+                loaded[s] = exc.records
             except UniretError as exc:
                 res.errors.append(str(exc))
         if not any(loaded.values()) and len(res.errors) == errors_before:
@@ -91,7 +93,8 @@ def check_collection(path: str | Path, info_dir: str = "info", image_root: str |
         for s, recs in loaded.items():
             dup = [p for p, n in Counter(r.path for r in recs).items() if n > 1]
             if dup:
-                res.errors.append(f"{where(s)}: {len(dup)} duplicate paths, e.g. {_examples(dup)}")
+                res.errors.append(f"{where(s)}: {len(dup)} duplicate paths (compared in canonical form: a/./x.png "
+                                  f"and a//x.png are a/x.png), e.g. {_examples(dup)}")
             if check_files and is_folder:
                 missing, unsafe = _file_problems(coll, recs)
                 if missing:

@@ -26,7 +26,6 @@ A corrupt member is never a crash: an unreadable header or a truncated member is
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import re
 import tarfile
@@ -36,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ImageDecodeError, UniretError
-from ..safeio import MAX_IMAGE_BYTES
+from ..safeio import MAX_IMAGE_BYTES, BadFile, is_utf8_name, parse_json, read_json
 from ..utils import stable_hash
 from .collection import Item, ItemList, extra_fields, slice_bounds
 from .images import IMAGE_EXTENSIONS
@@ -172,6 +171,9 @@ def list_shard(path: Path, label: str, read_side: bool = True) -> ShardListing:
             if member.offset_data + member.size > size:
                 out.notes.append(f"{name}: truncated (the shard ends inside it); skipped")
                 continue
+            if not is_utf8_name(member.name):
+                out.notes.append(f"{name}: a member name that is not UTF-8; skipped")
+                continue
             m = _KEY_EXT.match(member.name)
             if m is None:
                 continue  # no extension: not part of a sample
@@ -191,9 +193,9 @@ def list_shard(path: Path, label: str, read_side: bool = True) -> ShardListing:
                     current["extra"]["txt"] = text.strip()
                     continue
                 try:
-                    obj = json.loads(text)
-                except json.JSONDecodeError as exc:
-                    out.notes.append(f"{name}: not valid JSON ({exc.msg}); its fields are left out")
+                    obj = parse_json(text, name, "side file")
+                except BadFile as exc:
+                    out.notes.append(f"{str(exc).split('; ')[0]}; its fields are left out")
                     continue
                 if isinstance(obj, dict):
                     current["extra"] = {**extra_fields(obj), **current["extra"]}
@@ -214,7 +216,7 @@ def _stats_count(path: Path) -> int | None:
     """img2dataset's sample count for a shard (``<name>_stats.json``: ``successes``), if present."""
     stats = path.with_name(path.name[: -len(".tar")] + "_stats.json")
     try:
-        value = json.loads(stats.read_text()).get("successes")
+        value = read_json(stats, "stats file", max_bytes=1 << 20).get("successes")
     except (OSError, ValueError, AttributeError):
         return None
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None

@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 
 from ..data.collection import Item
 from ..errors import UniretError
+from ..safeio import parse_json
 
 FIXED = ("id", "path", "domain", "split", "position", "class_ids")
 ROW_GROUP = 65_536
@@ -98,13 +99,13 @@ def iter_items(path: str | Path, start: int, count: int, batch_rows: int = ROW_G
     pf = _open(Path(path))
     expected = start
     try:
-        as_json = set(json.loads((pf.schema_arrow.metadata or {}).get(JSON_COLUMNS, b"[]")))
+        as_json = set(parse_json((pf.schema_arrow.metadata or {}).get(JSON_COLUMNS, b"[]"), path))
         for batch in pf.iter_batches(batch_size=batch_rows):
             for row in batch.to_pylist():
                 if row["id"] != expected or not isinstance(row["path"], str):
                     raise UniretError(f"{path}: row of id {row['id']} where id {expected} belongs; the part is "
                                       "damaged, re-embed it")
-                extra = {key: json.loads(value) if key in as_json else value
+                extra = {key: parse_json(value, path) if key in as_json else value
                          for key, value in row.items() if key not in FIXED and value is not None}
                 yield expected, Item(row["path"], row["domain"], row["split"], int(row["position"]),
                                      tuple(int(c) for c in row["class_ids"] or ()), extra)

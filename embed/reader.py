@@ -4,7 +4,6 @@ for the format) as one store in id order, memory-mapped; format-1 stores open as
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterator
 from fractions import Fraction
@@ -15,7 +14,7 @@ import numpy as np
 
 from ..data.collection import Item
 from ..errors import UniretError
-from ..safeio import load_npy
+from ..safeio import load_npy, parse_json
 from ..utils import read_json
 from . import metadata
 from .layout import FORMAT, FORMAT_V1
@@ -121,7 +120,7 @@ class LegacyPart(StorePart):
         with open(self.file("metadata.jsonl")) as f:
             for n, line in enumerate(f, start=1):
                 try:
-                    item = Item.from_json(json.loads(line))
+                    item = Item.from_json(parse_json(line, "line"))
                 except (ValueError, TypeError, KeyError, AttributeError) as exc:  # not JSON, or not an item
                     raise UniretError(f"{self.path / 'metadata.jsonl'}: damaged line {n} "
                                       f"({' '.join(str(exc).split())[:80]}); re-embed the store") from None

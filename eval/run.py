@@ -16,7 +16,7 @@ import numpy as np
 
 from ..data import Item, open_collection
 from ..errors import UniretError
-from ..guards import check_apart, claim_output
+from ..guards import check_apart, check_writable, claim_output
 from ..index.keys import KINDS
 from ..index.rerank import get_reranker
 from ..utils import git_commit, resolve_device
@@ -86,6 +86,7 @@ def evaluate(
     models_in = list(model_dir.values()) if isinstance(model_dir, dict) else [model_dir]
     if cache_dir is not None:
         check_apart(cache_dir, [data, *models_in], option="--cache-dir")
+        check_writable(cache_dir, option="--cache-dir")
     if out is None:
         return _evaluate(model_dir, data, split, protocol, rerank, index_kind, None, cache_dir, k, device,
                          batch_size, workers, samples, model, started)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,8 @@ from .keys import check_lists, index_key, is_lossy, new_index, nlist_for, set_se
 from .layout import (
     FORMAT,
     MetadataDB,
+    changed_content,
+    check_provenance,
     current_version,
     is_index_dir,
     load_ids_vectors,
@@ -32,6 +35,7 @@ from .layout import (
     publish_version,
     read_index,
     read_manifest,
+    refuse_changed,
     writer_lock,
 )
 
@@ -103,10 +107,10 @@ def _write_version(root: Path, manifest: dict, index, ids: np.ndarray, vectors: 
             MetadataDB(meta_from).copy_to(partial / "meta")
         db = MetadataDB(partial / "meta", write=True)
         try:
+            if removed is not None and len(removed):  # first: a replaced item's key is then free for its new id
+                db.delete_ids(removed.tolist())
             if new_items is not None:
                 db.put_items(*new_items)
-            if removed is not None and len(removed):
-                db.delete_ids(removed.tolist())
         finally:
             db.close()
         settle_lmdb(partial / "meta")
@@ -185,8 +189,8 @@ def _build(store, root: Path, kind: str, gpu: str, gpus: int | None, max_memory:
     with writer_lock(root, create=True):
         model_ref = copy_model(root, Path(model_dir) if model_dir is not None else None)
         manifest = {
-            "format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "git_commit": git_commit(),
-            "model": store.manifest.get("model") or {}, "model_dir": model_ref,
+            "format": FORMAT, "index_id": uuid.uuid4().hex, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "git_commit": git_commit(), "model": store.manifest.get("model") or {}, "model_dir": model_ref,
             "dim": store.dim, "metric": "inner_product", "normalized": bool(store.manifest.get("normalized", True)),
             "kind": kind, "key": key, "search_params": {recall["param"]: recall["value"]} if recall["param"] else {},
             "count": int(len(ids)), "next_id": int(store.count if row_ids is None else ids[-1] + 1),
@@ -221,20 +225,23 @@ def _on_disk(root: Path) -> bool:
 def _load_current(root: Path):
     cur = current_version(root)
     manifest = read_manifest(cur)
-    index = read_index(cur / "index.faiss")
+    index = read_index(cur / "index.faiss", manifest)
     ids, vectors = load_ids_vectors(cur, manifest)
     return cur, manifest, index, ids, vectors
 
 
-def add_to_index(index_dir, store, max_memory: int | None = None, workers: int | None = None) -> dict:
+def add_to_index(index_dir, store, max_memory: int | None = None, workers: int | None = None,
+                 replace: bool = False) -> dict:
     """Add the items of ``store`` that the index does not hold yet (same domain, split and path are
-    skipped); new items get fresh ids after the largest id ever given. Returns counts. On-disk
-    indexes are updated by :func:`uniret.index.ondisk_update.add_ondisk` (``max_memory``, ``workers``)."""
+    skipped when their content, compared by vector, is the same); new items get fresh ids after the
+    largest id ever given. Items at indexed paths with other content are refused, or with
+    ``replace`` their old ids removed and the new content added. Returns counts. On-disk indexes are
+    updated by :func:`uniret.index.ondisk_update.add_ondisk` (``max_memory``, ``workers``)."""
     root = Path(index_dir)
     if _on_disk(root):
         from .ondisk_update import add_ondisk
 
-        return add_ondisk(root, store, max_memory=max_memory, workers=workers)
+        return add_ondisk(root, store, max_memory=max_memory, workers=workers, replace=replace)
     store = open_store(store)
     with writer_lock(root):
         cur, manifest, index, ids, vectors = _load_current(root)
@@ -244,15 +251,25 @@ def add_to_index(index_dir, store, max_memory: int | None = None, workers: int |
             raise UniretError(f"{store.path} has dim {store.dim}, index {root} has {manifest['dim']}")
         rows = np.flatnonzero(store.valid_mask)
         items = [store.items[i] for i in rows]
-        present = MetadataDB(cur / "meta").present(items)
-        rows, items = rows[~present], [it for it, p in zip(items, present) if not p]
+        old_ids = MetadataDB(cur / "meta").ids_of(items)
+        present = old_ids >= 0
+        changed = np.zeros(len(rows), dtype=bool)
+        changed[present] = changed_content(ids, vectors, old_ids[present], store.embeddings[rows[present]])
+        if changed.any() and not replace:
+            refuse_changed(root, store.path, [it.path for it, c in zip(items, changed) if c])
+        take = ~present | changed
+        replaced = old_ids[changed]
+        rows, items = rows[take], [it for it, t in zip(items, take) if t]
         new_ids = np.arange(manifest["next_id"], manifest["next_id"] + len(rows), dtype=np.int64)
-        counts = {"added": int(len(rows)), "skipped_present": int(present.sum()),
+        counts = {"added": int(len(rows) - len(replaced)), "replaced": int(len(replaced)),
+                  "skipped_present": int(present.sum() - len(replaced)),
                   "skipped_failed": int(store.count - store.valid_mask.sum())}
         if len(rows) == 0:
             return dict(counts, count=manifest["count"], version=cur.name)
         new_vectors = np.asarray(store.embeddings[rows], dtype=np.float32)
         check_finite(new_vectors, f"{store.path}", ids=rows)
+        if len(replaced):
+            index, ids, vectors = _drop(index, manifest, ids, vectors, np.isin(ids, replaced))
         _add_vectors(index, new_vectors, new_ids)
         manifest = dict(manifest, count=int(len(ids) + len(rows)), next_id=int(new_ids[-1] + 1),
                         history=manifest["history"] + [{"op": "add", "store": str(store.path.resolve()), **counts}],
@@ -260,37 +277,48 @@ def add_to_index(index_dir, store, max_memory: int | None = None, workers: int |
                                           manifest.get("images") or []))
         all_vectors = np.concatenate([vectors, new_vectors.astype(np.float16)])
         final = _write_version(root, manifest, index, np.concatenate([ids, new_ids]), all_vectors,
-                               cur / "meta", (new_ids, items))
+                               cur / "meta", (new_ids, items), removed=replaced)
         return dict(counts, count=manifest["count"], version=final.name)
 
 
-def remove_from_index(index_dir, remove_ids) -> dict:
-    """Remove ids (unknown ids are counted, not an error). Returns counts."""
+def _drop(index, manifest: dict, ids: np.ndarray, vectors: np.ndarray, gone: np.ndarray):
+    """(index, ids, vectors) without the rows ``gone``."""
     import faiss
+
+    keep_ids, keep_vectors = ids[~gone], np.asarray(vectors[~gone])
+    try:
+        index.remove_ids(faiss.IDSelectorBatch(ids[gone]))
+    except RuntimeError:
+        # HNSW cannot remove: rebuild the graph from the raw vectors (no training needed).
+        index = new_index(manifest["key"], manifest["dim"])
+        _train(index, keep_vectors, manifest["key"], 0)
+        _add_vectors(index, keep_vectors, keep_ids)
+        set_search_param(index, next(iter(manifest["search_params"].values()), None))
+    return index, keep_ids, keep_vectors
+
+
+def remove_from_index(index_dir, remove_ids, made_from: dict | None = None, what: str = "the id list") -> dict:
+    """Remove ids (unknown ids are counted, not an error). Returns counts. ``made_from``: the
+    provenance of a ``uniret dedup`` result; it must name this index and its current version."""
 
     root = Path(index_dir)
     if _on_disk(root):
         from .ondisk_update import remove_ondisk
 
-        return remove_ondisk(root, remove_ids)
+        return remove_ondisk(root, remove_ids, made_from=made_from, what=what)
     remove_ids = np.unique(np.asarray(remove_ids, dtype=np.int64))
     with writer_lock(root):
+        cur = current_version(root)
+        check_provenance(root, cur, read_manifest(cur), made_from, what)
         cur, manifest, index, ids, vectors = _load_current(root)
         gone = np.isin(ids, remove_ids)
         counts = {"removed": int(gone.sum()), "not_present": int(len(remove_ids) - gone.sum())}
         if not gone.any():
             return dict(counts, count=manifest["count"], version=cur.name)
-        keep_ids, keep_vectors = ids[~gone], np.asarray(vectors[~gone])
-        try:
-            index.remove_ids(faiss.IDSelectorBatch(ids[gone]))
-        except RuntimeError:
-            # HNSW cannot remove: rebuild the graph from the raw vectors (no training needed).
-            index = new_index(manifest["key"], manifest["dim"])
-            _train(index, keep_vectors, manifest["key"], 0)
-            _add_vectors(index, keep_vectors, keep_ids)
-            set_search_param(index, next(iter(manifest["search_params"].values()), None))
+        removed = ids[gone]
+        index, keep_ids, keep_vectors = _drop(index, manifest, ids, vectors, gone)
         manifest = dict(manifest, count=int(len(keep_ids)),
                         history=manifest["history"] + [{"op": "remove", **counts}])
         final = _write_version(root, manifest, index, keep_ids, keep_vectors, cur / "meta", None,
-                               removed=ids[gone])
+                               removed=removed)
         return dict(counts, count=manifest["count"], version=final.name)

@@ -178,18 +178,22 @@ def index_add(
     layout: LayoutChoice = LayoutOpt,
     batch_size: int = typer.Option(64, "--batch-size", help="Images: images per embedding batch."),
     device: str = typer.Option(None, "--device", help="Images: where they are embedded (auto, cpu, cuda, cuda:N)."),
+    replace: bool = typer.Option(False, "--replace", help="Replace items indexed at the same domain, split and path "
+                                                          "whose content changed (they get new ids); without it "
+                                                          "such items are refused."),
     fmt: OutputFormat = FormatOpt,
 ) -> None:
-    """Add a store's (or a folder's) items to an index (items already present are skipped); crash-safe."""
+    """Add a store's (or a folder's) items to an index (items already present with the same content are
+    skipped); crash-safe."""
     from .build import add_to_index
     from .from_images import add_images, is_store_path
 
     if is_store_path(store):
-        res = add_to_index(index, store, max_memory=parse_bytes(max_memory), workers=workers)
+        res = add_to_index(index, store, max_memory=parse_bytes(max_memory), workers=workers, replace=replace)
     else:
         res = add_images(index, store, model=model, layout=layout.value, batch_size=batch_size, workers=workers,
-                         device=device, max_memory=parse_bytes(max_memory))
-    emit([res], ["added", "skipped_present", "skipped_failed", "count", "version"], fmt)
+                         device=device, max_memory=parse_bytes(max_memory), replace=replace)
+    emit([res], ["added", "replaced", "skipped_present", "skipped_failed", "count", "version"], fmt)
 
 
 @index_app.command("remove")
@@ -201,9 +205,10 @@ def index_remove(
 ) -> None:
     """Remove ids from an index; crash-safe."""
     from .build import remove_from_index
-    from .ids import read_id_file
+    from .ids import read_id_source
 
-    res = remove_from_index(index, read_id_file(ids))
+    remove, made_from = read_id_source(ids)
+    res = remove_from_index(index, remove, made_from=made_from, what=f"--ids {ids}")
     emit([res], ["removed", "not_present", "count", "version"], fmt)
 
 
@@ -216,12 +221,14 @@ def index_info(index: Path = typer.Argument(..., help="Index directory."), fmt: 
     emit(_summary_rows(manifest, index), ["field", "value"], fmt, extra={"manifest": manifest})
 
 
-def _check_html(path: Path | None, inputs: list, overwrite: bool) -> None:
-    """``--html``: a new .html file, or (with ``--overwrite``) a page uniret wrote; never inside an input."""
+def _check_html(path: Path | None, inputs: list, overwrite: bool, kind: str) -> None:
+    """``--html``: a new .html file, or (with ``--overwrite``) a page of this ``kind`` that uniret
+    wrote; never inside an input or another uniret output."""
     from ..pages import is_page
 
     if path is not None:
-        check_output_file(path, "page", is_page, inputs, overwrite, option="--html", suffixes=(".html", ".htm"))
+        check_output_file(path, f"{kind} page", lambda p: is_page(p, kind), inputs, overwrite, option="--html",
+                          suffixes=(".html", ".htm"))
 
 
 def _write_html(path: Path, page: str) -> None:
@@ -261,7 +268,7 @@ def search_command(
     """Search an index by image, folder, stored id or embeddings; prints rank, id, score and metadata."""
     from .api import open_index
 
-    _check_html(html, [index, images, model, *queries], overwrite)
+    _check_html(html, [index, images, model, *queries], overwrite, "search")
     if shortlist_k is not None and shortlist_dim is None:
         raise UsageError("--shortlist-k needs --shortlist-dim")
     if k < 1:
@@ -305,12 +312,15 @@ def dedup_command(
     if out is not None:
         check_output_file(out, "dedup result", lambda p: file_has_format(p, DEDUP_FORMAT.split("/")[0]),
                           [index, images], overwrite, option="--out")
-    _check_html(html, [index, images], overwrite)
+    _check_html(html, [index, images], overwrite, "dedup")
     searcher = Searcher.open(index)
     image_source = index_images(index, searcher.manifest, images)
     res = find_duplicates(searcher, threshold=threshold, fraction=fraction, neighbors=neighbors)
     if out is not None:
-        atomic_write_json(out, {"format": DEDUP_FORMAT, **res})
+        from .layout import provenance
+
+        made_from = provenance(index, searcher.version_dir, searcher.manifest)
+        atomic_write_json(out, {"format": DEDUP_FORMAT, "index": made_from, **res})
     group_ids = [i for g in res["groups"] for i in g]
     meta = dict(zip(group_ids, searcher.metadata(group_ids)))
     if html is not None:

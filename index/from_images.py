@@ -102,8 +102,10 @@ def build_from_images(source, out, model=None, layout: str = "auto", kind: str =
 
 
 def add_images(index_dir, source, model=None, layout: str = "auto", batch_size: int = 64,
-               workers: int | None = None, device: str | None = None, max_memory: int | None = None) -> dict:
-    """Embed ``source`` with the index's model (its copy, or ``model``) and add the new items."""
+               workers: int | None = None, device: str | None = None, max_memory: int | None = None,
+               replace: bool = False) -> dict:
+    """Embed ``source`` with the index's model (its copy, or ``model``) and add the new items (``replace``:
+    see :func:`uniret.index.build.add_to_index`)."""
     from .build import add_to_index
     from .layout import current_version, read_manifest
 
@@ -122,6 +124,6 @@ def add_images(index_dir, source, model=None, layout: str = "auto", batch_size: 
                           f"{want}; add with the model that embedded the index")
     store_dir = root / EMBED_DIR
     store = embed_source(embedder, items, source, store_dir, layout, batch_size, workers, device)
-    result = add_to_index(root, store, max_memory=max_memory)
+    result = add_to_index(root, store, max_memory=max_memory, replace=replace)
     shutil.rmtree(store_dir, ignore_errors=True)
     return result

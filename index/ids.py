@@ -8,7 +8,6 @@ An id is a non-negative integer below 2**63 and nothing else: ``2.7``, ``1e3``, 
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -49,31 +48,45 @@ def parse_ids(values, what: str = "id") -> np.ndarray:
 def read_id_file(path) -> np.ndarray:
     """Unique sorted ids from a ``.npy``, a JSON list or ``uniret dedup --out`` JSON, or a text file
     (one id per line; ``#`` starts a comment)."""
+    return read_id_source(path)[0]
+
+
+def read_id_source(path) -> tuple[np.ndarray, dict | None]:
+    """(unique sorted ids, provenance) of an ``--ids`` file. Provenance is the ``index`` object of a
+    ``uniret dedup --out`` result (``{"id", "version", "path"}``: which index and version it was
+    computed on), None for id lists the user wrote. A JSON object that does not say where its ids
+    came from is refused: ids of one index mean other items in another."""
+    from ..safeio import load_npy, read_json, read_small
+
     p = Path(path)
     if not p.is_file():
         raise UniretError(f"--ids {p}: no such file")
     what = f"--ids {p}:"
+    provenance = None
     if p.suffix == ".npy":
-        try:
-            arr = np.load(p, allow_pickle=False)
-        except (ValueError, OSError, EOFError) as exc:
-            raise UniretError(f"{what} not a readable .npy of integer ids ({exc})") from None
+        arr = load_npy(p, what="id list")
         if arr.dtype.kind not in "iu":
             raise UniretError(f"{what} a .npy of ids must have an integer dtype, not {arr.dtype}")
         values = arr.ravel().tolist()
     elif p.suffix == ".json":
-        try:
-            values = json.loads(p.read_text())
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise UniretError(f"{what} not valid JSON ({exc})") from None
+        values = read_json(p, "id list")
         if isinstance(values, dict):
             if not isinstance(values.get("remove"), list):
                 raise UniretError(f"{what} a JSON object needs a \"remove\" list (as `uniret dedup --out` writes)")
+            provenance = values.get("index")
+            if not str(values.get("format", "")).startswith("uniret-dedup") or not _is_provenance(provenance):
+                raise UniretError(f"{what} a JSON object that does not say which index its ids belong to (not "
+                                  "written by this version of `uniret dedup --out`); re-run `uniret dedup INDEX "
+                                  "--out`, or give the ids as a plain JSON list")
             values = values["remove"]
     else:
         try:
-            lines = p.read_text().splitlines()
+            lines = read_small(p, "id list").decode("utf-8").splitlines()
         except UnicodeDecodeError:
             raise UniretError(f"{what} not a text file of ids (one per line)") from None
         values = [v for v in (line.split("#")[0].strip() for line in lines) if v]
-    return np.unique(parse_ids(values, what=what[:-1] + " id"))
+    return np.unique(parse_ids(values, what=what[:-1] + " id")), provenance
+
+
+def _is_provenance(value) -> bool:
+    return isinstance(value, dict) and all(isinstance(value.get(k), str) for k in ("id", "version", "path"))

@@ -33,8 +33,8 @@ import numpy as np
 
 from ..data.collection import Item
 from ..errors import UniretError
-from ..safeio import check_lmdb, load_npy
-from ..utils import atomic_write_text, read_json
+from ..safeio import check_lmdb, load_npy, parse_json
+from ..utils import atomic_write_text, read_json, stable_hash
 
 FORMAT = "uniret-index/1"
 CURRENT = "CURRENT"
@@ -99,16 +99,113 @@ def read_manifest(version_dir: Path) -> dict:
     return manifest
 
 
-def read_index(path: Path):
-    """The Faiss index file of a version; a damaged one is a one-line error (Faiss only reads its own
-    format: nothing is unpickled)."""
+def version_file(version_dir: Path, name, what: str = "file") -> Path:
+    """The file ``name`` that a version's manifest names, checked like a user's path: a plain name
+    (no ``/``, ``..``, absolute path or NUL) of a regular file directly inside ``version_dir``, never
+    a symbolic link out of it. A manifest that names another index's file is a damaged index."""
+    version_dir = Path(version_dir)
+    if not isinstance(name, str) or not _PLAIN_NAME.fullmatch(name) or name in (".", ".."):
+        raise UniretError(f"{version_dir / 'manifest.json'}: names its {what} {name!r}, not a plain file name "
+                          "inside the version; the index is damaged, rebuild it")
+    path = version_dir / name
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        raise UniretError(f"{path}: not a regular file inside the version (a link or a special file); the index "
+                          "is damaged, rebuild it")
+    return path
+
+
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9._-]{1,128}")
+
+
+def check_regular(path: Path, what: str) -> None:
+    """Refuse a missing path, a symbolic link, a FIFO or a device where a version's file belongs
+    (Faiss would follow a link out of the index, or block on a FIFO)."""
+    path = Path(path)
+    if path.is_symlink() or not path.is_file():
+        state = "missing" if not path.exists() and not path.is_symlink() else "not a regular file"
+        raise UniretError(f"{path}: {what} {state}; the index is damaged, rebuild it")
+
+
+def check_index_shape(index, path: Path, manifest: dict | None) -> None:
+    """A Faiss index whose dimension or count differ from its manifest's is another index's file."""
+    if manifest is None:
+        return
+    if index.d != manifest["dim"] or index.ntotal != manifest["count"]:
+        raise UniretError(f"{path}: a Faiss index of dimension {index.d} with {index.ntotal} vectors, the manifest "
+                          f"says {manifest['dim']} and {manifest['count']}; the index is damaged, rebuild it")
+
+
+#: Below this cosine similarity an item's new vector is other content, not numerical noise (the same
+#: image embedded on another device or batch size stays above 0.9999).
+SAME_CONTENT = 0.9995
+
+
+def changed_content(ids: np.ndarray, vectors, old_ids: np.ndarray, new_vectors: np.ndarray) -> np.ndarray:
+    """Bool per item already indexed (``old_ids``): is its new vector other content than the stored
+    one (cosine below :data:`SAME_CONTENT`)? Re-adding the same store is no change."""
+    rows = np.searchsorted(ids, old_ids)
+    out = np.zeros(len(old_ids), dtype=bool)
+    for start in range(0, len(rows), 65_536):
+        part = slice(start, start + 65_536)
+        old = np.asarray(vectors[rows[part]], dtype=np.float32)
+        new = np.asarray(new_vectors[part]).astype(np.float16).astype(np.float32)
+        norms = np.linalg.norm(old, axis=1) * np.linalg.norm(new, axis=1)
+        cosine = np.einsum("ij,ij->i", old, new) / np.maximum(norms, 1e-12)
+        out[part] = ~(cosine >= SAME_CONTENT)  # NaN counts as changed
+    return out
+
+
+def refuse_changed(root: Path, store_path: Path, changed_paths: list[str], on_disk: bool = False) -> None:
+    """The one line for ``index add`` of items whose content changed at paths the index holds."""
+    shown = ", ".join(changed_paths[:3]) + (", ..." if len(changed_paths) > 3 else "")
+    way = ("remove them first (`uniret index remove` with their ids), then add" if on_disk else
+           "pass --replace to replace them (their old ids are removed, the new content gets new ids)")
+    raise UniretError(f"{store_path}: {len(changed_paths)} item(s) are indexed in {root} at the same domain, split "
+                      f"and path with other content (e.g. {shown}); adding would keep the old vectors: {way}, "
+                      "or index them under other paths")
+
+
+def index_identity(manifest: dict) -> str:
+    """Which index a version belongs to: the ``index_id`` a build gives it (kept by every add and
+    remove), or for indexes built before it existed, a hash of their build record."""
+    given = manifest.get("index_id")
+    if isinstance(given, str) and given:
+        return given
+    history = manifest.get("history") or [{}]
+    return "legacy-" + stable_hash([manifest.get("created"), manifest.get("git_commit"), history[0]])[:16]
+
+
+def provenance(root: Path, version_dir: Path, manifest: dict) -> dict:
+    """What an output computed on this version records so that a later command can check it."""
+    return {"id": index_identity(manifest), "version": Path(version_dir).name, "path": str(Path(root).resolve())}
+
+
+def check_provenance(root: Path, version_dir: Path, manifest: dict, given: dict | None, what: str) -> None:
+    """Refuse ``what`` (ids computed by ``uniret dedup``) when it was made from another index, or from
+    an older version of this one: its ids would name other items, or items that changed since."""
+    if given is None:
+        return
+    if given.get("id") != index_identity(manifest):
+        raise UniretError(f"{what} was made from another index ({given.get('path')}), not {root}; its ids name "
+                          f"other items here: run `uniret dedup {root} --out` on this index")
+    if given.get("version") != Path(version_dir).name:
+        raise UniretError(f"{what} was made from version {given.get('version')} of {root}, which is now at "
+                          f"{Path(version_dir).name}; re-run `uniret dedup {root} --out` on the current version")
+
+
+def read_index(path: Path, manifest: dict | None = None):
+    """The Faiss index file of a version; a damaged one, or one that does not match ``manifest``, is a
+    one-line error (Faiss only reads its own format: nothing is unpickled)."""
     import faiss
 
+    check_regular(path, "Faiss index")
     try:
-        return faiss.read_index(str(path))
+        index = faiss.read_index(str(path))
     except RuntimeError as exc:
         last = next((line.strip() for line in reversed(str(exc).splitlines()) if line.strip()), "unreadable")
         raise UniretError(f"{path}: damaged Faiss index ({last[:160]}); rebuild the index") from None
+    check_index_shape(index, path, manifest)
+    return index
 
 
 def load_ids_vectors(version_dir: Path, manifest: dict, mmap_ids: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -225,6 +322,12 @@ class MetadataDB:
         with self.env.begin() as txn:
             return np.array([txn.get(item_key(it)) is not None for it in items], dtype=bool)
 
+    def ids_of(self, items: list[Item]) -> np.ndarray:
+        """The id indexed at each item's domain, split and path; -1 where none is."""
+        with self.env.begin() as txn:
+            found = [txn.get(item_key(it)) for it in items]
+        return np.array([int(v) if v is not None else -1 for v in found], dtype=np.int64)
+
     def get(self, ids: Iterable[int]) -> list[dict | None]:
         with self.env.begin() as txn:
             out = []
@@ -236,7 +339,7 @@ class MetadataDB:
     def _item(self, raw: bytes) -> dict:
         """One stored item; JSON only (a value that is not, e.g. a planted pickle, is refused)."""
         try:
-            item = json.loads(raw)
+            item = parse_json(raw, "item")
         except ValueError:
             item = None
         if not isinstance(item, dict):

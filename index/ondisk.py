@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UniretError
-from .layout import read_index
+from .layout import check_index_shape, check_regular, read_index, version_file
 from .vectors import sync_and_evict
 
 IVFDATA = "lists.ivfdata"
@@ -68,7 +68,7 @@ class ListSource:
     def of_version(cls, version_dir: Path, manifest: dict) -> ListSource:
         index = read_version_index(version_dir, manifest, mmap=False)
         ivf = _ivf(index)
-        data = version_dir / manifest["on_disk"]["ivfdata"]
+        data = version_file(version_dir, manifest["on_disk"].get("ivfdata"), "lists file")
         return cls(data, _ivf_lists(ivf), ivf.code_size, data.stat().st_size)
 
     def read_window(self, l0: int, l1: int) -> tuple[np.ndarray, int]:
@@ -163,12 +163,14 @@ def read_version_index(version_dir: Path, manifest: dict, mmap: bool = True):
     path = Path(version_dir) / "index.faiss"
     info = manifest.get("on_disk")
     if not info:
-        return read_index(path)
+        return read_index(path, manifest)
+    check_regular(path, "Faiss index")
     try:
         index = faiss.read_index(str(path), faiss.IO_FLAG_SKIP_IVF_DATA | faiss.IO_FLAG_READ_ONLY)
     except RuntimeError as exc:
         raise UniretError(f"{path} is damaged ({_last_line(exc)}); rebuild the index") from None
-    data = Path(version_dir) / info["ivfdata"]
+    check_index_shape(index, path, manifest)
+    data = version_file(version_dir, info.get("ivfdata"), "lists file")
     size = data.stat().st_size if data.is_file() else None
     lists = _ivf_lists(_ivf(index))
     if size != info["ivfdata_bytes"] or lists.totsize != size:

@@ -20,6 +20,7 @@ import contextlib
 import logging
 import shutil
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -231,8 +232,8 @@ def merge_step(store, out, max_memory: int | None = None, target_recall: float =
         codes.close()
         model = store.manifest.get("model") or {}
         manifest = {
-            "format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "git_commit": git_commit(),
-            "model": model, "model_dir": copy_model(root, model_dir), "dim": store.dim, "metric": "inner_product",
+            "format": FORMAT, "index_id": uuid.uuid4().hex, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "git_commit": git_commit(), "model": model, "model_dir": copy_model(root, model_dir), "dim": store.dim, "metric": "inner_product",
             "normalized": bool(store.manifest.get("normalized", True)), "kind": plan["key"], "key": plan["key"],
             "search_params": {}, "count": int(plan["count"]), "next_id": int(store.count), "vectors_dtype": "float16",
             "built_on": plan["train"]["on"],

@@ -15,10 +15,19 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UniretError
+from ..safeio import load_npy
 from .budget import check_workers, plan_memory
 from .inputs import open_store
 from .keys import ivf_of
-from .layout import MetadataDB, current_version, read_manifest, writer_lock
+from .layout import (
+    MetadataDB,
+    changed_content,
+    check_provenance,
+    current_version,
+    read_manifest,
+    refuse_changed,
+    writer_lock,
+)
 from .ondisk import ListSource, load_trained
 from .ondisk_build import UPDATE_DIR, _budget, _encode, _ensure_plan
 from .ondisk_version import copy_meta, merge_version, publish, settle_meta, write_meta
@@ -31,9 +40,11 @@ def _live(root: Path) -> tuple[Path, dict]:
     return cur, read_manifest(cur)
 
 
-def add_ondisk(root: Path, store, max_memory: int | None = None, workers: int | None = None) -> dict:
-    """Encode the store's new items (same domain, split and path are skipped) into shards with the
-    live version's quantizer and merge them with its lists into a new version."""
+def add_ondisk(root: Path, store, max_memory: int | None = None, workers: int | None = None,
+               replace: bool = False) -> dict:
+    """Encode the store's new items (same domain, split and path are skipped when their vector is the
+    same; other content there is refused, also with ``replace``: on-disk indexes remove first) into
+    shards with the live version's quantizer and merge them with its lists into a new version."""
     store, root = open_store(store), Path(root)
     workers, budget = check_workers(workers), _budget(max_memory)
     with writer_lock(root):
@@ -43,13 +54,21 @@ def add_ondisk(root: Path, store, max_memory: int | None = None, workers: int | 
             raise UniretError(f"{store.path} has dim {store.dim}, index {root} has {manifest['dim']}")
         valid = np.flatnonzero(store.valid_mask).astype(np.int64)
         present, meta, chunk = np.zeros(len(valid), dtype=bool), MetadataDB(cur / "meta"), []
+        live_ids, live_vectors, changed = MappedArray(cur / "ids.npy").array, MappedArray(cur / "vectors.npy").array, []
         for pos, (_, item) in enumerate(iter_items(store, valid)):
             chunk.append(item)
             if len(chunk) == 100_000 or pos == len(valid) - 1:
-                present[pos + 1 - len(chunk):pos + 1] = meta.present(chunk)
+                block = slice(pos + 1 - len(chunk), pos + 1)
+                old_ids = meta.ids_of(chunk)
+                present[block] = old_ids >= 0
+                hit = np.flatnonzero(old_ids >= 0)
+                differs = changed_content(live_ids, live_vectors, old_ids[hit], store.embeddings[valid[block][hit]])
+                changed += [chunk[i].path for i in hit[differs]]
                 chunk = []
+        if changed:
+            refuse_changed(root, store.path, changed, on_disk=True)
         rows = valid[~present]
-        counts = {"added": int(len(rows)), "skipped_present": int(present.sum()),
+        counts = {"added": int(len(rows)), "replaced": 0, "skipped_present": int(present.sum()),
                   "skipped_failed": int(store.count - len(valid))}
         if len(rows) == 0:
             return dict(counts, count=manifest["count"], version=cur.name)
@@ -88,12 +107,14 @@ def add_ondisk(root: Path, store, max_memory: int | None = None, workers: int | 
     return dict(counts, count=manifest["count"], version=final.name)
 
 
-def remove_ondisk(root: Path, remove_ids: np.ndarray, max_memory: int | None = None) -> dict:
+def remove_ondisk(root: Path, remove_ids: np.ndarray, max_memory: int | None = None, made_from: dict | None = None,
+                  what: str = "the id list") -> dict:
     """Remove ids: a new version whose lists, raw vectors, ids and metadata leave them out."""
     root, remove_ids = Path(root), np.unique(np.asarray(remove_ids, dtype=np.int64))
     with writer_lock(root):
         cur, manifest = _live(root)
-        ids = np.load(cur / "ids.npy", mmap_mode="r")
+        check_provenance(root, cur, manifest, made_from, what)
+        ids = load_npy(cur / "ids.npy", mmap=True, kinds="iu", what="index ids")
         gone = np.concatenate([np.isin(ids[s:s + (1 << 22)], remove_ids) for s in range(0, len(ids), 1 << 22)]
                               or [np.zeros(0, dtype=bool)])
         counts = {"removed": int(gone.sum()), "not_present": int(len(remove_ids) - gone.sum())}

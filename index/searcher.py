@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UniretError
+from ..safeio import load_npy
 from ..utils import resolve_device
 from . import gpu as gpu_util
 from .exact import REFINE_FACTOR, exact_search, rescore, torch_search
@@ -111,7 +112,10 @@ class Searcher:
         """The domain of every row (object array), read once from the metadata."""
         names = (self.manifest.get("on_disk") or {}).get("domains")
         if names is not None:  # on-disk versions keep a domain code per row: no scan of the metadata
-            return np.array(names, dtype=object)[np.load(self.version_dir / "domains.npy")]
+            codes = load_npy(self.version_dir / "domains.npy", kinds="iu", what="domain codes")
+            if codes.shape != (len(self.ids),) or (len(codes) and not 0 <= codes.min() <= codes.max() < len(names)):
+                raise UniretError(f"{self.version_dir / 'domains.npy'}: does not match the index; rebuild it")
+            return np.array(names, dtype=object)[codes]
         return np.array([m["domain"] if m else None for m in self.meta.get(self.ids.tolist())], dtype=object)
 
     @cached_property

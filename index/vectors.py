@@ -67,11 +67,15 @@ class MappedArray:
     def __init__(self, path: Path):
         self.path = Path(path)
         try:
+            if self.path.is_symlink() or not self.path.is_file():
+                raise ValueError("missing, a link or not a regular file")
             with open(self.path, "rb") as f:
                 version = np.lib.format.read_magic(f)
                 read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
                                else np.lib.format.read_array_header_2_0)
                 shape, fortran, dtype = read_header(f)
+                if dtype.hasobject:
+                    raise ValueError("it holds Python objects (a pickle); uniret never unpickles")
                 offset = f.tell()
                 size = os.fstat(f.fileno()).st_size
                 if len(shape) not in (1, 2) or fortran or size != offset + int(np.prod(shape)) * dtype.itemsize:

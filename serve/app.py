@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-import math
 import time
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
@@ -30,18 +28,28 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..errors import UniretError, UsageError
-from ..index.api import MAX_K, Index, Results
+from ..index.api import Index, Results
 from ..index.ids import UnknownIdError, parse_id, parse_ids
 from ..index.images import ImageNotFound
 from ..index.queries import prepare_queries
 from .batcher import Job, MicroBatcher
-from .guards import BodyLimit, Guard, UploadTooLarge, too_large_message
+from .connections import quiet_server_logs
+from .guards import (
+    LOOPBACK_HOSTS,
+    BodyLimit,
+    BodyTimeout,
+    Guard,
+    HostCheck,
+    UploadTooLarge,
+    check_token,
+    too_large_message,
+)
 from .metrics import ServerMetrics
+from .schemas import PARAMS, SearchParams, params_from_text, parse_body, validated
 
 logger = logging.getLogger("uniret")
 
 STATIC = Path(__file__).resolve().parent / "static"
-PARAMS = ("k", "rerank", "domain", "threshold", "where")
 # The page builds its DOM with textContent only; this policy would stop injected script anyway.
 PAGE_CSP = "default-src 'self'; img-src 'self' blob: data:; script-src 'self'; style-src 'self'; object-src 'none'"
 SEARCH_BODY = {"requestBody": {"content": {
@@ -66,6 +74,8 @@ class ServeSettings:
     token: str | None = None  # bearer token required by every endpoint but /healthz
     max_queries: int = 256  # queries (files + ids + vectors) in one request
     refresh_seconds: float = 1.0  # how often CURRENT is checked for a new version
+    allowed_hosts: tuple[str, ...] = LOOPBACK_HOSTS  # Host names answered ("*": any), see guards.allowed_hosts
+    body_timeout: float = 30.0  # seconds a client may pause while sending a request body (then 408)
 
 
 class UnsupportedMediaType(UniretError):
@@ -89,30 +99,15 @@ def _media_type(data: bytes) -> str:
 
 
 def parse_params(params: dict, index: Index) -> tuple[int, str | None, str | None, float | None]:
-    """k, rerank, domain and threshold from query/form/JSON values, each checked."""
+    """k, rerank, domain and threshold from typed values (:mod:`uniret.serve.schemas`), each checked."""
     from ..index.api import check_rerank
 
-    raw_k = params.get("k", 10)
-    if isinstance(raw_k, bool) or not (isinstance(raw_k, int) or (isinstance(raw_k, str) and raw_k.strip().isdigit())):
-        raise UsageError(f"k must be an integer in 1..{MAX_K}, got {raw_k!r}")
-    k = int(raw_k)
-    if not 1 <= k <= MAX_K:
-        raise UsageError(f"k must be in 1..{MAX_K}, got {k}")
-    rerank = check_rerank(params.get("rerank") or None)
-    domain = params.get("domain") or None
+    checked = validated(SearchParams, params)
+    rerank = check_rerank(checked.rerank or None)
+    domain = checked.domain or None
     if domain is not None and domain not in index.domains():
         raise UsageError(f"unknown domain {domain!r}; domains: {', '.join(index.domains())}")
-    threshold = params.get("threshold")
-    if threshold in (None, ""):
-        threshold = None
-    else:
-        try:
-            threshold = float(threshold)
-        except (TypeError, ValueError):
-            raise UsageError(f"threshold must be a number in [-1, 1], got {threshold!r}") from None
-        if not (math.isfinite(threshold) and -1 <= threshold <= 1):
-            raise UsageError(f"threshold must be a number in [-1, 1], got {threshold!r}")
-    return k, rerank, domain, threshold
+    return checked.k, rerank, domain, checked.threshold
 
 
 def parse_where_param(value) -> list[str]:
@@ -149,9 +144,10 @@ def prepare(index: Index, uploads: list[tuple[str, bytes]], ids: list, vectors) 
 
 
 async def read_search_request(request: Request, max_queries: int) -> tuple[list, list, object, dict]:
-    """(uploads as (file name, bytes), ids, vectors, parameters) of a multipart or JSON search request."""
-    params: dict = dict(request.query_params)
-    if "where" in params:
+    """(uploads as (file name, bytes), ids, vectors, typed parameters) of a multipart or JSON search
+    request; parameters in the body win over those in the query string (``where`` values add up)."""
+    params: dict = params_from_text(dict(request.query_params))
+    if "where" in request.query_params:
         params["where"] = request.query_params.getlist("where")
     uploads, ids, vectors = [], [], None
     content_type = request.headers.get("content-type", "")
@@ -162,21 +158,16 @@ async def read_search_request(request: Request, max_queries: int) -> tuple[list,
                     uploads.append((value.filename or key, await value.read()))
                 elif key == "ids":
                     ids.extend(value.replace(",", " ").split())
-                elif key == "where":
+                elif key == "where" and isinstance(value, str):
                     params["where"] = [*(params.get("where") or []), value]
                 elif key in PARAMS:
-                    params[key] = value
+                    params.update(params_from_text({key: value}))
                 else:
                     raise UsageError(f"unknown form field {key!r}; use file, ids, {', '.join(PARAMS)}")
     elif content_type.startswith("application/json"):
-        try:
-            body = json.loads(await request.body())
-        except (ValueError, UnicodeDecodeError):
-            raise UsageError("the body is not valid JSON") from None
-        if not isinstance(body, dict) or set(body) - {"ids", "vectors", *PARAMS}:
-            raise UsageError(f"expected a JSON object with ids and/or vectors and {', '.join(PARAMS)}")
-        ids, vectors = body.get("ids") or [], body.get("vectors")
-        params.update({p: body[p] for p in PARAMS if p in body})
+        body = parse_body(await request.body())
+        ids, vectors = body.ids, body.vectors
+        params.update({p: getattr(body, p) for p in PARAMS if p in body.model_fields_set})
     else:
         raise UnsupportedMediaType("send multipart/form-data (image files) or application/json (ids or vectors)")
     if not isinstance(ids, list):
@@ -212,6 +203,7 @@ def create_app(index: Index, settings: ServeSettings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        quiet_server_logs(asyncio.get_running_loop())
         if batcher is not None:
             batcher.start()
         watcher = asyncio.create_task(watch_index())
@@ -225,13 +217,19 @@ def create_app(index: Index, settings: ServeSettings | None = None) -> FastAPI:
     app = FastAPIOffline(title="uniret", version=__version__, lifespan=lifespan,
                          description="Search a uniret index by image similarity (read-only): POST /search with "
                                      "an image file, stored ids or vectors; GET /items/ID for an item.")
-    app.add_middleware(BodyLimit, max_bytes=int(settings.max_upload_mb * 2**20))
-    app.add_middleware(Guard, token=settings.token, metrics=metrics)  # added last: runs first
+    check_token(settings.token)
+    app.add_middleware(BodyLimit, max_bytes=int(settings.max_upload_mb * 2**20), body_timeout=settings.body_timeout)
+    app.add_middleware(Guard, token=settings.token, metrics=metrics)
+    app.add_middleware(HostCheck, allowed=tuple(settings.allowed_hosts))  # added last: runs first
 
     @app.exception_handler(UniretError)
     async def uniret_error(request: Request, exc: UniretError):
         status = 404 if isinstance(exc, (UnknownIdError, ImageNotFound)) else 400
         return _error(415 if isinstance(exc, UnsupportedMediaType) else status, _one_line(exc))
+
+    @app.exception_handler(BodyTimeout)
+    async def body_timeout(request: Request, exc: BodyTimeout):
+        return _error(408, f"the request body stopped arriving for {settings.body_timeout:g} s; send it whole")
 
     @app.exception_handler(UploadTooLarge)
     async def upload_too_large(request: Request, exc: UploadTooLarge):

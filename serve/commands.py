@@ -1,13 +1,21 @@
-"""CLI: ``uniret serve INDEX``: the search layer over HTTP, with the web page at ``/``."""
+"""CLI: ``uniret serve INDEX``: the search layer over HTTP, with the web page at ``/``.
+
+Every startup failure (a bad option, a token no client can send, a host that is not an address of
+this machine, a port in use) is one ``error:`` line before the banner: the address is bound once
+here, before the index is opened, so uvicorn never reports it after "serving on".
+"""
 
 from __future__ import annotations
 
+import errno
 import logging
+import socket
 from pathlib import Path
 
 import typer
 
-from ..errors import UsageError
+from ..display import printable
+from ..errors import UniretError, UsageError
 
 logger = logging.getLogger("uniret")
 
@@ -24,6 +32,9 @@ def serve_command(
     max_upload_mb: float = typer.Option(20.0, "--max-upload-mb", help="Largest request body, in MB (bigger: HTTP 413)."),
     token: str = typer.Option(None, "--token", envvar="UNIRET_TOKEN", show_envvar=True,
                               help="Require this bearer token on every endpoint but /healthz."),
+    allowed_host: list[str] = typer.Option(None, "--allowed-host", help="Also answer requests whose Host header is "
+                                           "this name (repeatable; *.example.org for subdomains). A loopback bind "
+                                           "answers only loopback names without it."),
 ) -> None:
     """Serve an index over HTTP: POST /search, GET /items/ID, /healthz, /info, /metrics, the page at /."""
     if not 0 < port < 65536:
@@ -40,8 +51,12 @@ def serve_command(
 
     from ..index.api import open_index
     from .app import ServeSettings, create_app
-    from .guards import is_loopback
+    from .connections import connection_cap, guarded_h11
+    from .guards import allowed_hosts, check_token, is_loopback
 
+    check_token(token)
+    hosts = allowed_hosts(host, allowed_host or [])
+    check_listen(host, port)
     opened = open_index(index, device=device, images=images)
     if opened.searcher.manifest.get("model_dir") or opened.model_dir:
         opened.load_model()  # load the model now, not on the first image query
@@ -53,8 +68,38 @@ def serve_command(
         logger.info("no --images and no image folder recorded in the index: results show no pictures; "
                     "pass --images DATA (a packed store or folder)")
     app = create_app(opened, ServeSettings(max_batch=max_batch, max_wait_ms=max_wait_ms,
-                                           max_upload_mb=max_upload_mb, token=token))
+                                           max_upload_mb=max_upload_mb, token=token, allowed_hosts=hosts))
+    cap = connection_cap()
     shown = f"[{host}]" if ":" in host else host
-    typer.echo(f"uniret serve: {index} ({opened.count} items, {opened.version}) on http://{shown}:{port}/"
-               f"{'?token=<token>' if token else ''}  (API docs: /docs; Ctrl-C stops)", err=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+    typer.echo(printable(f"uniret serve: {index} ({opened.count} items, {opened.version}) on http://{shown}:{port}/"
+                         f"{'?token=<token>' if token else ''}  (API docs: /docs; Ctrl-C stops)"), err=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, http=guarded_h11(HEAD_TIMEOUT, cap),
+                timeout_keep_alive=KEEP_ALIVE_TIMEOUT, limit_concurrency=cap + 1)
+
+
+#: Seconds a client has to send a complete request head; seconds an idle keep-alive connection stays.
+HEAD_TIMEOUT = 10.0
+KEEP_ALIVE_TIMEOUT = 5
+
+
+def check_listen(host: str, port: int) -> None:
+    """Bind ``host:port`` once (and let go) so that a bad host or a port in use is one line now."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except (socket.gaierror, UnicodeError) as exc:
+        raise UsageError(f"--host {host!r}: not an address or name this machine can listen on "
+                         f"({getattr(exc, 'strerror', None) or exc}); use 127.0.0.1, 0.0.0.0 or one of its addresses") from None
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise UniretError(f"cannot listen on {host}:{port}: the port is in use (another server?); stop it or "
+                                  "choose another --port") from None
+            if exc.errno in (errno.EACCES, errno.EPERM):
+                raise UniretError(f"cannot listen on {host}:{port}: permission denied (ports below 1024 need root); "
+                                  "choose a --port from 1024 up") from None
+            raise UsageError(f"--host {host!r}: cannot listen there ({exc.strerror or exc}); use 127.0.0.1, 0.0.0.0 "
+                             "or an address of this machine") from None

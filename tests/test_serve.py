@@ -249,7 +249,9 @@ def test_serve_command_checks_and_warns(image_index, monkeypatch, capsys, caplog
     assert not calls
     monkeypatch.delenv("UNIRET_TOKEN", raising=False)
     assert main(["serve", idx, "--host", "0.0.0.0", "--port", "8123"]) == 0
-    assert calls == [{"host": "0.0.0.0", "port": 8123, "log_level": "warning", "access_log": False}]
+    assert [{k: kw[k] for k in ("host", "port", "log_level", "access_log")} for kw in calls] == [
+        {"host": "0.0.0.0", "port": 8123, "log_level": "warning", "access_log": False}]
+    assert calls[0]["timeout_keep_alive"] > 0 and calls[0]["limit_concurrency"] > 1  # issue #21
     assert "without --token" in caplog.text and "http://0.0.0.0:8123/" in capsys.readouterr().err
     caplog.clear()
     monkeypatch.setenv("UNIRET_TOKEN", "t0ken")

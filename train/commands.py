@@ -79,10 +79,10 @@ def train_command(
     workers: int = typer.Option(None, "--workers", help="Image-decoding processes (default 0)."),
 ) -> None:
     """Train a universal embedding (UDON or a baseline); writes RUN/ with the exported RUN/model."""
-    import json
     import logging
 
     from ..errors import UsageError
+    from ..safeio import BadFile, parse_json
     from .config import resolve_config
     from .trainer import train
 
@@ -96,9 +96,10 @@ def train_command(
     augment_spec = None
     if augment:
         try:
-            augment_spec = json.loads(augment)
-        except json.JSONDecodeError as exc:
-            raise UsageError(f"--augment takes a JSON object ({exc.msg}), e.g. '{{\"hflip\": 0}}'") from None
+            augment_spec = parse_json(augment, "--augment", "augmentation spec")
+        except BadFile as exc:
+            raise UsageError(f"--augment takes a JSON object ({str(exc).split(': ', 1)[1].split(';')[0]}), "
+                             "e.g. '{\"hflip\": 0}'") from None
 
     cfg = resolve_config(
         config, data=data, method=_value(method), domain=domain, sampler=_value(sampler), backbone=backbone,

@@ -9,13 +9,13 @@ against the field annotations and range-checked (one-line errors). The resolved 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..embed.spec import ModelSpec
 from ..errors import UniretError, UsageError
+from ..safeio import read_json
 from .augment import check_spec
 from .methods import method_class
 from .samplers import SAMPLERS
@@ -263,12 +263,10 @@ def load_config_file(path: str | Path) -> dict:
     """Read a ``--config`` JSON file (an object of TrainConfig field names)."""
     p = Path(path)
     try:
-        obj = json.loads(p.read_text())
+        obj = read_json(p, "config file", max_bytes=1 << 20)
     except FileNotFoundError:
         raise UniretError(f"{p}: config file not found") from None
-    except json.JSONDecodeError as exc:
-        raise UniretError(f"{p}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except OSError as exc:
         raise UniretError(f"{p}: cannot read the config file ({getattr(exc, 'strerror', None) or exc})") from None
     if not isinstance(obj, dict):
         raise UniretError(f"{p}: a config file holds a JSON object of training options")

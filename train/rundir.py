@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from ..errors import UniretError
+from ..safeio import parse_json, read_small
 from ..utils import atomic_write_json, atomic_write_text, read_json
 
 CHECKPOINT_FORMAT = "uniret-train-checkpoint/1"
@@ -83,7 +84,8 @@ class RunDir:
     def read_metrics(self) -> list[dict]:
         if not self.metrics_file.is_file():
             return []
-        return [json.loads(line) for line in self.metrics_file.read_text().splitlines() if line.strip()]
+        text = read_small(self.metrics_file, "training log").decode("utf-8", "replace")
+        return [parse_json(line, self.metrics_file, "training log") for line in text.splitlines() if line.strip()]
 
     def truncate_metrics(self, step: int) -> None:
         """Drop log lines written after the checkpoint a resumed run continues from."""
@@ -106,8 +108,10 @@ def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], state: dict) -
     try:
         save_file(flat, str(tmp), metadata={"format": CHECKPOINT_FORMAT, "state": json.dumps(state)})
         os.replace(tmp, path)
-    except OSError as exc:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if not isinstance(exc, OSError):
+            raise
         raise UniretError(f"{path}: cannot write the checkpoint ({exc.strerror or exc}); free space or fix "
                           f"permissions, then re-run with --resume") from None
 
@@ -122,7 +126,7 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
             if meta.get("format") != CHECKPOINT_FORMAT:
                 raise UniretError(f"{path}: not a uniret training checkpoint (format {meta.get('format')!r})")
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-        state = json.loads(meta["state"])
+        state = parse_json(meta["state"], path, "checkpoint state")
     except (SafetensorError, OSError, ValueError, KeyError) as exc:
         raise UniretError(f"{path}: not a readable uniret training checkpoint ({exc}); "
                           f"start a new run with another --out") from None
