@@ -26,7 +26,10 @@ def make_optimizer(model, config: TrainConfig) -> torch.optim.AdamW:
         {"params": model.head_parameters(), "lr": config.head_lr, "name": "heads"},
         {"params": model.backbone_parameters(), "lr": config.backbone_lr, "name": "backbone"},
     ]
-    return torch.optim.AdamW(groups, betas=tuple(config.betas), eps=config.eps, weight_decay=config.weight_decay)
+    # foreach: one fused update over each group's tensors (torch leaves it off on the CPU, where the
+    # per-tensor loop dominates short steps such as head training on cached features)
+    return torch.optim.AdamW(groups, betas=tuple(config.betas), eps=config.eps, weight_decay=config.weight_decay,
+                             foreach=True)
 
 
 class GroupSchedule:
