@@ -31,7 +31,7 @@ from pathlib import Path
 from ..errors import UniretError, UsageError
 from ..safeio import read_contained
 from .collection import Collection, Item, ItemList, Record, extra_fields, file_key
-from .images import IMAGE_EXTENSIONS, is_image_file
+from .images import IMAGE_EXTENSIONS, is_image_file, list_image_files
 
 LAYOUTS = ("auto", "flat", "class", "domain-class")
 METADATA_FILES = ("metadata.csv", "metadata.jsonl")
@@ -96,7 +96,7 @@ def list_folder(path: str | Path, layout: str = "auto") -> FolderListing:
     root = Path(path)
     if not root.is_dir():
         raise UniretError(f"{root}: no such directory")
-    files = sorted(f.relative_to(root).as_posix() for f in root.rglob("*") if is_image_file(f))
+    files = list_image_files(root)
     if not files:
         raise UniretError(f"{root}: no image files found (known endings: {', '.join(IMAGE_EXTENSIONS)})")
     chosen = resolve_layout(files, layout)

@@ -138,6 +138,18 @@ def is_image_file(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS
 
 
+def list_image_files(root: Path) -> list[str]:
+    """The image files under ``root`` (relative, sorted); names that are not UTF-8 are skipped and
+    listed in one warning line (they could be stored nowhere as text)."""
+    found = sorted(f.relative_to(root).as_posix() for f in root.rglob("*") if is_image_file(f))
+    files = [f for f in found if is_utf8_name(f)]
+    if len(files) < len(found):
+        skipped = [f for f in found if not is_utf8_name(f)]
+        logger.warning("%s: %d image file(s) whose names are not UTF-8 skipped, e.g. %s; rename them",
+                       root, len(skipped), ", ".join(skipped[:3]))
+    return files
+
+
 def image_folder_items(path: str | Path) -> ItemList:
     """A single image file, or every image under a folder (recursively, sorted by relative path)."""
     p = Path(path)
@@ -147,12 +159,7 @@ def image_folder_items(path: str | Path) -> ItemList:
         return ItemList([Item(p.name, position=0)], base=p.parent)
     if not p.is_dir():
         raise UniretError(f"{p}: no such file or directory")
-    found = sorted(f.relative_to(p).as_posix() for f in p.rglob("*") if is_image_file(f))
-    files = [f for f in found if is_utf8_name(f)]
-    if len(files) < len(found):
-        skipped = [f for f in found if not is_utf8_name(f)]
-        logger.warning("%s: %d image file(s) whose names are not UTF-8 skipped, e.g. %s; rename them",
-                       p, len(skipped), ", ".join(skipped[:3]))
+    files = list_image_files(p)
     if not files:
         raise UniretError(f"{p}: no image files found (known endings: {', '.join(IMAGE_EXTENSIONS)})")
     return ItemList([Item(f, position=i) for i, f in enumerate(files)], base=p)

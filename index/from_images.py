@@ -122,7 +122,9 @@ def add_images(index_dir, source, model=None, layout: str = "auto", batch_size: 
     if want and embedder.config_hash() != want:
         raise UniretError(f"--model {model} is model {embedder.config_hash()}, but index {root} was built from "
                           f"{want}; add with the model that embedded the index")
-    store_dir = root / EMBED_DIR
+    # beside the index, not in it (no command writes inside another uniret output); the same path on a
+    # re-run, so an interrupted add resumes its embedding
+    store_dir = root.parent / f".{root.name}.add-{EMBED_DIR}"
     store = embed_source(embedder, items, source, store_dir, layout, batch_size, workers, device)
     result = add_to_index(root, store, max_memory=max_memory, replace=replace)
     shutil.rmtree(store_dir, ignore_errors=True)
