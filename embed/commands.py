@@ -193,3 +193,24 @@ def store_info(
 
 def _id_range(start: int, count: int) -> str:
     return f"ids {start}..{start + count - 1}" if count else "no ids"
+
+
+class ExportFormat(str, Enum):
+    onnx = "onnx"
+
+
+@model_app.command("export")
+def model_export_command(
+    path: Path = typer.Argument(..., help="Model directory (or training run directory)."),
+    fmt: ExportFormat = typer.Option(..., "--format", help="Export format: onnx."),
+    out: Path = typer.Option(..., "--out", help="The graph file to write (e.g. m.onnx); its record goes to OUT.json."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier export at --out."),
+) -> None:
+    """Export the model as an ONNX graph (dynamic batch; preprocessing recorded in OUT.json), checked
+    against the torch model on real images before it is written."""
+    from .onnx import export_model
+
+    quiet_open_clip_warnings()
+    record = export_model(path, out, overwrite=overwrite)
+    logger.info("wrote %s and %s (%s, %d-d, cosine to torch %.6f)", out, f"{out}.json", record["backbone"],
+                record["dim"], record["parity_cosine"])
