@@ -23,6 +23,7 @@ import io
 import json
 import logging
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -246,6 +247,29 @@ def gpu_providers_present() -> bool:
     return bool({"TensorrtExecutionProvider", "CUDAExecutionProvider"} & set(ort.get_available_providers()))
 
 
+@dataclass
+class GraphConfig:
+    """The model config a graph records, read without torch (``embed.model.ModelConfig`` imports it):
+    the fields running the graph needs."""
+
+    backbone: str
+    dim: int
+    nested_dims: list[int] | None
+    preprocess: dict
+
+    @staticmethod
+    def from_metadata(config: dict) -> GraphConfig:
+        dim, nested, pre = config.get("dim"), config.get("nested_dims"), config.get("preprocess")
+        ok = (isinstance(dim, int) and dim > 0 and (nested is None or (isinstance(nested, list) and all(
+            isinstance(d, int) and 0 < d <= dim for d in nested))) and isinstance(pre, dict)
+            and isinstance(pre.get("input_size"), list) and len(pre["input_size"]) == 3
+            and all(isinstance(v, (int, float)) for v in [*pre["input_size"], *pre.get("mean", []), *pre.get("std", [])])
+            and len(pre.get("mean", [])) == 3 and len(pre.get("std", [])) == 3 and min(pre["std"]) > 0)
+        if not ok:
+            raise UniretError("the ONNX graph's uniret metadata is damaged (dim, nested_dims or preprocess); re-export it")
+        return GraphConfig(str(config.get("backbone")), dim, nested, pre)
+
+
 class OnnxEmbedder:
     """An exported graph under ONNX Runtime: ``encode(images | batch, dim) -> (N, d)`` float32 numpy,
     the same contract as ``UniversalEmbedder.encode`` (see the module docstring)."""
@@ -271,9 +295,7 @@ class OnnxEmbedder:
             info = None
         if not isinstance(info, dict) or info.get("format") != FORMAT or not isinstance(info.get("config"), dict):
             raise UniretError("the ONNX graph has no uniret metadata: export it with `uniret model export`")
-        from .model import ModelConfig
-
-        self.config = ModelConfig.from_json(info["config"], "the ONNX graph's metadata")
+        self.config = GraphConfig.from_metadata(info["config"])
         self.config_hash_value = str(info["config"].get("config_hash"))
         self.device = device
         self.prep = ImagePrep(self.config.preprocess) if ImagePrep.supports(self.config.preprocess) else None
@@ -318,36 +340,29 @@ class OnnxEmbedder:
         return _prefix(z, d)
 
 
-def read_graph_config_hash(graph: Path) -> str | None:
-    """The config hash a graph file records, read without loading it into a session (None if unreadable)."""
-    onnx = _need("onnx")
-    try:
-        proto = onnx.load(str(graph), load_external_data=False)
-    except Exception:  # noqa: BLE001 - a damaged graph is one that must be re-exported
+def stored_embedder(model_dir: Path, device: str = "cpu") -> OnnxEmbedder | None:
+    """The model directory's own ``model.onnx`` under ONNX Runtime, when it records the directory's
+    config hash (None when there is none; a stale one is reported and ignored)."""
+    from ..utils import read_json
+
+    graph = Path(model_dir) / GRAPH_NAME
+    if not graph.is_file():
         return None
-    for entry in proto.metadata_props:
-        if entry.key == METADATA_KEY:
-            try:
-                return json.loads(entry.value)["config"]["config_hash"]
-            except (ValueError, KeyError, TypeError):
-                return None
+    want = (read_json(Path(model_dir) / "config.json") or {}).get("config_hash")  # model.CONFIG_NAME (torch-free here)
+    embedder = OnnxEmbedder(graph, device=device)
+    if want and embedder.config_hash() == want:
+        return embedder
+    logger.warning("%s was exported from another model than %s; ignoring it", graph, Path(model_dir) / "config.json")
     return None
 
 
 def model_graph(model_dir: Path, torch_model=None) -> bytes | Path:
     """The graph of the model directory ``model_dir``: its ``model.onnx`` when that records the
     directory's config hash, else one exported (and checked) now from the torch model."""
-    from ..utils import read_json
-    from .model import CONFIG_NAME, load_model
+    if stored_embedder(model_dir) is not None:
+        return Path(model_dir) / GRAPH_NAME
+    from .model import load_model
 
-    model_dir = Path(model_dir)
-    graph = model_dir / GRAPH_NAME
-    if graph.is_file():
-        want = (read_json(model_dir / CONFIG_NAME) or {}).get("config_hash")
-        embedder = OnnxEmbedder(graph)  # checks the metadata
-        if want and embedder.config_hash() == want:
-            return graph
-        logger.warning("%s was exported from another model; exporting the model again in memory", graph)
     model = torch_model if torch_model is not None else load_model(model_dir)
     data = export_graph(model)
     check_parity(model, OnnxEmbedder(data))
@@ -375,16 +390,22 @@ def resolve_runtime(runtime: str | None, device: str) -> str:
     return "onnx"
 
 
-def load_embedder(model_dir: Path, runtime: str, device: str, auto: bool = False):
+def load_embedder(model_dir: Path, runtime: str, device: str, auto: bool = False, export_missing: bool = True):
     """The embedder of ``model_dir`` for a resolved runtime: a torch ``UniversalEmbedder`` or an
-    :class:`OnnxEmbedder`. With ``auto``, a model that does not export falls back to torch."""
-    from .model import load_model
-
+    :class:`OnnxEmbedder` of the directory's stored graph, else (``export_missing``) of a graph
+    exported now. With ``auto``, a model without a usable graph runs with torch instead."""
     if runtime == "onnx":
         try:
-            return OnnxEmbedder(model_graph(model_dir), device=device)
+            embedder = stored_embedder(model_dir, device)
+            if embedder is not None:
+                return embedder
+            if export_missing:
+                return OnnxEmbedder(model_graph(model_dir), device=device)
+            logger.debug("runtime auto: %s keeps no ONNX graph (uniret index build stores one); using torch", model_dir)
         except UniretError as exc:
             if not auto:
                 raise
-            logger.info("runtime auto: %s; using torch", exc)
+            logger.debug("runtime auto: %s; using torch", exc)
+    from .model import load_model  # torch: only when torch runs the model
+
     return load_model(model_dir, device=device)

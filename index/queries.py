@@ -59,13 +59,23 @@ class QueryRows:
         return self.inputs.get(row, self.images[row])
 
 
-def decode_query_image(data: bytes, label: str = "image") -> Image.Image:
-    """Decode image bytes to RGB, refusing images that declare more than :data:`MAX_PIXELS`."""
+def decode_query_image(data: bytes, label: str = "image", draft: tuple[int, int] | None = None) -> Image.Image:
+    """Decode image bytes to RGB, refusing images that declare more than :data:`MAX_PIXELS`.
+
+    ``draft=(w, h)``: a JPEG at least twice that size on both sides is decoded at a reduced scale
+    (Pillow's ``draft``: 1/2, 1/4 or 1/8 in the DCT, never below ``(w, h)``): a large photo then costs
+    a fraction of a full decode, and the resize to the model's input starts from fewer pixels.
+    """
     from ..data.images import decode_image
 
     try:
         with Image.open(io.BytesIO(data)) as probe:  # reads the header only
             width, height = probe.size
+            if (draft and probe.format == "JPEG" and probe.mode in ("RGB", "L")
+                    and width >= 2 * draft[0] and height >= 2 * draft[1] and width * height <= MAX_PIXELS):
+                reduced = _draft_decode(probe, draft)
+                if reduced is not None:
+                    return reduced
     except Image.DecompressionBombError:
         raise ImageDecodeError(f"{label}: over the limit of {MAX_PIXELS:,} pixels (a decompression bomb?); "
                                "downscale it first") from None
@@ -78,6 +88,16 @@ def decode_query_image(data: bytes, label: str = "image") -> Image.Image:
         return decode_image(data)
     except ImageDecodeError as exc:
         raise ImageDecodeError(f"{label}: {exc}") from None
+
+
+def _draft_decode(image: Image.Image, size: tuple[int, int]) -> Image.Image | None:
+    """The reduced decode of an opened JPEG, or None to decode it fully (and report what is wrong)."""
+    try:
+        image.draft("RGB", size)
+        image.load()
+        return image.convert("RGB")
+    except (OSError, SyntaxError, ValueError):
+        return None
 
 
 def read_image_file(path: Path) -> bytes:
@@ -116,7 +136,7 @@ def _load_npy(path: Path, dim: int) -> np.ndarray:
     return check_vectors(arr, dim, str(path))
 
 
-def _add_path(rows: QueryRows, text: str, dim: int) -> None:
+def _add_path(rows: QueryRows, text: str, dim: int, draft=None) -> None:
     from ..data.images import image_folder_items
 
     path = Path(text)
@@ -129,7 +149,7 @@ def _add_path(rows: QueryRows, text: str, dim: int) -> None:
         for i in range(len(items)):
             label = str(path / items[i].path)
             try:
-                rows.add(label, image=decode_query_image(read_image_file(path / items[i].path), label))
+                rows.add(label, image=decode_query_image(read_image_file(path / items[i].path), label, draft))
             except UniretError as exc:
                 logger.warning("skipping %s", exc)
         return
@@ -138,14 +158,15 @@ def _add_path(rows: QueryRows, text: str, dim: int) -> None:
     if not path.exists():
         raise UniretError(f"QUERY {text!r}: not an image file, a folder, id:N or an existing .npy")
     image_folder_items(path)  # checks the file name ending
-    rows.add(text, image=decode_query_image(read_image_file(path), text))
+    rows.add(text, image=decode_query_image(read_image_file(path), text, draft))
 
 
-def prepare_queries(queries, searcher) -> QueryRows:
+def prepare_queries(queries, searcher, draft: tuple[int, int] | None = None) -> QueryRows:
     """Expand ``queries`` (one query or a list) against ``searcher`` (for ids and the dimension).
 
     A query is an image path or folder, a ``.npy`` path, ``"id:N"`` or an int (a stored id), a PIL
-    image, encoded image bytes, or a numpy array of embeddings ((dim,) or (n, dim)).
+    image, encoded image bytes, or a numpy array of embeddings ((dim,) or (n, dim)). ``draft``: the
+    least (width, height) the model needs, for a reduced decode of large JPEGs (:func:`decode_query_image`).
     """
     if not isinstance(queries, (list, tuple)):
         queries = [queries]
@@ -154,7 +175,7 @@ def prepare_queries(queries, searcher) -> QueryRows:
         if isinstance(q, Image.Image):
             rows.add(getattr(q, "filename", "") or "<image>", image=q.convert("RGB"))
         elif isinstance(q, (bytes, bytearray, memoryview)):
-            rows.add("<bytes>", image=decode_query_image(bytes(q), "query image"))
+            rows.add("<bytes>", image=decode_query_image(bytes(q), "query image", draft))
         elif isinstance(q, np.ndarray):
             for i, vec in enumerate(check_vectors(q, searcher.dim, "query array")):
                 rows.add(f"vector[{i}]", vector=vec)
@@ -165,7 +186,7 @@ def prepare_queries(queries, searcher) -> QueryRows:
                 raise UsageError(f"QUERY {q!r}: expected id:<integer>, a stored id in 0..{MAX_ID}") from None
             rows.add(f"id:{qid}", stored_id=qid)
         elif isinstance(q, (str, Path)):
-            _add_path(rows, str(q), searcher.dim)
+            _add_path(rows, str(q), searcher.dim, draft)
         else:
             raise UniretError(f"query of type {type(q).__name__}: use an image path, PIL image, bytes, id or array")
     wanted = [i for i in rows.ids if i is not None]

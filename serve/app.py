@@ -29,10 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..errors import UniretError, UsageError
-from ..index.api import MAX_K, Index, Results
-from ..index.ids import UnknownIdError, parse_id, parse_ids
-from ..index.images import ImageNotFound
-from ..index.queries import prepare_queries
+from ..index.api import MAX_K, ImageNotFound, Index, Results, UnknownIdError, parse_id, parse_ids
 from .batcher import Job, MicroBatcher
 from .guards import BodyLimit, Guard, UploadTooLarge, too_large_message
 from .metrics import ServerMetrics
@@ -125,11 +122,8 @@ def prepare(index: Index, uploads: list[tuple[str, bytes]], ids: list, vectors) 
         queries.append(array)
     if not queries:
         raise UsageError("no query: send image file(s) (multipart), or JSON {\"ids\": [...]} or {\"vectors\": [[...]]}")
-    rows = prepare_queries(queries, index.searcher)
-    for i, (name, _) in enumerate(uploads):
-        rows.labels[i] = name
-    index.preprocess(rows)  # here, in a request thread, so the batch worker only runs the model
-    return rows
+    # Decoded and resized here, in a request thread, so the batch worker only normalises and runs the model.
+    return index.prepare(queries, labels={i: name for i, (name, _) in enumerate(uploads)})
 
 
 async def read_search_request(request: Request, max_queries: int) -> tuple[list, list, object, dict]:

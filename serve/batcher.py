@@ -21,8 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..index.api import Index, Results
-from ..index.queries import QueryRows
+from ..index.api import Index, QueryRows, Results
 
 logger = logging.getLogger("uniret")
 
