@@ -280,6 +280,9 @@ class OnnxEmbedder:
         ort = _need("onnxruntime")
         options = ort.SessionOptions()
         options.log_severity_level = 3  # warnings about unused initialisers would reach stderr
+        # No busy-waiting between runs: spinning threads take the CPU from request parsing, decoding and
+        # search (a server's other work) and from whatever else shares the machine.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads:
             options.intra_op_num_threads = int(threads)
         source = str(graph) if isinstance(graph, (str, Path)) else graph
@@ -340,7 +343,7 @@ class OnnxEmbedder:
         return _prefix(z, d)
 
 
-def stored_embedder(model_dir: Path, device: str = "cpu") -> OnnxEmbedder | None:
+def stored_embedder(model_dir: Path, device: str = "cpu", threads: int | None = None) -> OnnxEmbedder | None:
     """The model directory's own ``model.onnx`` under ONNX Runtime, when it records the directory's
     config hash (None when there is none; a stale one is reported and ignored)."""
     from ..utils import read_json
@@ -349,7 +352,7 @@ def stored_embedder(model_dir: Path, device: str = "cpu") -> OnnxEmbedder | None
     if not graph.is_file():
         return None
     want = (read_json(Path(model_dir) / "config.json") or {}).get("config_hash")  # model.CONFIG_NAME (torch-free here)
-    embedder = OnnxEmbedder(graph, device=device)
+    embedder = OnnxEmbedder(graph, device=device, threads=threads)
     if want and embedder.config_hash() == want:
         return embedder
     logger.warning("%s was exported from another model than %s; ignoring it", graph, Path(model_dir) / "config.json")
@@ -390,17 +393,19 @@ def resolve_runtime(runtime: str | None, device: str) -> str:
     return "onnx"
 
 
-def load_embedder(model_dir: Path, runtime: str, device: str, auto: bool = False, export_missing: bool = True):
+def load_embedder(model_dir: Path, runtime: str, device: str, auto: bool = False, export_missing: bool = True,
+                  threads: int | None = None):
     """The embedder of ``model_dir`` for a resolved runtime: a torch ``UniversalEmbedder`` or an
     :class:`OnnxEmbedder` of the directory's stored graph, else (``export_missing``) of a graph
-    exported now. With ``auto``, a model without a usable graph runs with torch instead."""
+    exported now. With ``auto``, a model without a usable graph runs with torch instead. ``threads``:
+    ONNX Runtime's threads per forward pass (None: one per core)."""
     if runtime == "onnx":
         try:
-            embedder = stored_embedder(model_dir, device)
+            embedder = stored_embedder(model_dir, device, threads)
             if embedder is not None:
                 return embedder
             if export_missing:
-                return OnnxEmbedder(model_graph(model_dir), device=device)
+                return OnnxEmbedder(model_graph(model_dir), device=device, threads=threads)
             logger.debug("runtime auto: %s keeps no ONNX graph (uniret index build stores one); using torch", model_dir)
         except UniretError as exc:
             if not auto:

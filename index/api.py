@@ -107,13 +107,14 @@ class Index:
     """A searchable index directory (see the module docstring)."""
 
     def __init__(self, path, device: str = "auto", gpu: str = "auto", model=None, images=None,
-                 runtime: str = "auto"):
+                 runtime: str = "auto", threads: int | None = None):
         from ..embed.onnx import RUNTIMES
         from .searcher import Searcher
 
         if str(runtime).strip().lower() not in RUNTIMES:
             raise UsageError(f"runtime {runtime!r}: use torch, onnx or auto")
         self.runtime_request = str(runtime).strip().lower()
+        self.threads = threads  # ONNX Runtime threads per forward pass (None: one per core)
 
         self.root = Path(path)
         self._open_args = {"gpu": gpu, "device": device}
@@ -222,7 +223,7 @@ class Index:
         path = self._model_path()
         runtime = resolve_runtime(self.runtime_request, self.device)
         embedder = load_embedder(path, runtime, self.device, auto=self.runtime_request == "auto",
-                                 export_missing=self.runtime_request != "auto")
+                                 export_missing=self.runtime_request != "auto", threads=self.threads)
         self.searcher.check_model(embedder.config_hash(), what=str(path))
         logger.debug("index %s: embedding queries with %s on %s", self.root, getattr(embedder, "runtime", "torch"),
                      self.device)
@@ -360,13 +361,15 @@ def _has_images(queries) -> bool:
 
 
 def open_index(path, device: str = "auto", gpu: str = "auto", model=None, images=None,
-               runtime: str = "auto") -> Index:
+               runtime: str = "auto", threads: int | None = None) -> Index:
     """Open an index directory for searching (see :class:`Index`).
 
     ``device``: auto | cpu | cuda[:i], where image queries are embedded (and flat indexes searched
     when Faiss has no GPU); ``gpu``: auto | on | off for Faiss; ``model``: a model directory to use
     instead of the index's copy; ``images``: a packed store or folder for result thumbnails;
     ``runtime``: torch | onnx | auto, what runs the model (auto: ONNX Runtime when the model copy
-    keeps an exported graph and ONNX Runtime is installed; see :func:`uniret.embed.onnx.resolve_runtime`).
+    keeps an exported graph and ONNX Runtime is installed; see :func:`uniret.embed.onnx.resolve_runtime`);
+    ``threads``: ONNX Runtime's threads per forward pass (None: one per core; a server running
+    several forward passes at once gives each fewer).
     """
-    return Index(path, device=device, gpu=gpu, model=model, images=images, runtime=runtime)
+    return Index(path, device=device, gpu=gpu, model=model, images=images, runtime=runtime, threads=threads)

@@ -71,11 +71,14 @@ def decode_query_image(data: bytes, label: str = "image", draft: tuple[int, int]
     try:
         with Image.open(io.BytesIO(data)) as probe:  # reads the header only
             width, height = probe.size
-            if (draft and probe.format == "JPEG" and probe.mode in ("RGB", "L")
-                    and width >= 2 * draft[0] and height >= 2 * draft[1] and width * height <= MAX_PIXELS):
-                reduced = _draft_decode(probe, draft)
-                if reduced is not None:
-                    return reduced
+            if width * height <= MAX_PIXELS and probe.format in ("JPEG", "PNG") and probe.mode in ("RGB", "L"):
+                # The common case, decoded from this one open (decode_image would open the bytes again):
+                # 8-bit RGB or grey, where decode_image's answer is load + convert. Anything else, and
+                # any failure (reported there in one line), goes through decode_image.
+                big = draft and probe.format == "JPEG" and width >= 2 * draft[0] and height >= 2 * draft[1]
+                decoded = _load_rgb(probe, draft if big else None)
+                if decoded is not None:
+                    return decoded
     except Image.DecompressionBombError:
         raise ImageDecodeError(f"{label}: over the limit of {MAX_PIXELS:,} pixels (a decompression bomb?); "
                                "downscale it first") from None
@@ -90,13 +93,15 @@ def decode_query_image(data: bytes, label: str = "image", draft: tuple[int, int]
         raise ImageDecodeError(f"{label}: {exc}") from None
 
 
-def _draft_decode(image: Image.Image, size: tuple[int, int]) -> Image.Image | None:
-    """The reduced decode of an opened JPEG, or None to decode it fully (and report what is wrong)."""
+def _load_rgb(image: Image.Image, draft: tuple[int, int] | None) -> Image.Image | None:
+    """An opened 8-bit image decoded to RGB (a JPEG at a reduced scale with ``draft``), or None to
+    leave it to ``decode_image`` (which reports what is wrong)."""
     try:
-        image.draft("RGB", size)
+        if draft is not None:
+            image.draft("RGB", draft)
         image.load()
-        return image.convert("RGB")
-    except (OSError, SyntaxError, ValueError):
+        return image if image.mode == "RGB" else image.convert("RGB")
+    except (OSError, SyntaxError, ValueError, EOFError):
         return None
 
 

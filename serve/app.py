@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -259,9 +260,11 @@ def create_app(index: Index, settings: ServeSettings | None = None) -> FastAPI:
         with batcher.incoming() if batcher is not None else contextlib.nullcontext():
             uploads, ids, vectors, params = await read_search_request(request, settings.max_queries)
             k, rerank, domain, threshold = parse_params(params, index)
-            rows = await run_in_threadpool(prepare, index, uploads, ids, vectors)
-        if batcher is not None:
-            results = await batcher.submit(Job(rows, k, rerank, domain, threshold))
+            if batcher is None:
+                rows = await run_in_threadpool(prepare, index, uploads, ids, vectors)
+        if batcher is not None:  # decoded in the batch worker: no thread hop per request
+            results = await batcher.submit(Job(functools.partial(prepare, index, uploads, ids, vectors), k, rerank,
+                                               domain, threshold, expected=max(1, len(uploads) + len(ids))))
         else:
             results = await run_in_threadpool(
                 lambda: index.search_vectors(rows, index.embed_rows(rows), k=k, rerank=rerank, domain=domain,

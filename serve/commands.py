@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import typer
@@ -44,7 +45,10 @@ def serve_command(
     from .app import ServeSettings, create_app
     from .guards import is_loopback
 
-    opened = open_index(index, device=device, images=images, runtime=runtime)
+    # Two forward passes run at once (the batcher's two workers, or concurrent requests without
+    # batching): each gets half the cores, so that no thread waits for a core another one holds.
+    threads = max(1, (os.cpu_count() or 2) // 2)
+    opened = open_index(index, device=device, images=images, runtime=runtime, threads=threads)
     if opened.searcher.manifest.get("model_dir") or opened.model_dir:
         opened.load_model()  # load the model now, not on the first image query
         logger.info("image queries: %s on %s", opened.runtime, opened.device)
