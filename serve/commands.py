@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import typer
@@ -45,10 +44,7 @@ def serve_command(
     from .app import ServeSettings, create_app
     from .guards import is_loopback
 
-    # Two forward passes run at once (the batcher's two workers, or concurrent requests without
-    # batching): each gets half the cores, so that no thread waits for a core another one holds.
-    threads = max(1, (os.cpu_count() or 2) // 2)
-    opened = open_index(index, device=device, images=images, runtime=runtime, threads=threads)
+    opened = open_index(index, device=device, images=images, runtime=runtime)
     if opened.searcher.manifest.get("model_dir") or opened.model_dir:
         opened.load_model()  # load the model now, not on the first image query
         logger.info("image queries: %s on %s", opened.runtime, opened.device)
