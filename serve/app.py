@@ -30,7 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..errors import UniretError, UsageError
-from ..index.api import MAX_K, ImageNotFound, Index, Results, UnknownIdError, parse_id, parse_ids
+from ..index.api import MAX_K, Index, Results, UnknownIdError, parse_id, parse_ids
 from .batcher import Job, MicroBatcher
 from .guards import BodyLimit, Guard, UploadTooLarge, too_large_message
 from .metrics import ServerMetrics
@@ -65,6 +65,8 @@ class ServeSettings:
 
 class UnsupportedMediaType(UniretError):
     """A search request that is neither multipart nor JSON (HTTP 415)."""
+
+    http_status = 415
 
 
 def _one_line(exc: BaseException) -> str:
@@ -202,8 +204,7 @@ def create_app(index: Index, settings: ServeSettings | None = None) -> FastAPI:
 
     @app.exception_handler(UniretError)
     async def uniret_error(request: Request, exc: UniretError):
-        status = 404 if isinstance(exc, (UnknownIdError, ImageNotFound)) else 400
-        return _error(415 if isinstance(exc, UnsupportedMediaType) else status, _one_line(exc))
+        return _error(exc.http_status, _one_line(exc))  # each error class carries its status
 
     @app.exception_handler(UploadTooLarge)
     async def upload_too_large(request: Request, exc: UploadTooLarge):
