@@ -18,9 +18,11 @@ import shutil
 
 
 class UniretError(Exception):
-    """An expected failure caused by input (paths, files, options); the message is shown as is."""
+    """An expected failure caused by input (paths, files, options); the message is shown as is.
+    ``exit_code`` is what the CLI exits with, ``http_status`` what the server answers."""
 
     exit_code = 1
+    http_status = 400
 
 
 class UsageError(UniretError):

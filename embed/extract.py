@@ -101,6 +101,7 @@ def embed_items(
     overwrite: bool = False,
     inputs: tuple = (),
     part: tuple[int, int] = (0, 1),
+    onnx=None,
 ) -> EmbeddingStore:
     """Embed every item of ``items`` (an ``ItemList`` or tar shards) into the store ``out`` and return it.
 
@@ -110,7 +111,8 @@ def embed_items(
     returned as it is ("nothing to do"). ``out`` must be new, empty or (with ``overwrite``) another
     embedding store, and never inside ``inputs`` (the data, the model). A full disk removes the
     partial store. Under torchrun every rank calls this with the same arguments, writes its own
-    part, and all return the published store.
+    part, and all return the published store. ``onnx``: an ``OnnxEmbedder`` of ``model`` that runs
+    the forward pass instead of torch (``--runtime onnx``).
     """
     _check_options(items, batch_size, workers, dtype)
     out = Path(out)
@@ -133,7 +135,7 @@ def embed_items(
     claim = claim_output(out, "embedding store", is_store, inputs, overwrite=True) if rank == 0 else nullcontext()
     with claim:
         try:
-            return _embed(model, job, dev, batch_size, workers, resume, amp, checkpoint_every, rank, world)
+            return _embed(model, job, dev, batch_size, workers, resume, amp, checkpoint_every, rank, world, onnx)
         except BaseException as exc:
             if rank == 0 and is_disk_full(exc):
                 shutil.rmtree(job.partial, ignore_errors=True)
@@ -141,7 +143,7 @@ def embed_items(
 
 
 def _embed(model: UniversalEmbedder, job: EmbedJob, dev: torch.device, batch_size: int, workers: int,
-           resume: bool, amp: bool, checkpoint_every: int, rank: int, world: int) -> EmbeddingStore:
+           resume: bool, amp: bool, checkpoint_every: int, rank: int, world: int, onnx=None) -> EmbeddingStore:
     """Every process embeds its part; rank 0 then lists the parts in the manifest and publishes."""
     out = job.out
     if rank == 0:
@@ -152,7 +154,7 @@ def _embed(model: UniversalEmbedder, job: EmbedJob, dev: torch.device, batch_siz
         logger.info("%s: part %d of %d is already embedded", out, job.k, job.parts)
     else:
         _embed_part(model, writer, dev, batch_size, workers, amp, checkpoint_every,
-                    f" (rank {rank})" if world > 1 else "")
+                    f" (rank {rank})" if world > 1 else "", onnx)
     _barrier(world)
     if rank == 0:
         store = job.publish()
@@ -168,7 +170,7 @@ def _embed(model: UniversalEmbedder, job: EmbedJob, dev: torch.device, batch_siz
 
 
 def _embed_part(model: UniversalEmbedder, writer: PartWriter, dev: torch.device, batch_size: int, workers: int,
-                amp: bool, checkpoint_every: int, who: str) -> None:
+                amp: bool, checkpoint_every: int, who: str, onnx=None) -> None:
     """Embed the rows of one part that are still missing, checkpointing every few batches."""
     rows = writer.missing_rows()
     if len(rows) < len(writer.items):
@@ -178,7 +180,7 @@ def _embed_part(model: UniversalEmbedder, writer: PartWriter, dev: torch.device,
     start = time.perf_counter()
     with progress_bar(f"embedding{who}", len(rows)) as advance:
         for batch_no, (ids, vectors, ok, reasons) in enumerate(
-                embedded_batches(model, writer.items, rows, dev, batch_size, workers, amp), start=1):
+                embedded_batches(model, writer.items, rows, dev, batch_size, workers, amp, onnx), start=1):
             sink.add(ids, vectors, ok, reasons)
             advance(len(ids))
             if batch_no % checkpoint_every == 0:
@@ -201,10 +203,13 @@ def _check_options(items, batch_size: int, workers: int, dtype: str) -> None:
 
 
 def embedded_batches(model: UniversalEmbedder, items: ItemList, ids: np.ndarray, dev: torch.device,
-                     batch_size: int, workers: int, amp: bool = True) -> Iterator[tuple]:
+                     batch_size: int, workers: int, amp: bool = True, onnx=None) -> Iterator[tuple]:
     """The batch generator: ``(ids, vectors (n, D) float32, ok (n,) bool, reasons)`` for the items
     ``ids``, decoded and preprocessed (the model's eval transform) in DataLoader workers. A row is not
-    ok when its image could not be read or its embedding is not finite."""
+    ok when its image could not be read or its embedding is not finite. ``onnx``: an ``OnnxEmbedder``
+    that runs the forward pass instead (the loader still preprocesses with the model's transform)."""
+    if onnx is not None:
+        dev = torch.device("cpu")  # ONNX Runtime takes host arrays and places them on its own device
     model = model.to(dev).eval()
     use_cuda = dev.type == "cuda"
     if use_cuda:
@@ -221,9 +226,12 @@ def embedded_batches(model: UniversalEmbedder, items: ItemList, ids: np.ndarray,
             x = x.to(dev, non_blocking=True)
             if use_cuda:
                 x = x.contiguous(memory_format=torch.channels_last)
-            with autocast:
-                z = model(x)
-            vectors = z.float().cpu().numpy()
+            if onnx is not None:
+                vectors = onnx.run(x.numpy())
+            else:
+                with autocast:
+                    z = model(x)
+                vectors = z.float().cpu().numpy()
             ok = ok.numpy().astype(bool)
             reasons = list(reasons)
             finite = np.isfinite(vectors).all(axis=1)

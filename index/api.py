@@ -25,17 +25,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from ..errors import UniretError, UsageError
 from ..utils import announce_model_load
 from .filters import parse_where as check_where
-from .images import index_images
-from .layout import current_version
+from .ids import UnknownIdError, parse_id, parse_ids
+from .images import ImageNotFound, index_images
+from .layout import MODEL_DIR, current_version
 from .queries import QueryRows, prepare_queries
 from .rerank import get_reranker, reranker_names
 
 logger = logging.getLogger("uniret")
+
+# What the HTTP server (serve/) uses of the search layer: it imports this module only.
+__all__ = ["MAX_K", "Index", "Results", "QueryResult", "QueryRows", "ImageNotFound", "UnknownIdError",
+           "open_index", "parse_id", "parse_ids", "check_k", "check_rerank", "check_shortlist"]
 
 #: The most results one query may ask for (k is also clamped to the index size).
 MAX_K = 10_000
@@ -94,6 +98,16 @@ def check_k(k, count: int) -> int:
     return int(max(1, min(k, count, MAX_K)))
 
 
+def check_shortlist(shortlist_dim: int | None, shortlist_k: int | None, dim: int) -> None:
+    """The Matryoshka funnel's sizes: a prefix in 1..dim, a shortlist >= 1 and only with a prefix."""
+    if shortlist_k is not None and shortlist_dim is None:
+        raise UsageError("--shortlist-k needs --shortlist-dim")
+    if shortlist_dim is not None and not 0 < shortlist_dim <= dim:
+        raise UsageError(f"--shortlist-dim must be in 1..{dim}, got {shortlist_dim}")
+    if shortlist_k is not None and shortlist_k < 1:
+        raise UsageError(f"--shortlist-k must be >= 1, got {shortlist_k}")
+
+
 def check_rerank(rerank: str | None) -> str | None:
     """A registered reranker's name, or None for none; a one-line error for any other name."""
     return None if get_reranker(rerank) is None else rerank
@@ -102,8 +116,15 @@ def check_rerank(rerank: str | None) -> str | None:
 class Index:
     """A searchable index directory (see the module docstring)."""
 
-    def __init__(self, path, device: str = "auto", gpu: str = "auto", model=None, images=None):
+    def __init__(self, path, device: str = "auto", gpu: str = "auto", model=None, images=None,
+                 runtime: str = "auto", threads: int | None = None):
+        from ..embed.onnx import RUNTIMES
         from .searcher import Searcher
+
+        if str(runtime).strip().lower() not in RUNTIMES:
+            raise UsageError(f"runtime {runtime!r}: use torch, onnx or auto")
+        self.runtime_request = str(runtime).strip().lower()
+        self.threads = threads  # ONNX Runtime threads per forward pass (None: one per core)
 
         self.root = Path(path)
         self._open_args = {"gpu": gpu, "device": device}
@@ -112,7 +133,9 @@ class Index:
         self._images_given = images  # --images overrides the sources the index recorded
         self.images = index_images(self.root, self.searcher.manifest, images)
         self._refresh_lock = threading.Lock()
+        self._model_lock = threading.Lock()
         self._model = None
+        self._image_prep = None
         self._domains: tuple = (None, [])
 
     # -- what is loaded -------------------------------------------------------------------------
@@ -183,7 +206,7 @@ class Index:
             fresh = Searcher.open(self.root, **self._open_args)
             old_images = self.searcher.manifest.get("images")
             if fresh.model_hash != self.searcher.model_hash:
-                self._model = None  # rebuilt from another model: load its copy again
+                self._model, self._image_prep = None, None  # rebuilt from another model: load its copy again
             fresh.row_domains  # noqa: B018 - read the domains before the swap, not on a request
             self.searcher = fresh  # one reference swap: searches in flight keep the old version
             if self._images_given is None and fresh.manifest.get("images") != old_images:
@@ -211,30 +234,98 @@ class Index:
         return res
 
     # -- embedding ------------------------------------------------------------------------------
+    @property
+    def device(self) -> str:
+        """Where image queries are embedded: the resolved ``device`` (``cpu`` or ``cuda:N``, kept as is)."""
+        return self.searcher.device
+
+    def _model_path(self) -> Path:
+        if self.model_dir is not None:
+            from ..embed.model import resolve_model_dir
+
+            return resolve_model_dir(self.model_dir)
+        path = self.root / MODEL_DIR
+        if not (path / "config.json").is_file():
+            raise UniretError(f"{self.root} holds no model copy (built without --model); pass --model DIR, "
+                              "or query with id:N or a .npy of embeddings")
+        return path
+
     def load_model(self):
-        """The index's model copy (or ``model=``), checked against the index; loaded once."""
+        """The query embedder, loaded and checked against the index once (the one owner of the model):
+        the index's model copy (or ``model=``) on :attr:`device`, run by :attr:`runtime` (a torch
+        ``UniversalEmbedder`` or an ONNX Runtime ``OnnxEmbedder``; both ``encode`` the same way)."""
         if self._model is None:
-            searcher = self.searcher
-            device = "cuda" if searcher.device.startswith("cuda") else "cpu"
-            announce_model_load(self.model_dir or self.root / "model")
-            self._model = searcher.load_model(self.model_dir, device=device)
+            with self._model_lock:
+                if self._model is None:
+                    self._model = self._load_embedder()
         return self._model
 
+    def _load_embedder(self):
+        from ..embed.onnx import load_embedder, resolve_runtime
+
+        path = self._model_path()
+        announce_model_load(path)
+        runtime = resolve_runtime(self.runtime_request, self.device)
+        embedder = load_embedder(path, runtime, self.device, auto=self.runtime_request == "auto",
+                                 export_missing=self.runtime_request != "auto", threads=self.threads)
+        self.searcher.check_model(embedder.config_hash(), what=str(path))
+        logger.debug("index %s: embedding queries with %s on %s", self.root, getattr(embedder, "runtime", "torch"),
+                     self.device)
+        return embedder
+
+    @property
+    def runtime(self) -> str:
+        """``torch`` or ``onnx``: what runs the model (loads it)."""
+        return getattr(self.load_model(), "runtime", "torch")
+
+    def _prep(self):
+        """The numpy preprocessing of the model's config (None: a crop mode only torch's transform does)."""
+        if self._image_prep is None:
+            from ..embed.imageprep import ImagePrep
+
+            config = self.load_model().config.preprocess
+            self._image_prep = (ImagePrep(config) if ImagePrep.supports(config) else False,)
+        return self._image_prep[0] or None
+
+    def draft_size(self) -> tuple[int, int] | None:
+        """How large a query JPEG must be decoded (Pillow's reduced decode) for the model's input."""
+        from ..embed.imageprep import draft_size
+        from ..utils import read_json
+
+        if self._model is not None:
+            return draft_size(self._model.config.preprocess)
+        try:  # the model's config only: the model itself loads when the first image is embedded
+            return draft_size(read_json(self._model_path() / "config.json")["preprocess"])
+        except (UniretError, OSError, ValueError, KeyError, TypeError):
+            return None  # no usable model: the image queries fail later, with the reason
+
     def preprocess(self, rows: QueryRows) -> None:
-        """Turn the image rows into model input tensors now, in the calling thread: the server does
-        this per request, so that only the forward pass runs in its batch worker."""
+        """Resize and crop the image rows now, in the calling thread (the server does this per request):
+        the batch then only needs one normalisation of the whole batch and the forward pass."""
         if rows.image_rows:
-            transform = self.load_model().transforms()[1]  # the eval transform
-            rows.inputs.update({i: transform(rows.images[i]) for i in rows.image_rows})
+            rows.inputs.update(zip(rows.image_rows, self._inputs([rows.images[i] for i in rows.image_rows])))
+
+    def _inputs(self, images: list) -> list[np.ndarray]:
+        """Per image: (H, W, 3) uint8 pixels ready for the batch normalisation, or (3, H, W) float32
+        from torch's transform for a crop mode the numpy path does not reproduce."""
+        prep = self._prep()
+        if prep is not None:
+            return [im if isinstance(im, np.ndarray) else prep.pixels(im) for im in images]
+        transform = self.load_model().transforms()[1]
+        return [im if isinstance(im, np.ndarray) else transform(im).numpy() for im in images]
 
     def embed_images(self, images: list, batch_size: int = 64) -> np.ndarray:
-        """(n, dim) float32 embeddings of PIL images, or of the tensors :meth:`preprocess` made."""
+        """(n, dim) float32 embeddings of PIL images, or of the inputs :meth:`preprocess` made."""
         model = self.load_model()
-        if images and all(not isinstance(im, Image.Image) for im in images):
-            import torch
-
-            images = torch.stack(images)
-        vectors = model.encode(images, batch_size=batch_size).float().cpu().numpy()
+        inputs = self._inputs(list(images))
+        if not inputs:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        chunks = []
+        for start in range(0, len(inputs), batch_size):
+            part = np.stack(inputs[start:start + batch_size])
+            batch = self._prep().normalise(part) if part.dtype == np.uint8 else part
+            chunks.append(_forward(model, batch))
+        vectors = np.concatenate(chunks)
         if not np.isfinite(vectors).all():
             raise UniretError("the model produced non-finite embeddings for a query image; the model is damaged")
         return vectors
@@ -249,6 +340,16 @@ class Index:
         return np.stack(rows.vectors).astype(np.float32)
 
     # -- search ---------------------------------------------------------------------------------
+    def prepare(self, queries, labels: dict[int, str] | None = None) -> QueryRows:
+        """Query rows of ``queries`` with their images decoded (large JPEGs at a reduced scale) and
+        preprocessed, ready to embed: what a server does per request, outside its batch worker.
+        ``labels`` renames rows (a server labels uploads by their file names)."""
+        rows = prepare_queries(queries, self.searcher, draft=self.draft_size() if _has_images(queries) else None)
+        for i, label in (labels or {}).items():
+            rows.labels[i] = label
+        self.preprocess(rows)
+        return rows
+
     def search(self, queries, k: int = 10, rerank: str | None = None, domain: str | None = None,
                threshold: float | None = None, shortlist_dim: int | None = None,
                shortlist_k: int | None = None, where=None) -> Results:
@@ -257,7 +358,7 @@ class Index:
         (:mod:`uniret.index.filters`)."""
         searcher = self.searcher
         check_where(where)  # a bad expression fails before any image is embedded
-        rows = prepare_queries(queries, searcher)
+        rows = prepare_queries(queries, searcher, draft=self.draft_size() if _has_images(queries) else None)
         return self.search_vectors(rows, self.embed_rows(rows), k=k, rerank=rerank, domain=domain,
                                    threshold=threshold, shortlist_dim=shortlist_dim, shortlist_k=shortlist_k,
                                    searcher=searcher, where=where)
@@ -270,8 +371,7 @@ class Index:
         searcher = searcher or self.searcher
         if threshold is not None and not -1.0 <= threshold <= 1.0:
             raise UsageError(f"threshold must be a similarity in [-1, 1], got {threshold}")
-        if shortlist_k is not None and shortlist_dim is None:
-            raise UsageError("--shortlist-k needs --shortlist-dim")
+        check_shortlist(shortlist_dim, shortlist_k, searcher.dim)
         k = check_k(k, searcher.count)
         scores, ids = searcher.search(xq, k, rerank=check_rerank(rerank), domain=domain,
                                       shortlist_dim=shortlist_dim, shortlist_k=shortlist_k, where=where)
@@ -290,11 +390,33 @@ class Index:
         return Results(out, images=self.images)
 
 
-def open_index(path, device: str = "auto", gpu: str = "auto", model=None, images=None) -> Index:
+def _forward(model, batch: np.ndarray) -> np.ndarray:
+    """One (N, 3, H, W) float32 batch through either runtime's model -> (N, dim) float32 numpy."""
+    if getattr(model, "runtime", "torch") == "onnx":
+        return model.run(batch)
+    import torch
+
+    return model.encode(torch.from_numpy(batch), batch_size=len(batch)).float().cpu().numpy()
+
+
+def _has_images(queries) -> bool:
+    """Whether any query may be an image (so the model's decode size is worth knowing)."""
+    items = queries if isinstance(queries, (list, tuple)) else [queries]
+    return any(isinstance(q, (bytes, bytearray, memoryview))
+               or (isinstance(q, (str, Path)) and not str(q).startswith("id:") and not str(q).endswith(".npy"))
+               for q in items)
+
+
+def open_index(path, device: str = "auto", gpu: str = "auto", model=None, images=None,
+               runtime: str = "auto", threads: int | None = None) -> Index:
     """Open an index directory for searching (see :class:`Index`).
 
     ``device``: auto | cpu | cuda[:i], where image queries are embedded (and flat indexes searched
     when Faiss has no GPU); ``gpu``: auto | on | off for Faiss; ``model``: a model directory to use
-    instead of the index's copy; ``images``: a packed store or folder for result thumbnails.
+    instead of the index's copy; ``images``: a packed store or folder for result thumbnails;
+    ``runtime``: torch | onnx | auto, what runs the model (auto: ONNX Runtime when the model copy
+    keeps an exported graph and ONNX Runtime is installed; see :func:`uniret.embed.onnx.resolve_runtime`);
+    ``threads``: ONNX Runtime's threads per forward pass (None: one per core; a server running
+    several forward passes at once gives each fewer).
     """
-    return Index(path, device=device, gpu=gpu, model=model, images=images)
+    return Index(path, device=device, gpu=gpu, model=model, images=images, runtime=runtime, threads=threads)

@@ -11,8 +11,9 @@ import typer
 
 from ..data.folder import LAYOUTS
 from ..display import OutputFormat, display_score, emit
+from ..embed.commands import Runtime, RuntimeOpt
 from ..errors import UsageError
-from ..guards import check_output_file, file_has_format
+from ..guards import check_output_file, file_has_format, in_range
 from .rerank import reranker_names
 
 logger = logging.getLogger("uniret")
@@ -263,20 +264,19 @@ def search_command(
     html: Path = HtmlOpt,
     overwrite: bool = OverwriteOpt,
     gpu: GpuMode = GpuOpt,
+    device: str = typer.Option("auto", "--device", help="Where query images are embedded: auto, cpu, cuda or cuda:N."),
+    runtime: Runtime = RuntimeOpt,
     fmt: OutputFormat = FormatOpt,
 ) -> None:
     """Search an index by image, folder, stored id or embeddings; prints rank, id, score and metadata."""
     from .api import open_index
 
     _check_html(html, [index, images, model, *queries], overwrite, "search")
-    if shortlist_k is not None and shortlist_dim is None:
-        raise UsageError("--shortlist-k needs --shortlist-dim")
-    if k < 1:
-        raise UsageError(f"--k must be >= 1, got {k}")
+    in_range(k, "--k", 1)  # the option's range; the search layer checks k against the index
     from .filters import parse_where
 
     parse_where(where or None)  # a bad expression is one line before anything is loaded
-    idx = open_index(index, gpu=gpu.value, model=model, images=images)
+    idx = open_index(index, device=device, gpu=gpu.value, model=model, images=images, runtime=runtime.value)
     if model is not None:
         idx.load_model()  # check that the given model made the index, even for id queries
     results = idx.search(queries, k=k, rerank=rerank.value, domain=domain, threshold=threshold,

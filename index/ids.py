@@ -22,6 +22,8 @@ _INT_TEXT = re.compile(r"[+]?[0-9]+")
 class UnknownIdError(UniretError):
     """An id that is well formed but not in the index (HTTP 404)."""
 
+    http_status = 404
+
 
 def parse_id(value, what: str = "id") -> int:
     """One id from text or a JSON value; raises a one-line :class:`UniretError` otherwise."""

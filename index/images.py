@@ -31,6 +31,8 @@ MAX_IMAGE_BYTES = 64 << 20
 class ImageNotFound(UniretError):
     """The item has no image in this source (HTTP 404)."""
 
+    http_status = 404
+
 
 class FolderImages:
     """Images under a root folder, looked up by the item's relative path."""

@@ -39,8 +39,27 @@ def copy_model(root: Path, model_dir: Path | None) -> str | None:
     tmp = root / f".{MODEL_DIR}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(src, tmp)
+    add_graph(tmp)
     publish_dir(tmp, root / MODEL_DIR)
     return MODEL_DIR
+
+
+def add_graph(model_copy: Path) -> None:
+    """Keep the model's exported ONNX graph in the index's copy (``model.onnx``), so that a server
+    running ONNX Runtime never loads the torch weights; skipped when ONNX Runtime is not installed
+    or the model does not export (the copy then serves with torch)."""
+    from ..embed.onnx import have_onnxruntime, save_graph, stored_embedder
+
+    if not have_onnxruntime():
+        return
+    try:
+        if stored_embedder(model_copy) is not None:
+            return
+    except UniretError:
+        pass  # a damaged graph: export it again
+    from ..embed.model import load_model
+
+    save_graph(load_model(model_copy), model_copy)
 
 
 def is_leftover(path: Path) -> bool:

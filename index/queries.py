@@ -59,13 +59,26 @@ class QueryRows:
         return self.inputs.get(row, self.images[row])
 
 
-def decode_query_image(data: bytes, label: str = "image") -> Image.Image:
-    """Decode image bytes to RGB, refusing images that declare more than :data:`MAX_PIXELS`."""
+def decode_query_image(data: bytes, label: str = "image", draft: tuple[int, int] | None = None) -> Image.Image:
+    """Decode image bytes to RGB, refusing images that declare more than :data:`MAX_PIXELS`.
+
+    ``draft=(w, h)``: a JPEG at least twice that size on both sides is decoded at a reduced scale
+    (Pillow's ``draft``: 1/2, 1/4 or 1/8 in the DCT, never below ``(w, h)``): a large photo then costs
+    a fraction of a full decode, and the resize to the model's input starts from fewer pixels.
+    """
     from ..data.images import decode_image, readable_formats, short_reason
 
     try:
         with Image.open(io.BytesIO(data)) as probe:  # reads the header only
             width, height = probe.size
+            if width * height <= MAX_PIXELS and probe.format in ("JPEG", "PNG") and probe.mode in ("RGB", "L"):
+                # The common case, decoded from this one open (decode_image would open the bytes again):
+                # 8-bit RGB or grey, where decode_image's answer is load + convert. Anything else, and
+                # any failure (reported there in one line), goes through decode_image.
+                big = draft and probe.format == "JPEG" and width >= 2 * draft[0] and height >= 2 * draft[1]
+                decoded = _load_rgb(probe, draft if big else None)
+                if decoded is not None:
+                    return decoded
     except Image.DecompressionBombError:
         raise ImageDecodeError(f"{label}: over the limit of {MAX_PIXELS:,} pixels (a decompression bomb?); "
                                "downscale it first") from None
@@ -81,6 +94,18 @@ def decode_query_image(data: bytes, label: str = "image") -> Image.Image:
         return decode_image(data)
     except ImageDecodeError as exc:
         raise ImageDecodeError(f"{label}: {exc}") from None
+
+
+def _load_rgb(image: Image.Image, draft: tuple[int, int] | None) -> Image.Image | None:
+    """An opened 8-bit image decoded to RGB (a JPEG at a reduced scale with ``draft``), or None to
+    leave it to ``decode_image`` (which reports what is wrong)."""
+    try:
+        if draft is not None:
+            image.draft("RGB", draft)
+        image.load()
+        return image if image.mode == "RGB" else image.convert("RGB")
+    except (OSError, SyntaxError, ValueError, EOFError):
+        return None
 
 
 def read_image_file(path: Path) -> bytes:
@@ -119,7 +144,7 @@ def _load_npy(path: Path, dim: int) -> np.ndarray:
     return check_vectors(arr, dim, str(path))
 
 
-def _add_path(rows: QueryRows, text: str, dim: int) -> None:
+def _add_path(rows: QueryRows, text: str, dim: int, draft=None) -> None:
     from ..data.images import image_folder_items
 
     path = Path(text)
@@ -132,7 +157,7 @@ def _add_path(rows: QueryRows, text: str, dim: int) -> None:
         for i in range(len(items)):
             label = str(path / items[i].path)
             try:
-                rows.add(label, image=decode_query_image(read_image_file(path / items[i].path), label))
+                rows.add(label, image=decode_query_image(read_image_file(path / items[i].path), label, draft))
             except UniretError as exc:
                 logger.warning("skipping %s", exc)
         return
@@ -141,14 +166,15 @@ def _add_path(rows: QueryRows, text: str, dim: int) -> None:
     if not path.exists():
         raise UniretError(f"QUERY {text!r}: not an image file, a folder, id:N or an existing .npy")
     image_folder_items(path)  # checks the file name ending
-    rows.add(text, image=decode_query_image(read_image_file(path), text))
+    rows.add(text, image=decode_query_image(read_image_file(path), text, draft))
 
 
-def prepare_queries(queries, searcher) -> QueryRows:
+def prepare_queries(queries, searcher, draft: tuple[int, int] | None = None) -> QueryRows:
     """Expand ``queries`` (one query or a list) against ``searcher`` (for ids and the dimension).
 
     A query is an image path or folder, a ``.npy`` path, ``"id:N"`` or an int (a stored id), a PIL
-    image, encoded image bytes, or a numpy array of embeddings ((dim,) or (n, dim)).
+    image, encoded image bytes, or a numpy array of embeddings ((dim,) or (n, dim)). ``draft``: the
+    least (width, height) the model needs, for a reduced decode of large JPEGs (:func:`decode_query_image`).
     """
     if not isinstance(queries, (list, tuple)):
         queries = [queries]
@@ -157,7 +183,7 @@ def prepare_queries(queries, searcher) -> QueryRows:
         if isinstance(q, Image.Image):
             rows.add(getattr(q, "filename", "") or "<image>", image=q.convert("RGB"))
         elif isinstance(q, (bytes, bytearray, memoryview)):
-            rows.add("<bytes>", image=decode_query_image(bytes(q), "query image"))
+            rows.add("<bytes>", image=decode_query_image(bytes(q), "query image", draft))
         elif isinstance(q, np.ndarray):
             for i, vec in enumerate(check_vectors(q, searcher.dim, "query array")):
                 rows.add(f"vector[{i}]", vector=vec)
@@ -168,7 +194,7 @@ def prepare_queries(queries, searcher) -> QueryRows:
                 raise UsageError(f"QUERY {q!r}: expected id:<integer>, a stored id in 0..{MAX_ID}") from None
             rows.add(f"id:{qid}", stored_id=qid)
         elif isinstance(q, (str, Path)):
-            _add_path(rows, str(q), searcher.dim)
+            _add_path(rows, str(q), searcher.dim, draft)
         else:
             raise UniretError(f"query of type {type(q).__name__}: use an image path, PIL image, bytes, id or array")
     wanted = [i for i in rows.ids if i is not None]

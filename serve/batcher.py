@@ -3,7 +3,9 @@
 Requests put a :class:`Job` (their prepared query rows and search parameters) on an asyncio queue.
 One gatherer task takes the first job, then keeps taking jobs until the batch holds ``max_batch``
 queries or ``max_wait_ms`` have passed, and hands the batch to a worker thread (two batches are in
-flight at most, so one's Python work overlaps the other's forward pass). It waits only
+flight at most, so one's decoding and search overlap the other's forward pass). A job may carry
+its request's uploads still encoded (a prepare function): the worker decodes them, so a request
+costs the event loop only its HTTP parsing. It waits only
 while more requests are on their way (received, still being decoded: :meth:`MicroBatcher.incoming`),
 so a lone request is never held back for the timer: the images of all
 jobs go through the model in one forward pass, and jobs with the same (k, rerank, domain) are
@@ -16,36 +18,62 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..index.api import Index, Results
-from ..index.queries import QueryRows
+from ..index.api import Index, QueryRows, Results
 
 logger = logging.getLogger("uniret")
 
 
 @dataclass
 class Job:
-    """One request's queries and parameters; ``future`` receives its :class:`Results`."""
+    """One request's queries and parameters; ``future`` receives its :class:`Results`.
 
-    rows: QueryRows
+    ``rows`` is the request's prepared :class:`QueryRows`, or a function that prepares them (decodes
+    and resizes its images), which the batch worker calls: then a request costs no thread hop of its
+    own, and a batch's images are decoded by one thread while the other worker runs the model.
+    ``expected`` is the number of queries the function will prepare (for the batch size)."""
+
+    rows: QueryRows | Callable[[], QueryRows]
     k: int
     rerank: str | None
     domain: str | None
     threshold: float | None
     future: asyncio.Future = field(default=None, repr=False)
+    expected: int = 1
 
     @property
     def size(self) -> int:
-        return len(self.rows.labels)
+        return len(self.rows.labels) if isinstance(self.rows, QueryRows) else self.expected
+
+
+def prepare_jobs(jobs: list[Job]) -> list[BaseException | None]:
+    """Call the jobs' prepare functions (in the batch worker); a job whose input is bad gets its error."""
+    errors: list[BaseException | None] = [None] * len(jobs)
+    for j, job in enumerate(jobs):
+        if not isinstance(job.rows, QueryRows):
+            try:
+                job.rows = job.rows()
+            except Exception as exc:  # noqa: BLE001 - reported to this job only
+                errors[j] = exc
+    return errors
 
 
 def search_jobs(index: Index, jobs: list[Job]) -> list[Results | BaseException]:
     """Embed every job's images in one pass, search jobs with equal parameters together, and split
     the results back per job (errors are returned per job, never raised across the batch)."""
+    failed = prepare_jobs(jobs)
+    if any(failed):
+        ok = [j for j, exc in enumerate(failed) if exc is None]
+        done = search_jobs(index, [jobs[j] for j in ok]) if ok else []
+        out = list(failed)
+        for j, outcome in zip(ok, done):
+            out[j] = outcome
+        return out
     searcher = index.searcher  # one version for the whole batch
     out: list[Results | BaseException] = [None] * len(jobs)
     try:

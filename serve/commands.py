@@ -27,6 +27,8 @@ def serve_command(
     images: Path = typer.Option(None, "--images", help="Packed store, collection root or image folder of the "
                                                        "indexed items (thumbnails and /items/ID/image)."),
     device: str = typer.Option("auto", "--device", help="Where query images are embedded: auto, cpu, cuda or cuda:N."),
+    runtime: str = typer.Option("auto", "--runtime", help="What runs the model: torch, onnx (ONNX Runtime) or auto "
+                                "(ONNX Runtime on a CPU when installed and the index's model copy keeps its graph)."),
     max_batch: int = typer.Option(32, "--max-batch", help="Queries gathered into one embed + search (1: no batching)."),
     max_wait_ms: float = typer.Option(5.0, "--max-wait-ms", help="How long a batch waits to fill, in milliseconds."),
     max_upload_mb: float = typer.Option(20.0, "--max-upload-mb", help="Largest request body, in MB (bigger: HTTP 413)."),
@@ -57,9 +59,10 @@ def serve_command(
     check_token(token)
     hosts = allowed_hosts(host, allowed_host or [])
     check_listen(host, port)
-    opened = open_index(index, device=device, images=images)
+    opened = open_index(index, device=device, images=images, runtime=runtime)
     if opened.searcher.manifest.get("model_dir") or opened.model_dir:
         opened.load_model()  # load the model now, not on the first image query
+        logger.info("image queries: %s on %s", opened.runtime, opened.device)
     opened.domains()
     if not is_loopback(host) and not token:
         logger.warning("warning: serving %s on %s without --token: anyone who can reach this address can "

@@ -6,12 +6,15 @@ import pytest
 
 
 def check_rows(rows, device_type: str, tmp_path) -> None:
-    assert len(rows) == 1
-    row = rows[0]
-    assert row["device"].startswith(device_type) and row["images"] == 24 and row["image_size"] == 32
-    assert row["compute_img_s"] > 0 and row["end_to_end_img_s"] > 0
-    # the rates are rounded to 0.1 img/s and the ratio to 3 decimals: at ~3 img/s that is up to ~3% apart
-    assert row["ratio"] == pytest.approx(row["end_to_end_img_s"] / row["compute_img_s"], rel=5e-2)
+    assert [row["runtime"] for row in rows] == ["torch", "onnx"]
+    for row in rows:
+        assert row["device"].startswith(device_type) and row["images"] == 24 and row["image_size"] == 32
+        assert row["compute_img_s"] > 0 and row["end_to_end_img_s"] > 0
+        # the rates are rounded to 0.1 img/s and the ratio to 3 decimals: at ~3 img/s that is up to ~3% apart
+        assert row["ratio"] == pytest.approx(row["end_to_end_img_s"] / row["compute_img_s"], rel=5e-2)
+    onnx = rows[1]
+    assert onnx["cosine_to_torch"] > 0.9999
+    assert onnx["speedup_over_torch"] == pytest.approx(onnx["compute_img_s"] / rows[0]["compute_img_s"], rel=5e-2)
     assert (tmp_path / "rows.json").is_file()
 
 
