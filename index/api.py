@@ -264,8 +264,8 @@ class Index:
         from ..embed.onnx import load_embedder, resolve_runtime
 
         path = self._model_path()
+        runtime = resolve_runtime(self.runtime_request, self.device)  # a bad device: one line, before the next
         announce_model_load(path)
-        runtime = resolve_runtime(self.runtime_request, self.device)
         embedder = load_embedder(path, runtime, self.device, auto=self.runtime_request == "auto",
                                  export_missing=self.runtime_request != "auto", threads=self.threads)
         self.searcher.check_model(embedder.config_hash(), what=str(path))
