@@ -144,7 +144,7 @@ class Study:
         else:
             cfg["freeze_backbone"] = True
         cfg.update(json.loads(a.extra))
-        path = self.out / "train_config.json"
+        path = self.out / "recipe.json"
         path.write_text(json.dumps(cfg, indent=2) + "\n")
         return str(path)
 
