@@ -12,8 +12,8 @@ import dataclasses
 from dataclasses import dataclass
 
 HELP = {
-    "backbone": "timm:MODEL[.TAG], open_clip:ARCH[/PRETRAINED], plain:cnn6, a registered source's name, "
-                "or a model (or training run) directory.",
+    "backbone": "timm:MODEL or timm:MODEL.TAG, open_clip:ARCH or open_clip:ARCH/PRETRAINED, plain:cnn6, a "
+                "registered source's name, or a model (or training run) directory.",
     "pretrained": "Start from pretrained weights: a weights package that registers them (offline), else the hub cache.",
     "weights": "Backbone weights from this file (safetensors or a plain state dict).",
     "image_size": "Input size in pixels (default: the backbone's).",
