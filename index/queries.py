@@ -71,7 +71,8 @@ def decode_query_image(data: bytes, label: str = "image", draft: tuple[int, int]
     try:
         with Image.open(io.BytesIO(data)) as probe:  # reads the header only
             width, height = probe.size
-            if width * height <= MAX_PIXELS and probe.format in ("JPEG", "PNG") and probe.mode in ("RGB", "L"):
+            if (width * height <= MAX_PIXELS and probe.format in ("JPEG", "PNG") and probe.mode in ("RGB", "L")
+                    and _upright(probe)):
                 # The common case, decoded from this one open (decode_image would open the bytes again):
                 # 8-bit RGB or grey, where decode_image's answer is load + convert. Anything else, and
                 # any failure (reported there in one line), goes through decode_image.
@@ -94,6 +95,15 @@ def decode_query_image(data: bytes, label: str = "image", draft: tuple[int, int]
         return decode_image(data)
     except ImageDecodeError as exc:
         raise ImageDecodeError(f"{label}: {exc}") from None
+
+
+def _upright(image: Image.Image) -> bool:
+    """Whether the image is stored upright (no EXIF orientation to apply): the fast path below cannot
+    turn it; decode_image does (phone photos are often stored sideways)."""
+    try:
+        return image.getexif().get(0x0112, 1) == 1
+    except Exception:  # noqa: BLE001 - a damaged EXIF block: let decode_image decide
+        return False
 
 
 def _load_rgb(image: Image.Image, draft: tuple[int, int] | None) -> Image.Image | None:
