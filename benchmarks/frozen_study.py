@@ -189,6 +189,7 @@ class Study:
         with torch.inference_mode():
             e_b = torch.cat([F.normalize(rest(c.float()), dim=-1) for c in self.prefix_out["test"].split(512)])
         student = model.embed_features(e_b).numpy()
+        student_separate = self.evaluate(student, "separate")["per_domain"]
         for d_index, d in enumerate(self.domains):
             w = tensors[f"model.heads.teacher_heads.{d_index}.weight"]
             b = tensors[f"model.heads.teacher_heads.{d_index}.bias"]
@@ -197,7 +198,7 @@ class Study:
             vecs_t = np.zeros((len(student), teacher.shape[1]), np.float32)
             vecs_t[rows] = teacher[rows]
             result[d] = {"teacher_mAP@100": self.evaluate(vecs_t, "separate")["per_domain"][d]["mAP@100"],
-                         "student_mAP@100": self.evaluate(student, "separate")["per_domain"][d]["mAP@100"]}
+                         "student_mAP@100": student_separate[d]["mAP@100"]}
         records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         train = [r for r in records if r["kind"] == "train"]
         tail = train[-max(1, len(train) // 10):]
