@@ -188,7 +188,7 @@ class Study:
         result = {}
         with torch.inference_mode():
             e_b = torch.cat([F.normalize(rest(c.float()), dim=-1) for c in self.prefix_out["test"].split(512)])
-        student = model.embed_features(e_b).numpy()
+            student = model.embed_features(e_b).numpy()
         student_separate = self.evaluate(student, "separate")["per_domain"]
         for d_index, d in enumerate(self.domains):
             w = tensors[f"model.heads.teacher_heads.{d_index}.weight"]
