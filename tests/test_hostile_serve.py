@@ -322,14 +322,18 @@ def test_half_sent_requests_do_not_starve_healthz(image_index, tmp_path):
             sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")  # never finished
             held.append(sock)
         time.sleep(1.0)
-        slowest = 0.0
+        times = []
         for _ in range(5):
             started = time.monotonic()
             r = httpx.get(f"{url}/healthz", timeout=5)
-            slowest = max(slowest, time.monotonic() - started)
+            times.append(time.monotonic() - started)
             assert r.status_code == 200 and r.json()["status"] == "ok"
-        print(f"slowest /healthz of 5 with 600 half-sent requests held, 256 descriptors: {slowest * 1000:.0f} ms")
-        assert slowest < 1.0, f"/healthz took {slowest:.2f} s while 600 requests were held"
+        times.sort()
+        print(f"/healthz of 5 with 600 half-sent requests held, 256 descriptors: median {times[2] * 1000:.0f} ms, "
+              f"slowest {times[-1] * 1000:.0f} ms")
+        # Without the fix /healthz never answers (timeout); with it, 80 ms when the CPU is quiet. The median
+        # must be within a second, so that one request slowed by other work on a shared CPU is not a failure.
+        assert times[2] < 1.0, f"/healthz took {times[2]:.2f} s (median of 5) while 600 requests were held"
     finally:
         for sock in held:
             sock.close()
