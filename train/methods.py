@@ -220,38 +220,14 @@ class Specialist(TrainingMethod):
 
 
 @register
-class UdonJoint(Udon):
+class UdonJoint(Udon, Ujc):
     """UDON's per-domain teachers distilled into a student whose classifier is UJC's: one joint
     classifier over every domain's classes. L_log compares a teacher with the student's cosines to
-    its own domain's classes (a slice of the joint classifier)."""
+    its own domain's classes (a slice of the joint classifier). Through the method resolution order,
+    Udon adds the teachers to Ujc's heads, and Ujc gives the label offsets and the joint classifier."""
 
     name = "udon_joint"
     help = "UDON teachers distilled into a student with one joint classifier over every domain's classes"
-
-    def __init__(self, config: TrainConfig, num_classes: list[int]):
-        super().__init__(config, num_classes)
-        self.label_offsets = [sum(self.num_classes[:i]) for i in range(len(self.num_classes))]
-
-    def build_heads(self, feature_dim: int, dim: int) -> Heads:
-        from torch import nn
-
-        from .model import CosineClassifier, Heads, reference_init
-
-        heads = Heads()
-        heads.student_classifiers.append(CosineClassifier(dim, sum(self.num_classes)))
-        for c in self.num_classes:
-            heads.teacher_heads.append(reference_init(nn.Linear(feature_dim, self.config.teacher_dim)))
-            heads.teacher_classifiers.append(CosineClassifier(self.config.teacher_dim, c))
-        return heads
-
-    def classifier_labels(self, domain: int, labels: torch.Tensor) -> torch.Tensor:
-        return labels + self.label_offsets[domain]
-
-    def student_classifier(self, heads: Heads, domain: int) -> nn.Module:
-        return heads.student_classifiers[0]
-
-    def domain_parameters(self, heads: Heads, domain: int) -> list[nn.Parameter]:
-        return [*heads.teacher_heads[domain].parameters(), *heads.teacher_classifiers[domain].parameters()]
 
     def forward(self, model: TrainingModel, features: torch.Tensor, student: torch.Tensor, domain: int) -> dict:
         out = super().forward(model, features, student, domain)
