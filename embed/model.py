@@ -28,6 +28,7 @@ from ..errors import UniretError
 from ..guards import has_format
 from ..utils import atomic_write_json, make_readable, publish_dir, read_json, scratch_dir, stable_hash
 from .backbones import SOURCES, Backbone, create_backbone
+from .sizes import EmbeddingSizes
 
 logger = logging.getLogger("uniret")
 
@@ -153,7 +154,7 @@ def check_nested_dims(dim: int, nested_dims) -> list[int] | None:
     return dims
 
 
-class UniversalEmbedder(nn.Module):
+class UniversalEmbedder(nn.Module, EmbeddingSizes):
     """Backbone + universal head; see the module docstring."""
 
     def __init__(self, backbone: Backbone, config: ModelConfig):
@@ -183,18 +184,6 @@ class UniversalEmbedder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.embed_features(self.features(x))
-
-    @property
-    def dims(self) -> list[int]:
-        """Embedding sizes this model serves: the nested prefixes, else the full size."""
-        return list(self.config.nested_dims or [self.config.dim])
-
-    def check_dim(self, dim: int | None) -> int:
-        if dim is None:
-            return self.config.dim
-        if int(dim) not in self.dims:
-            raise UniretError(f"dim {dim} is not an embedding size of this model; choose one of {self.dims}")
-        return int(dim)
 
     @property
     def device(self) -> torch.device:

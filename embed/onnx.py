@@ -30,6 +30,7 @@ import numpy as np
 
 from ..errors import UniretError, UsageError
 from .imageprep import ImagePrep
+from .sizes import EmbeddingSizes
 
 logger = logging.getLogger("uniret")
 
@@ -270,7 +271,7 @@ class GraphConfig:
         return GraphConfig(str(config.get("backbone")), dim, nested, pre)
 
 
-class OnnxEmbedder:
+class OnnxEmbedder(EmbeddingSizes):
     """An exported graph under ONNX Runtime: ``encode(images | batch, dim) -> (N, d)`` float32 numpy,
     the same contract as ``UniversalEmbedder.encode`` (see the module docstring)."""
 
@@ -305,17 +306,6 @@ class OnnxEmbedder:
 
     def config_hash(self) -> str:
         return self.config_hash_value
-
-    @property
-    def dims(self) -> list[int]:
-        return list(self.config.nested_dims or [self.config.dim])
-
-    def check_dim(self, dim: int | None) -> int:
-        if dim is None:
-            return self.config.dim
-        if int(dim) not in self.dims:
-            raise UniretError(f"dim {dim} is not an embedding size of this model; choose one of {self.dims}")
-        return int(dim)
 
     def preprocess(self, images) -> np.ndarray:
         """PIL images -> the (N, 3, H, W) float32 input batch."""

@@ -57,3 +57,4 @@ class ModelSpec:
         from .model import build_model
 
         return build_model(**{name: getattr(self, name) for name in self.fields()})
+
