@@ -15,7 +15,8 @@ uvicorn's own h11 protocol with:
   served at once; connections in the middle of a request are never closed for this;
 
 and :func:`quiet_accept_errors` reports a failing ``accept()`` (EMFILE, ENFILE, ENOBUFS) as one
-warning line per minute, and :class:`OncePerInterval` keeps uvicorn's per-request warnings
+warning line per minute (and drops the accept retry that asyncio still runs after the listening
+socket was closed at shutdown), and :class:`OncePerInterval` keeps uvicorn's per-request warnings
 ("Invalid HTTP request received.", "Exceeded concurrency limit.") to one line per message a minute:
 a client cannot fill the log. A slow request *body* is timed out by :class:`uniret.serve.guards.BodyLimit`.
 """
@@ -138,6 +139,11 @@ def quiet_accept_errors(loop: asyncio.AbstractEventLoop, every: float = 60.0) ->
     def handler(loop, context) -> None:
         exc = context.get("exception")
         text = f"{context.get('message', '')} {exc or ''}"
+        if isinstance(exc, ValueError) and "_start_serving" in text and "file descriptor" in text:
+            # After a failed accept() asyncio retries a second later; a server shut down in that second
+            # has closed its listening socket, and the retry finds descriptor -1. Nothing is wrong.
+            logger.debug("uniret serve: an accept retry after shutdown was dropped")
+            return
         if any(e in text for e in _ACCEPT_ERRORS):
             now = time.monotonic()
             if now - last[0] >= every:

@@ -274,6 +274,33 @@ def test_exhausted_descriptors_and_bad_requests_log_one_line(caplog):
     assert [keep.filter(record) for _ in range(500)].count(True) == 1 and keep.filter(other)
 
 
+def test_accept_retry_after_shutdown_is_not_a_traceback(caplog):
+    """asyncio answers a failed accept() (EMFILE) by retrying a second later; when the server shuts down in
+    that second the retry finds the listening socket closed (descriptor -1). That is not an error."""
+    import asyncio
+    import logging
+
+    from uniret.serve.connections import quiet_server_logs
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        quiet_server_logs(loop)
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        server = await loop.create_server(asyncio.Protocol, sock=sock)
+        server.close()  # closes the socket, as uvicorn does at shutdown
+        await server.wait_closed()
+        # exactly what BaseSelectorEventLoop._accept_connection schedules after an EMFILE
+        loop.call_soon(loop._start_serving, asyncio.Protocol, sock, None, server, 100)
+        await asyncio.sleep(0.05)
+
+    with caplog.at_level(logging.DEBUG):
+        asyncio.run(main())
+    noisy = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not noisy, [r.getMessage() for r in noisy]
+    assert any("accept retry after shutdown" in r.getMessage() for r in caplog.records)
+
+
 def test_garbage_requests_do_not_fill_the_log(live):
     import logging
 
