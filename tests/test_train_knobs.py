@@ -73,6 +73,42 @@ def test_per_domain_augmentation_reaches_only_its_domain(demo_root):
         assert not torch.allclose(images, other, atol=1e-5), domain  # the pictures are not symmetric
 
 
+def test_query_distortions_warp_blur_and_reencode():
+    """rotate/translate/blur/jpeg: each off by default, each changes the picture the way it says
+    (a warp moves a corner, a blur lowers the high frequencies, JPEG leaves block artefacts), the same
+    seed gives the same pixels, and out-of-range values are refused in one line."""
+    import numpy as np
+    from PIL import Image
+
+    from uniret.errors import UsageError
+    from uniret.train.augment import DEFAULT_SPEC, build_transform, check_spec, distortions
+
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(np.kron(rng.integers(0, 256, (16, 16, 3)), np.ones((8, 8, 1))).astype(np.uint8))
+    assert distortions(DEFAULT_SPEC) == []
+
+    def run(**keys):
+        (only,) = distortions({**DEFAULT_SPEC, **keys})
+        torch.manual_seed(3)
+        return np.asarray(only(image), dtype=np.float64)
+
+    source = np.asarray(image, dtype=np.float64)
+    warped = run(rotate=30.0)
+    assert warped.shape == source.shape and (warped[0, 0] == 255).all()  # a corner rotated out, filled white
+    assert np.array_equal(warped, run(rotate=30.0))  # seeded by torch's RNG
+    blurred = run(blur=1.0)
+    assert (np.diff(blurred, axis=1) ** 2).mean() < 0.95 * (np.diff(source, axis=1) ** 2).mean()
+    coded = run(jpeg=1.0)
+    assert 0 < np.abs(coded - source).mean() < 40
+    pre = {"input_size": [3, 32, 32], "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bilinear"}
+    full = build_transform(pre, {**DEFAULT_SPEC, "crop": "rrc", "rotate": 10.0, "translate": 0.06, "blur": 0.3,
+                                 "jpeg": 0.5})
+    assert full(image).shape == (3, 32, 32)
+    for bad in ({"rotate": -1}, {"translate": 0.9}, {"blur": 2}, {"jpeg": "yes"}, {"fill": 300}):
+        with pytest.raises(UsageError, match=next(iter(bad))):
+            check_spec(bad)
+
+
 def test_time_budget_is_respected_within_a_step(demo_root, tmp_path):
     """The run stops at the first step boundary after the budget: the step before ended inside it."""
     from uniret.train.trainer import train

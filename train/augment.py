@@ -9,6 +9,16 @@ A spec is a JSON object; missing keys take these defaults (the reference augment
     hflip         probability of a horizontal flip                  default 0.5
     color_jitter  brightness/contrast/saturation strength, 0 = off  default 0.0
     auto_augment  a timm RandAugment/AutoAugment string, e.g. "rand-m7-mstd0.5" (rrc only), or null
+    rotate        largest rotation in degrees of a random affine warp, 0 = off        default 0
+    translate     largest shift of that warp, a fraction of the side                  default 0.0
+    fill          grey level (0-255) the warp fills in with (255: a white page)       default 255
+    blur          probability of a Gaussian blur, sigma 0.1-1.5 px                   default 0.0
+    jpeg          probability of a JPEG re-encoding at quality 50-90                  default 0.0
+
+The last five are query-side distortions (a photo of a page, a re-sent screenshot): applied to the
+source image, in that order, before the crop, as the query distortions of copy-detection and
+instance-retrieval benchmarks are. The warp is torchvision's ``RandomAffine``, the re-encoding its
+``JPEG``, the blur Pillow's ``GaussianBlur`` (torchvision's is ~50x slower on a PIL image).
 
 ``TrainConfig.augment`` is the spec of every domain and ``TrainConfig.augment_domains`` overrides
 keys per domain, e.g. flips off for glyphs, flags and cards whose mirror image is another identity
@@ -24,7 +34,8 @@ from collections.abc import Callable
 from ..errors import UsageError
 
 DEFAULT_SPEC: dict = {"crop": "reference", "scale": [0.08, 1.0], "ratio": [0.75, 4 / 3], "hflip": 0.5,
-                      "color_jitter": 0.0, "auto_augment": None}
+                      "color_jitter": 0.0, "auto_augment": None, "rotate": 0.0, "translate": 0.0, "fill": 255,
+                      "blur": 0.0, "jpeg": 0.0}
 CROPS = ("reference", "rrc")
 
 
@@ -44,7 +55,8 @@ def check_spec(spec: dict, where: str = "augment") -> None:
               and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in pair))
         if not ok or not low < pair[0] <= pair[1] <= high:
             raise UsageError(f"{where}: {key} must be [min, max] with {low} < min <= max <= {high}, not {pair!r}")
-    for key, high in (("hflip", 1.0), ("color_jitter", 1.0)):
+    for key, high in (("hflip", 1.0), ("color_jitter", 1.0), ("rotate", 180.0), ("translate", 0.5), ("fill", 255),
+                      ("blur", 1.0), ("jpeg", 1.0)):
         value = full[key]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= high:
             raise UsageError(f"{where}: {key} must be a number in [0, {high}], not {value!r}")
@@ -60,8 +72,51 @@ def domain_specs(augment: dict, augment_domains: dict, domains: list[str]) -> li
     return [{**DEFAULT_SPEC, **augment, **augment_domains.get(d, {})} for d in domains]
 
 
+class RandomBlur:
+    """Pillow's Gaussian blur with probability ``p`` and sigma drawn from ``sigma`` (torch's RNG)."""
+
+    def __init__(self, p: float, sigma: tuple[float, float] = (0.1, 1.5)):
+        self.p, self.sigma = p, sigma
+
+    def __call__(self, image):
+        import torch
+        from PIL import ImageFilter
+
+        if torch.rand(()) >= self.p:
+            return image
+        low, high = self.sigma
+        return image.filter(ImageFilter.GaussianBlur(low + (high - low) * float(torch.rand(()))))
+
+    def __repr__(self) -> str:
+        return f"RandomBlur(p={self.p}, sigma={self.sigma})"
+
+
+def distortions(spec: dict) -> list[Callable]:
+    """The query-side distortions of ``spec`` (warp, blur, JPEG), as PIL -> PIL transforms."""
+    from torchvision.transforms import v2
+
+    out: list[Callable] = []
+    if spec["rotate"] or spec["translate"]:
+        shift = float(spec["translate"])
+        out.append(v2.RandomAffine(float(spec["rotate"]), translate=(shift, shift) if shift else None,
+                                   interpolation=v2.InterpolationMode.BILINEAR, fill=int(spec["fill"])))
+    if spec["blur"]:
+        out.append(RandomBlur(float(spec["blur"])))
+    if spec["jpeg"]:
+        out.append(v2.RandomApply([v2.JPEG((50, 90))], p=float(spec["jpeg"])))
+    return out
+
+
 def build_transform(preprocess: dict, spec: dict) -> Callable:
     """PIL image -> normalised (3, H, W) tensor, augmented as ``spec`` says (a full spec)."""
+    from torchvision import transforms as T
+
+    front = distortions(spec)
+    rest = _crop_transform(preprocess, spec)
+    return T.Compose([*front, rest]) if front else rest
+
+
+def _crop_transform(preprocess: dict, spec: dict) -> Callable:
     from torchvision import transforms as T
 
     from ..embed.preprocess import train_transform
