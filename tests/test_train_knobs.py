@@ -149,3 +149,27 @@ def test_ema_weights_are_validated_and_exported(demo_root, tmp_path):
     assert any(not torch.equal(ema[k], model[f"embedder.{k}"]) for k in exported)  # an average, not the last
     trains = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert all("grad_norm" in r for r in trains if r["kind"] == "train")
+
+
+def test_channels_last_on_cpu_trains_the_same_model(demo_root, tmp_path):
+    """channels_last: true on a CPU (NHWC through oneDNN) is a memory layout, not another model: the same
+    seed gives the same losses and exported weights as the default NCHW run, within float tolerance."""
+    from uniret.train.trainer import train
+
+    def run(name: str, channels_last: bool | None):
+        config = TrainConfig(data=str(demo_root), out=str(tmp_path / name), steps=3, seed=1, ckpt_every=0,
+                             **{**TINY, "backbone": "timm:test_resnet"}, channels_last=channels_last, device="cpu")
+        out = train(config)
+        losses = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()
+                  if json.loads(x)["kind"] == "train"]
+        return losses, load_file(out / "model" / "model.safetensors")
+
+    nchw, nhwc = run("nchw", None), run("nhwc", True)
+    assert len(nchw[0]) == 3 and nchw[0] == pytest.approx(nhwc[0], rel=1e-4, abs=1e-5)
+    assert nchw[1].keys() == nhwc[1].keys()
+    for key, value in nchw[1].items():
+        assert torch.allclose(value, nhwc[1][key], rtol=1e-3, atol=1e-4), key
+    from uniret.errors import UsageError
+
+    with pytest.raises(UsageError, match="channels_last must be true or false"):
+        TrainConfig.from_json({"data": str(demo_root), "out": str(tmp_path / "bad"), "channels_last": "yes"})

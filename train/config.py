@@ -113,6 +113,9 @@ class TrainConfig(ModelSpec):
     workers: int = 0  # image-decoding processes; 0 = in the training process
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: str = "auto"  # auto (bf16 on CUDA, float32 on CPU) | bf16 | off
+    # NHWC memory format for the model and batches; None: on CUDA only. true also speeds up CNNs on a
+    # CPU (oneDNN: 6-conv CNN forward+backward at 64 px ~1.25x on this 2-core machine).
+    channels_last: bool | None = None
     extra: dict = field(default_factory=dict)  # free-form notes carried into config.json
 
     def to_json(self) -> dict:
