@@ -176,7 +176,7 @@ def embed_command(
     writes its own part), several machines through --part I/N and `uniret store merge`."""
     from ..data import open_items
     from ..utils import announce_model_load, resolve_device
-    from .parts import parse_part
+    from .store.parts import parse_part
 
     resolve_device(device)  # a bad --device (or --part) fails before any image or weight is read
     part_spec = parse_part(part)
@@ -232,7 +232,7 @@ def store_merge(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing store at --out."),
 ) -> None:
     """Join part directories into one store (their files are hard-linked, not copied)."""
-    from .merge import merge_parts
+    from .store.merge import merge_parts
 
     merge_parts(parts, out, copy=copy, overwrite=overwrite)
 

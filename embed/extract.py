@@ -10,7 +10,7 @@ every few batches, so a killed run continues with the missing rows only. Images 
 :func:`embed_items` = resume planning (:func:`_plan`) + the batch generator
 (:func:`embedded_batches`) + the sink (:class:`_RowSink`).
 
-Parts, not a gather (:mod:`uniret.embed.parts`): one process writes one part of the store; under
+Parts, not a gather (:mod:`uniret.embed.store.parts`): one process writes one part of the store; under
 ``torchrun --nproc-per-node N -m uniret.cli embed ...`` every rank writes its own part and rank 0
 only lists them in the manifest; ``--part I/N`` writes a part directory for ``uniret store merge``.
 Resuming works per part: a re-run keeps finished parts and continues each unfinished one with its
@@ -36,11 +36,11 @@ from ..data.images import decode_image
 from ..errors import UniretError
 from ..guards import claim_output, in_range, is_disk_full
 from ..utils import progress_bar, resolve_device
-from .layout import DTYPES, NONFINITE, is_store
 from .model import UniversalEmbedder
-from .parts import EmbedJob
-from .reader import EmbeddingStore
-from .writer import PartWriter
+from .store.layout import DTYPES, NONFINITE, is_store
+from .store.parts import EmbedJob
+from .store.reader import EmbeddingStore
+from .store.writer import PartWriter
 
 logger = logging.getLogger("uniret")
 

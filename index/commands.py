@@ -79,7 +79,7 @@ def _storage(manifest: dict) -> str:
     info = manifest.get("on_disk")
     if not info:
         return "in RAM (index.faiss is read whole)"
-    from .budget import fmt_bytes
+    from .ondisk import fmt_bytes
 
     return f"on-disk: {info['ivfdata']} ({fmt_bytes(info['ivfdata_bytes'])}) memory-mapped, {info['shards']} shard(s)"
 
@@ -134,7 +134,7 @@ def index_build(
         manifest = read_manifest(version)
         return emit(_summary_rows(manifest, out), ["field", "value"], fmt, extra={"manifest": manifest})
     if on_disk:
-        from . import ondisk_build as od
+        from . import ondisk as od
 
         step, part = od.check_step_options(on_disk, train_only, encode_part, merge, kind)
         budget = parse_bytes(max_memory)
@@ -154,7 +154,7 @@ def index_build(
                                       recall_k, model, overwrite=overwrite)
     else:
         from .build import build_index
-        from .ondisk_build import check_step_options
+        from .ondisk import check_step_options
 
         check_step_options(on_disk, train_only, encode_part, merge, kind)
         if workers is not None or shard_rows is not None:

@@ -9,7 +9,7 @@ holding slice ``I`` of ``N`` (with ``W`` ranks: slices ``I*W .. I*W+W-1`` of ``N
 and ``uniret store merge`` joins the directories.
 
 Layout while running: ``<out>.partial/`` (marker: the run's fingerprint) holds
-``parts/<name>.partial`` per unfinished part (:class:`~uniret.embed.writer.PartWriter`) and
+``parts/<name>.partial`` per unfinished part (:class:`~uniret.embed.store.writer.PartWriter`) and
 ``parts/<name>`` per finished one; rank 0 writes ``manifest.json`` and renames it to ``out``.
 A re-run with the same fingerprint keeps the finished parts and resumes the unfinished ones.
 """
@@ -19,8 +19,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from ..errors import UniretError, UsageError
-from ..utils import PartialDir, read_json
+from ...errors import UniretError, UsageError
+from ...utils import PartialDir, read_json
 from .layout import part_name, store_fingerprint
 from .reader import EmbeddingStore, open_finished
 from .writer import PartWriter, finished_part, part_entry, part_fingerprint, write_manifest

@@ -24,10 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import testing
-from ..data.collection import Item
-from ..errors import UniretError
-from ..utils import atomic_write_json, read_json, stable_hash
+from ... import testing
+from ...data.collection import Item
+from ...errors import UniretError
+from ...utils import atomic_write_json, read_json, stable_hash
 from .budget import CHUNK_ROWS
 from .vectors import ArrayWriter, sync_and_evict
 
@@ -146,7 +146,7 @@ def encode_shard(build_dir: str, store_path: str, no: int, threads: int) -> int:
     spawned worker processes can run it."""
     import faiss
 
-    from ..embed.store import EmbeddingStore
+    from ...embed.store import EmbeddingStore
 
     faiss.omp_set_num_threads(max(1, threads))
     build, store = Path(build_dir), EmbeddingStore(store_path)

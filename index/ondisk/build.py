@@ -6,8 +6,8 @@ multi-machine recipe.
 2. encode (``--encode-part I/N``, or every shard): worker processes encode row ranges of the store
    into IVF shards that share the trained quantizer;
 3. merge (``--merge``): the shards' lists become ``lists.ivfdata`` of a new version
-   (:mod:`.ondisk_version`), raw vectors and ids are concatenated, metadata is streamed into LMDB,
-   nprobe is tuned against exact search (:mod:`.ondisk_tune`), the version is published and the
+   (:mod:`.version`), raw vectors and ids are concatenated, metadata is streamed into LMDB,
+   nprobe is tuned against exact search (:mod:`.tune`), the version is published and the
    build directory removed.
 
 Without a step option a build runs all three, resuming from what a killed run left (the trained
@@ -25,17 +25,15 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import UniretError, UsageError
-from ..guards import claim_output, in_range
-from ..utils import git_commit
-from . import gpu as gpu_util
+from ...errors import UniretError, UsageError
+from ...guards import claim_output, in_range
+from ...utils import git_commit
+from .. import gpu as gpu_util
+from ..inputs import WORK_DIRS, copy_model, is_own_index, model_to_copy, open_store
+from ..keys import KINDS, check_lists, index_key, new_index
+from ..layout import FORMAT, is_index_dir, writer_lock
 from .budget import DEFAULT_BUDGET, check_workers, fmt_bytes, plan_memory
-from .inputs import WORK_DIRS, copy_model, is_own_index, model_to_copy, open_store
-from .keys import KINDS, check_lists, index_key, new_index
-from .layout import FORMAT, is_index_dir, writer_lock
-from .ondisk import IVFDATA
-from .ondisk_tune import tune_ondisk
-from .ondisk_version import iter_array, merge_version, publish, write_meta
+from .lists import IVFDATA
 from .shards import (
     encode_shards,
     iter_items,
@@ -48,7 +46,9 @@ from .shards import (
     write_plan,
     write_valid_rows,
 )
+from .tune import tune_ondisk
 from .vectors import ArrayWriter
+from .version import iter_array, merge_version, publish, write_meta
 
 logger = logging.getLogger("uniret")
 
@@ -100,7 +100,7 @@ def _train(store, build: Path, key: str, index, sample: int, seed: int, gpu: str
     return index, {"rows": int(len(x)), "seconds": round(time.perf_counter() - t0, 3), "on": where}
 
 
-def _ensure_plan(build: Path, store, fingerprint: dict, write_rows, key: str, index, budget: int, workers: int,
+def ensure_plan(build: Path, store, fingerprint: dict, write_rows, key: str, index, budget: int, workers: int,
                  shard_rows: int | None, seed: int, train=None) -> dict:
     """The plan in ``build`` when it was made with the same ``fingerprint`` (inputs and options); else
     a new one, old work removed. ``write_rows(build) -> n`` writes rows.npy and ids.npy;
@@ -144,7 +144,7 @@ def _step_plan(build: Path, store) -> dict:
     return plan
 
 
-def _budget(max_memory: int | None) -> int:
+def memory_budget(max_memory: int | None) -> int:
     return DEFAULT_BUDGET if max_memory is None else int(max_memory)
 
 
@@ -180,8 +180,8 @@ def train_step(store, out, kind: str = "auto", gpu: str = "auto", gpus: int | No
     # the rows to index follow from the store (its valid mask), so the store's key covers them
     fingerprint = {"op": "build", "store": store_key(store), "key": key, "seed": seed, "shard_rows": shard_rows}
     with _claim(root, store, None, overwrite):
-        return _ensure_plan(build, store, fingerprint, lambda b: write_valid_rows(store, b), key, index,
-                            _budget(max_memory), workers, shard_rows, seed,
+        return ensure_plan(build, store, fingerprint, lambda b: write_valid_rows(store, b), key, index,
+                            memory_budget(max_memory), workers, shard_rows, seed,
                             train=lambda sample: _train(store, build, key, index, sample, seed, gpu, gpus))
 
 
@@ -191,10 +191,10 @@ def encode_step(store, out, max_memory: int | None = None, workers: int | None =
     machines may encode parts of one build directory at once."""
     store, build = open_store(store), Path(out) / BUILD_DIR
     plan = _step_plan(build, store)
-    return _encode(build, store, plan, _budget(max_memory), check_workers(workers), part)
+    return encode_planned(build, store, plan, memory_budget(max_memory), check_workers(workers), part)
 
 
-def _encode(build: Path, store, plan: dict, budget: int, workers: int, part: tuple[int, int] | None) -> dict:
+def encode_planned(build: Path, store, plan: dict, budget: int, workers: int, part: tuple[int, int] | None) -> dict:
     shards = list(range(len(plan["shards"]))) if part is None else part_shards(len(plan["shards"]), *part)
     todo = missing_shards(build, plan, shards)
     mem = plan_memory(budget, plan["count"], plan["dim"], plan["nlist"], plan["code_size"], workers, plan["shard_rows"])
@@ -221,7 +221,7 @@ def merge_step(store, out, max_memory: int | None = None, target_recall: float =
             raise UniretError(f"{len(missing)} of {len(plan['shards'])} shards are not encoded yet (first: "
                               f"{missing[:5]}); run --encode-part for their parts (or the build without a step option)")
         t0 = time.perf_counter()
-        window = plan_memory(_budget(max_memory), plan["count"], plan["dim"], plan["nlist"], plan["code_size"], 1,
+        window = plan_memory(memory_budget(max_memory), plan["count"], plan["dim"], plan["nlist"], plan["code_size"], 1,
                              plan["shard_rows"]).window_bytes
         partial, ivf_bytes = merge_version(root, build, plan, [], window)
         shutil.copyfile(build / "ids.npy", partial / "ids.npy")

@@ -22,7 +22,7 @@ import math
 import os
 from dataclasses import dataclass
 
-from ..errors import UsageError
+from ...errors import UsageError
 
 MiB = 1 << 20
 BASE_RSS = 256 * MiB
