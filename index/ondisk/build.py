@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ...cluster import check_engine
 from ...errors import UniretError, UsageError
 from ...guards import claim_output, in_range
 from ...utils import git_commit
@@ -186,22 +187,31 @@ def train_step(store, out, kind: str = "auto", gpu: str = "auto", gpus: int | No
 
 
 def encode_step(store, out, max_memory: int | None = None, workers: int | None = None,
-                part: tuple[int, int] | None = None) -> dict:
+                part: tuple[int, int] | None = None, engine: str = "local", ray_address: str | None = None) -> dict:
     """Step 2: encode the missing shards (of part ``(i, n)`` when given). Needs no lock: several
-    machines may encode parts of one build directory at once."""
+    machines may encode parts of one build directory at once. ``engine="ray"``: as Ray tasks
+    (:mod:`.ray_encode`; ``ray_address`` None for a local Ray of ``workers`` CPUs)."""
     store, build = open_store(store), Path(out) / BUILD_DIR
     plan = _step_plan(build, store)
-    return encode_planned(build, store, plan, memory_budget(max_memory), check_workers(workers), part)
+    return encode_planned(build, store, plan, memory_budget(max_memory), check_workers(workers), part, engine,
+                          ray_address, workers)
 
 
-def encode_planned(build: Path, store, plan: dict, budget: int, workers: int, part: tuple[int, int] | None) -> dict:
+def encode_planned(build: Path, store, plan: dict, budget: int, workers: int, part: tuple[int, int] | None,
+                   engine: str = "local", ray_address: str | None = None, ray_cpus: int | None = None) -> dict:
+    """Encode the plan's missing shards (of ``part``): worker processes here, or Ray tasks."""
     shards = list(range(len(plan["shards"]))) if part is None else part_shards(len(plan["shards"]), *part)
     todo = missing_shards(build, plan, shards)
     mem = plan_memory(budget, plan["count"], plan["dim"], plan["nlist"], plan["code_size"], workers, plan["shard_rows"])
     if len(todo) < len(shards):
         logger.info("index: %d of %d shard(s) already encoded; encoding %d", len(shards) - len(todo), len(shards), len(todo))
     t0 = time.perf_counter()
-    encode_shards(build, store, todo, mem.workers)
+    if engine == "ray":
+        from .ray_encode import encode_shards_on_ray
+
+        encode_shards_on_ray(build, store, todo, plan, mem, ray_address, ray_cpus)
+    else:
+        encode_shards(build, store, todo, mem.workers)
     return {"shards": len(shards), "encoded": len(todo), "workers": mem.workers,
             "seconds": round(time.perf_counter() - t0, 3)}
 
@@ -256,14 +266,16 @@ def merge_step(store, out, max_memory: int | None = None, target_recall: float =
 def build_ondisk(store, out, kind: str = "auto", gpu: str = "auto", gpus: int | None = None,
                  max_memory: int | None = None, workers: int | None = None, shard_rows: int | None = None,
                  target_recall: float = 0.95, recall_k: int = 100, model_dir=None, tune_sample: int = 1000,
-                 seed: int = 0, overwrite: bool = False) -> Path:
-    """All three steps; a re-run after a kill keeps the trained quantizer and the shards written."""
+                 seed: int = 0, overwrite: bool = False, engine: str = "local", ray_address: str | None = None) -> Path:
+    """All three steps; a re-run after a kill keeps the trained quantizer and the shards written.
+    ``engine="ray"`` encodes the shards as Ray tasks (train and merge stay here)."""
+    check_engine(engine, ray_address)
     store = open_store(store)
     in_range(target_recall, "--target-recall", 0, 1, low_open=True)
     in_range(recall_k, "--recall-k", 1, 10_000)
     model_to_copy(store, model_dir)  # a wrong --model fails before hours of work
     train_step(store, out, kind, gpu, gpus, max_memory, workers, shard_rows, seed, overwrite)
-    encoded = encode_step(store, out, max_memory, workers)
+    encoded = encode_step(store, out, max_memory, workers, engine=engine, ray_address=ray_address)
     return merge_step(store, out, max_memory, target_recall, recall_k, model_dir, tune_sample,
                       extra={"workers": encoded["workers"], "encode_seconds": encoded["seconds"]}, overwrite=overwrite)
 
