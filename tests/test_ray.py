@@ -85,24 +85,13 @@ def assert_same_store(a: EmbeddingStore, b: EmbeddingStore) -> None:
     np.testing.assert_allclose(np.asarray(a.embeddings), np.asarray(b.embeddings), atol=1e-5)
 
 
-def test_ray_embed_equals_one_process(local_ray, model_dir, images, one_store, tmp_path, caplog):
-    out = tmp_path / "ray"
-    assert embed(model_dir, images, out, "--engine", "ray", "--block-rows", "7") == 0
-    store = EmbeddingStore(out)
-    assert len(store.parts) == 6 and store.manifest["complete"]  # ceil(41 / 7) parts, one manifest
-    assert_same_store(one_store, store)
-    assert list(store.failed) == ["40"] and "cannot decode" in store.failed["40"]  # listed, not a failed job
-    with caplog.at_level("INFO", logger="uniret"):  # a re-run has nothing to do
-        assert embed(model_dir, images, out, "--engine", "ray", "--block-rows", "7") == 0
-    assert "nothing to do" in caplog.text
-
-
-def test_ray_embed_resumes_a_stopped_run(local_ray, model_dir, images, one_store, tmp_path, monkeypatch, caplog):
-    """The driver stopped after 4 batches (as by Ctrl-C): the re-run keeps the parts it finished."""
+def test_ray_embed_equals_one_process_and_resumes(local_ray, model_dir, images, one_store, tmp_path, monkeypatch,
+                                                  caplog):
+    """A run stopped by its driver after 4 batches (as by Ctrl-C) keeps the parts it finished; the
+    re-run embeds the rest; the store equals one process's; a third run has nothing to do."""
     from uniret.embed import ray_embed
 
-    calls = {"n": 0}
-    add = ray_embed.PartSink.add
+    calls, add = {"n": 0}, ray_embed.PartSink.add
 
     def stop_after_four(self, batch):
         calls["n"] += 1
@@ -110,18 +99,23 @@ def test_ray_embed_resumes_a_stopped_run(local_ray, model_dir, images, one_store
             raise KeyboardInterrupt
         return add(self, batch)
 
+    out, args = tmp_path / "ray", ("--engine", "ray", "--block-rows", "7")
     monkeypatch.setattr(ray_embed.PartSink, "add", stop_after_four)
-    model = load_model(model_dir)
-    out = tmp_path / "ray"
-    with pytest.raises(KeyboardInterrupt):
-        embed_items(model, open_items(images), out, batch_size=4, dtype="float32", engine="ray", block_rows=8)
-    done = sorted(p.name for p in (tmp_path / "ray.partial" / "parts").iterdir() if not p.name.endswith(".partial"))
+    assert embed(model_dir, images, out, *args) != 0
+    done = [p.name for p in (tmp_path / "ray.partial" / "parts").iterdir() if not p.name.endswith(".partial")]
     assert done and not out.exists()
     monkeypatch.setattr(ray_embed.PartSink, "add", add)
     with caplog.at_level("INFO", logger="uniret"):
-        store = embed_items(model, open_items(images), out, batch_size=4, dtype="float32", engine="ray", block_rows=8)
+        assert embed(model_dir, images, out, *args) == 0
     assert "rows already embedded" in caplog.text
+    store = EmbeddingStore(out)
+    assert len(store.parts) == 6 and store.manifest["complete"]  # ceil(41 / 7) parts, one manifest
     assert_same_store(one_store, store)
+    assert list(store.failed) == ["40"] and "cannot decode" in store.failed["40"]  # listed, not a failed job
+    caplog.clear()
+    with caplog.at_level("INFO", logger="uniret"):
+        assert embed(model_dir, images, out, *args) == 0
+    assert "nothing to do" in caplog.text
 
 
 def our_processes(marker: str) -> list[int]:
