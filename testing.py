@@ -13,6 +13,8 @@ subprocess or with ``monkeypatch.setenv``.
 ``UNIRET_TEST_SLEEP_SHARD``         seconds to sleep after each IVF shard of an on-disk build
 ``UNIRET_TEST_SLEEP_RAY_BATCH``     seconds each Ray embedding actor sleeps after a batch (read by the
                                     driver, handed to the actors: a window to kill one)
+``UNIRET_TEST_SLEEP_RAY_SHARD``     seconds each Ray task of the on-disk encode sleeps before its shard
+                                    (read by the driver, handed to the tasks)
 ``UNIRET_TEST_INTERRUPT_TRAIN``     a step number: ``uniret train`` raises KeyboardInterrupt
                                     (a simulated Ctrl-C) before it starts that step
 ==================================  ==========================================================

@@ -4,8 +4,8 @@ One local Ray (2 CPUs) is shared by the module. Checked: the Ray store equals a 
 (ids, metadata, failed images, vectors), for an image folder and for tar shards; a run stopped
 midway resumes; an embedding actor killed mid-run (SIGKILL of its pid) is restarted by Ray and the
 store is still complete and equal, each row once; a 2-node cluster on loopback (`ray start` twice,
-stopped by pid) runs the same embed; the on-disk encode under Ray writes the same lists; bad
-options are one-line errors.
+stopped by pid) runs the same embed; the on-disk encode under Ray, one task's worker killed, writes
+the same lists; a retried shard task writes its shard once; bad options are one-line errors.
 """
 
 from __future__ import annotations
@@ -255,9 +255,10 @@ def stop_cluster(temp: str) -> None:
         time.sleep(2)
 
 
-def test_ondisk_encode_on_ray_writes_the_same_lists(local_ray, tmp_path):
-    """Train once, then encode the planned shards locally and as Ray tasks: the merged versions hold the
-    same lists, ids and vectors, byte for byte."""
+def test_ondisk_encode_on_ray_writes_the_same_lists(local_ray, tmp_path, monkeypatch):
+    """Train once, then encode the planned shards locally and as Ray tasks, one task's worker killed
+    (SIGKILL of its pid) mid-run: Ray re-runs it, and the merged versions hold the same lists, ids and
+    vectors, byte for byte."""
     import shutil
 
     from uniret.index.searcher import Searcher
@@ -268,7 +269,20 @@ def test_ondisk_encode_on_ray_writes_the_same_lists(local_ray, tmp_path):
     shutil.copytree(tmp_path / "local", tmp_path / "ray")
     assert main(args + ["--workers", "1"]) == 0
     ray_args = build_args(tmp_path / "s", tmp_path / "ray", "--kind", "ivf-sq8", "--shard-rows", "700")
-    assert main(ray_args + ["--engine", "ray"]) == 0
+    monkeypatch.setenv("UNIRET_TEST_SLEEP_RAY_SHARD", "1.5")  # a window to kill a task
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(code=main(ray_args + ["--engine", "ray"])))
+    thread.start()
+    killed, deadline = [], time.monotonic() + 90
+    while not killed and thread.is_alive() and time.monotonic() < deadline:
+        pids = our_processes("encode_task")
+        if pids:
+            os.kill(pids[0], signal.SIGKILL)
+            killed = pids[:1]
+        time.sleep(0.05)
+    thread.join(timeout=180)
+    assert killed, "no encoding task was seen running"
+    assert not thread.is_alive() and result.get("code") == 0, result
     a, b = (Searcher.open(tmp_path / name, gpu="off", device="cpu") for name in ("local", "ray"))
     assert a.manifest["on_disk"]["shards"] == b.manifest["on_disk"]["shards"] == 5
     for name in ("lists.ivfdata", "ids.npy", "vectors.npy"):

@@ -21,6 +21,7 @@ import logging
 import time
 from pathlib import Path
 
+from ... import testing
 from ...cluster import ray_session
 from ...errors import UniretError
 from .budget import MemoryPlan, shard_task_bytes
@@ -37,6 +38,13 @@ def tmp_name(no: int) -> str:
     return f"s{no:05d}.tmp-ray"
 
 
+def encode_task(build_dir: str, store_path: str, no: int, trained: bytes, sleep: float = 0.0) -> int:
+    """Shard ``no`` as one Ray task (one thread: Ray counts one CPU per task); returns its rows."""
+    if sleep:
+        time.sleep(sleep)  # a test's window to kill this task's worker process
+    return encode_shard(build_dir, store_path, no, 1, trained, tmp_name(no))
+
+
 def encode_shards_on_ray(build_dir: Path, store, shards: list[int], plan: dict, mem: MemoryPlan,
                          address: str | None, workers: int | None) -> None:
     """Encode ``shards`` of ``plan`` as Ray tasks (a local Ray of ``workers`` CPUs without ``address``)."""
@@ -46,9 +54,9 @@ def encode_shards_on_ray(build_dir: Path, store, shards: list[int], plan: dict, 
     with ray_session(address, num_cpus=workers) as ray:
         trained = ray.put((build_dir / TRAINED).read_bytes())
         memory = shard_task_bytes(plan["nlist"], plan["dim"], plan["code_size"], plan["shard_rows"])
-        task = ray.remote(encode_shard).options(num_cpus=1, memory=memory, max_retries=MAX_RETRIES)
-        t0 = time.perf_counter()
-        pending = {task.remote(str(build_dir), str(store.path), s, 1, trained, tmp_name(s)): s for s in shards}
+        task = ray.remote(encode_task).options(num_cpus=1, memory=memory, max_retries=MAX_RETRIES)
+        t0, sleep = time.perf_counter(), testing.seconds("ray_shard")
+        pending = {task.remote(str(build_dir), str(store.path), s, trained, sleep): s for s in shards}
         logger.info("index: %d shard(s) as Ray tasks (%s rows at most, %d MiB each)", len(shards),
                     f"{plan['shard_rows']:,}", memory >> 20)
         done = 0
