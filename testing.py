@@ -11,6 +11,10 @@ subprocess or with ``monkeypatch.setenv``.
 ``UNIRET_TEST_SLEEP_INDEX``         seconds to sleep before an index version is published
 ``UNIRET_TEST_SLEEP_EMBED``         seconds to sleep after each checkpoint of ``uniret embed``
 ``UNIRET_TEST_SLEEP_SHARD``         seconds to sleep after each IVF shard of an on-disk build
+``UNIRET_TEST_SLEEP_RAY_BATCH``     seconds each Ray embedding actor sleeps after a batch (read by the
+                                    driver, handed to the actors: a window to kill one)
+``UNIRET_TEST_SLEEP_RAY_SHARD``     seconds each Ray task of the on-disk encode sleeps before its shard
+                                    (read by the driver, handed to the tasks)
 ``UNIRET_TEST_INTERRUPT_TRAIN``     a step number: ``uniret train`` raises KeyboardInterrupt
                                     (a simulated Ctrl-C) before it starts that step
 ==================================  ==========================================================
@@ -29,6 +33,12 @@ def sleep_point(name: str) -> None:
     seconds = float(os.environ.get(f"{PREFIX}SLEEP_{name.upper()}", "0") or 0)
     if seconds > 0:
         time.sleep(seconds)
+
+
+def seconds(name: str) -> float:
+    """``UNIRET_TEST_SLEEP_<NAME>`` as seconds (0 when unset), for hooks that run in other processes
+    (Ray workers): read here, then handed to them."""
+    return float(os.environ.get(f"{PREFIX}SLEEP_{name.upper()}", "0") or 0)
 
 
 def int_setting(name: str, default: int) -> int:

@@ -84,8 +84,8 @@ def write_store(path: Path, n: int, dim: int, clusters: int, noise: float, seed:
     written row chunk by row chunk: writers of the parted format take the items as a list (reused
     when it is there)."""
     from uniret.data.collection import Item
-    from uniret.embed.layout import FORMAT_V1
     from uniret.embed.store import EmbeddingStore
+    from uniret.embed.store.layout import FORMAT_V1
 
     source = {"synthetic": {"n": n, "dim": dim, "clusters": clusters, "noise": noise, "seed": seed, "version": 2}}
     if (path / "manifest.json").is_file() and json.loads((path / "manifest.json").read_text()).get("source") == source:

@@ -57,9 +57,9 @@ def bench_listing(paths: list[Path]) -> dict:
 
 def bench_merge(work: Path, parts: int, rows: int, dim: int = 64) -> dict:
     from uniret.data.collection import Item, ItemList
-    from uniret.embed.merge import merge_parts
     from uniret.embed.store import part_name
-    from uniret.embed.writer import PartWriter, write_manifest
+    from uniret.embed.store.merge import merge_parts
+    from uniret.embed.store.writer import PartWriter, write_manifest
 
     items = ItemList([Item(f"{i}.jpg", position=i) for i in range(parts * rows)])
     header = {"model_hash": "bench", "source_key": "bench", "total": len(items)}

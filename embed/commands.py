@@ -13,6 +13,7 @@ from pathlib import Path
 
 import typer
 
+from ..cluster import ENGINES, check_engine
 from ..data.collection import SPLITS
 from ..display import OutputFormat, emit
 from ..errors import UniretError, UsageError
@@ -41,6 +42,15 @@ class Runtime(str, Enum):
 RuntimeOpt = typer.Option(Runtime.auto, "--runtime", help="What runs the model: torch, onnx (ONNX Runtime; "
                           "pip install 'uniret[onnx]') or auto (ONNX Runtime on a CPU when installed and the "
                           "model exports, else torch).")
+
+
+Engine = Enum("Engine", {name: name for name in ENGINES}, type=str)
+Engine.__doc__ = "What runs the job: this machine's processes, or a Ray cluster (uniret.cluster)."
+
+EngineOpt = typer.Option(Engine.local, "--engine", help="local (this machine's processes) or ray (Ray tasks and actors on "
+                         "a local Ray or a cluster, retried when a worker dies; pip install 'uniret[ray]').")
+RayAddressOpt = typer.Option(None, "--ray-address", help="With --engine ray: auto (the cluster `ray start` made "
+                             "here) or HOST:PORT of its head node; default: a local Ray of --workers CPUs.")
 
 
 class StoreDtype(str, Enum):
@@ -162,7 +172,8 @@ def embed_command(
     domain: list[str] = typer.Option(None, "--domain", help="Only these domains (repeatable)."),
     split: list[str] = typer.Option(None, "--split", help="Only these splits (repeatable)."),
     batch_size: int = typer.Option(128, "--batch-size", help="Images per batch."),
-    workers: int = typer.Option(None, "--workers", help="DataLoader worker processes (default: CPU count, at most 16)."),
+    workers: int = typer.Option(None, "--workers", help="DataLoader worker processes (default: CPU count, at most 16); with --engine ray: the CPUs of the local "
+                                                   "Ray, or how many of the cluster's CPUs to use (default: all)."),
     device: str = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N (default auto: a GPU when visible)."),
     dtype: StoreDtype = typer.Option(StoreDtype.float16, "--dtype", help="Stored embedding type."),
     resume: bool = typer.Option(True, "--resume/--restart", help="Continue an interrupted run, or start over."),
@@ -171,18 +182,35 @@ def embed_command(
     part: str = typer.Option(None, "--part", help="Only slice I of N (0-based, e.g. 3/8) into --out, a part "
                                                   "directory; join the parts with `uniret store merge`."),
     runtime: Runtime = RuntimeOpt,
+    engine: Engine = EngineOpt,
+    ray_address: str = RayAddressOpt,
+    block_rows: int = typer.Option(None, "--block-rows", help="With --engine ray: input rows per store part (the "
+                                   "unit of output files and of resume; default 100000; tar input: one part per shard)."),
 ) -> None:
     """Embed images into a store (row i = item i). Resumable; several GPUs through torchrun (each rank
-    writes its own part), several machines through --part I/N and `uniret store merge`."""
+    writes its own part), several machines through --engine ray (a Ray cluster) or --part I/N and
+    `uniret store merge`."""
     from ..data import open_items
     from ..utils import announce_model_load, resolve_device
-    from .parts import parse_part
+    from .store.parts import parse_part
 
-    resolve_device(device)  # a bad --device (or --part) fails before any image or weight is read
+    on_ray = check_engine(engine.value, ray_address) == "ray"
     part_spec = parse_part(part)
+    if on_ray:
+        from .ray_embed import check_device
+
+        check_device(device)
+        if part is not None:
+            raise UsageError("--engine ray runs every part itself; leave out --part (it is the route without Ray)")
+    else:
+        resolve_device(device)  # a bad --device (or --part) fails before any image or weight is read
     in_range(batch_size, "--batch-size", 1, 65_536)
     if workers is not None:
-        in_range(workers, "--workers", 0, 256)
+        in_range(workers, "--workers", 1 if on_ray else 0, 256)
+    if block_rows is not None:
+        if not on_ray:
+            raise UsageError("--block-rows sets the parts of --engine ray; add --engine ray")
+        in_range(block_rows, "--block-rows", 1, 1 << 40)
     unknown = [s for s in split or [] if s not in SPLITS]
     if unknown:
         raise UsageError(f"--split {unknown[0]!r}: splits are {', '.join(SPLITS)}")
@@ -197,27 +225,35 @@ def embed_command(
 
     quiet_open_clip_warnings()
     embedder = load_model(model)
-    onnx = _onnx_embedder(model, runtime.value, resolve_device(device))
-    if workers is None:
+    # under Ray the actors' device decides the runtime; --device auto may mean GPU actors, so --runtime
+    # auto picks ONNX Runtime only for --device cpu there
+    if on_ray:
+        onnx = _onnx_embedder(model, runtime.value, "cpu" if device == "cpu" else "cuda", load_on="cpu")
+    else:
+        onnx = _onnx_embedder(model, runtime.value, resolve_device(device))
+    if workers is None and not on_ray:
         workers = min(16, os.cpu_count() or 1)
     source = {"path": str(Path(data).resolve()), "domains": list(domain or []), "splits": list(split or [])}
     store = embed_items(embedder, items, out, batch_size=batch_size, workers=workers, device=device,
                         dtype=dtype.value, resume=resume, source=source, overwrite=overwrite, inputs=[data, model],
-                        part=part_spec, onnx=onnx)
+                        part=part_spec, onnx=onnx, engine=engine.value, ray_address=ray_address,
+                        block_rows=block_rows)
     if int(os.environ.get("RANK", "0")) == 0:
         what = f"part {part_spec[0]}/{part_spec[1]} ({_id_range(store.start, store.count)}), " if part_spec[1] > 1 else ""
         logger.info("wrote %s: %s%d x %d %s, %d unreadable", out, what, store.count, store.dim, store.dtype,
                     len(store.failed_ids))
 
 
-def _onnx_embedder(model: Path, runtime: str, device: str):
-    """The OnnxEmbedder that runs `embed`'s forward pass, or None for torch (see --runtime)."""
+def _onnx_embedder(model: Path, runtime: str, device: str, load_on: str | None = None):
+    """The OnnxEmbedder that runs `embed`'s forward pass, or None for torch (see --runtime).
+    ``load_on``: the device to load it on here when that is not ``device`` (Ray's actors load the graph
+    again on theirs)."""
     from .model import resolve_model_dir
     from .onnx import OnnxEmbedder, load_embedder, resolve_runtime
 
     if resolve_runtime(runtime, device) != "onnx":
         return None
-    embedder = load_embedder(resolve_model_dir(model), "onnx", device, auto=runtime == "auto")
+    embedder = load_embedder(resolve_model_dir(model), "onnx", load_on or device, auto=runtime == "auto")
     return embedder if isinstance(embedder, OnnxEmbedder) else None
 
 
@@ -232,7 +268,7 @@ def store_merge(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing store at --out."),
 ) -> None:
     """Join part directories into one store (their files are hard-linked, not copied)."""
-    from .merge import merge_parts
+    from .store.merge import merge_parts
 
     merge_parts(parts, out, copy=copy, overwrite=overwrite)
 

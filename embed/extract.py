@@ -8,9 +8,9 @@ every few batches, so a killed run continues with the missing rows only. Images 
 (and embeddings that are not finite) are zero rows listed as failed, never a crash.
 
 :func:`embed_items` = resume planning (:func:`_plan`) + the batch generator
-(:func:`embedded_batches`) + the sink (:class:`_RowSink`).
+(:func:`embedded_batches`) + the sink (:class:`~uniret.embed.batches.RowSink`).
 
-Parts, not a gather (:mod:`uniret.embed.parts`): one process writes one part of the store; under
+Parts, not a gather (:mod:`uniret.embed.store.parts`): one process writes one part of the store; under
 ``torchrun --nproc-per-node N -m uniret.cli embed ...`` every rank writes its own part and rank 0
 only lists them in the manifest; ``--part I/N`` writes a part directory for ``uniret store merge``.
 Resuming works per part: a re-run keeps finished parts and continues each unfinished one with its
@@ -30,40 +30,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import testing
+from ..cluster import check_engine
 from ..data.collection import ItemList
-from ..data.images import decode_image
-from ..errors import UniretError
+from ..errors import UniretError, UsageError
 from ..guards import claim_output, in_range, is_disk_full
 from ..utils import progress_bar, resolve_device
-from .layout import DTYPES, NONFINITE, is_store
+from .batches import EmbedDataset, Forward, RowSink, publish
 from .model import UniversalEmbedder
-from .parts import EmbedJob
-from .reader import EmbeddingStore
-from .writer import PartWriter
+from .store.layout import DTYPES, is_store
+from .store.parts import EmbedJob
+from .store.reader import EmbeddingStore
+from .store.writer import PartWriter
 
 logger = logging.getLogger("uniret")
-
-
-class EmbedDataset(torch.utils.data.Dataset):
-    """Item ``ids[j]`` -> (id, image tensor, ok, reason); unreadable images give a zero tensor."""
-
-    def __init__(self, items: ItemList, ids: np.ndarray, transform, input_size):
-        self.items = items
-        self.ids = np.asarray(ids, dtype=np.int64)
-        self.transform = transform
-        self.input_size = tuple(int(v) for v in input_size)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, j: int):
-        i = int(self.ids[j])
-        try:
-            x = self.transform(decode_image(self.items.get_image_bytes(i)))
-            return i, x, True, ""
-        except (UniretError, OSError, KeyError) as exc:  # ImageDecodeError is a UniretError
-            return i, torch.zeros(self.input_size), False, str(exc).splitlines()[0][:200]
 
 
 def dist_info() -> tuple[int, int, int]:
@@ -102,6 +81,9 @@ def embed_items(
     inputs: tuple = (),
     part: tuple[int, int] = (0, 1),
     onnx=None,
+    engine: str = "local",
+    ray_address: str | None = None,
+    block_rows: int | None = None,
 ) -> EmbeddingStore:
     """Embed every item of ``items`` (an ``ItemList`` or tar shards) into the store ``out`` and return it.
 
@@ -113,17 +95,36 @@ def embed_items(
     partial store. Under torchrun every rank calls this with the same arguments, writes its own
     part, and all return the published store. ``onnx``: an ``OnnxEmbedder`` of ``model`` that runs
     the forward pass instead of torch (``--runtime onnx``).
+
+    ``engine="ray"`` runs the job on Ray instead (:mod:`uniret.embed.ray_embed`; ``ray_address``:
+    None for a local Ray of ``workers`` CPUs, ``"auto"`` or ``"HOST:PORT"`` for a cluster), writing
+    one part per ``block_rows`` input rows (one per shard of tar input); ``workers`` None there
+    means every CPU of the cluster.
     """
-    _check_options(items, batch_size, workers, dtype)
+    _check_options(items, batch_size, workers, dtype, engine, ray_address, part, block_rows, device)
     out = Path(out)
-    rank, world, local_rank = dist_info()
-    if world > 1 and not torch.distributed.is_initialized():
-        # gloo only coordinates (barriers); no tensor crosses ranks.
-        torch.distributed.init_process_group("gloo")
-    dev = torch.device(resolve_device(device, local_rank=local_rank))
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
-    job = EmbedJob(out, items, model_info(model), model.config.dim, dtype, source, part, rank, world)
+    if engine == "ray":
+        from .ray_embed import count_parts, embed_on_ray
+
+        rank, world = 0, 1  # one driver; Ray runs the parts
+        job = EmbedJob(out, items, model_info(model), model.config.dim, dtype, source, (0, 1), 0,
+                       count_parts(items, block_rows))
+
+        def run() -> EmbeddingStore:
+            return embed_on_ray(model, job, device, batch_size, workers, resume, amp, checkpoint_every, ray_address,
+                                onnx)
+    else:
+        rank, world, local_rank = dist_info()
+        if world > 1 and not torch.distributed.is_initialized():
+            # gloo only coordinates (barriers); no tensor crosses ranks.
+            torch.distributed.init_process_group("gloo")
+        dev = torch.device(resolve_device(device, local_rank=local_rank))
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        job = EmbedJob(out, items, model_info(model), model.config.dim, dtype, source, part, rank, world)
+
+        def run() -> EmbeddingStore:
+            return _embed(model, job, dev, batch_size, workers, resume, amp, checkpoint_every, rank, world, onnx)
     done_store = job.finished() if resume else None
     if done_store is not None:
         logger.info("%s already holds these %d embeddings; nothing to do", out, done_store.count)
@@ -135,7 +136,7 @@ def embed_items(
     claim = claim_output(out, "embedding store", is_store, inputs, overwrite=True) if rank == 0 else nullcontext()
     with claim:
         try:
-            return _embed(model, job, dev, batch_size, workers, resume, amp, checkpoint_every, rank, world, onnx)
+            return run()
         except BaseException as exc:
             if rank == 0 and is_disk_full(exc):
                 shutil.rmtree(job.partial, ignore_errors=True)
@@ -157,14 +158,7 @@ def _embed(model: UniversalEmbedder, job: EmbedJob, dev: torch.device, batch_siz
                     f" (rank {rank})" if world > 1 else "", onnx)
     _barrier(world)
     if rank == 0:
-        store = job.publish()
-        if store.failed:
-            first = next(iter(store.failed.items()))
-            logger.warning("%d unreadable images skipped (zero rows, listed in the parts); e.g. id %s: %s",
-                           len(store.failed), first[0], first[1])
-        if store.notes:
-            logger.warning("%d input problems skipped while listing (listed in the parts); e.g. %s",
-                           len(store.notes), store.notes[0])
+        store = publish(job)
     _barrier(world)
     return store if rank == 0 else EmbeddingStore(out, whole=False)
 
@@ -176,7 +170,7 @@ def _embed_part(model: UniversalEmbedder, writer: PartWriter, dev: torch.device,
     if len(rows) < len(writer.items):
         logger.info("resuming part %d of %d%s: %d of %d rows already embedded", writer.k, writer.parts, who,
                     len(writer.items) - len(rows), len(writer.items))
-    sink = _RowSink(writer)
+    sink = RowSink(writer)
     start = time.perf_counter()
     with progress_bar(f"embedding{who}", len(rows)) as advance:
         for batch_no, (ids, vectors, ok, reasons) in enumerate(
@@ -193,9 +187,25 @@ def _embed_part(model: UniversalEmbedder, writer: PartWriter, dev: torch.device,
     writer.finish()
 
 
-def _check_options(items, batch_size: int, workers: int, dtype: str) -> None:
+def _check_options(items, batch_size: int, workers: int | None, dtype: str, engine: str = "local",
+                   ray_address: str | None = None, part: tuple[int, int] = (0, 1), block_rows: int | None = None,
+                   device=None) -> None:
     in_range(batch_size, "--batch-size", 1, 65_536)
-    in_range(workers, "--workers", 0, 256)
+    if workers is not None or engine != "ray":
+        in_range(workers, "--workers", 1 if engine == "ray" else 0, 256)
+    check_engine(engine, ray_address)
+    if engine == "ray":
+        from .ray_embed import check_device
+
+        check_device(device)
+    if engine == "ray" and tuple(part) != (0, 1):
+        raise UsageError("--engine ray runs every part itself; leave out --part (it is the route without Ray)")
+    if engine == "ray" and dist_info()[1] > 1:
+        raise UsageError("--engine ray runs its own workers; start it once, not under torchrun")
+    if block_rows is not None:
+        if engine != "ray":
+            raise UsageError("--block-rows sets the parts of --engine ray; add --engine ray")
+        in_range(block_rows, "--block-rows", 1, 1 << 40)
     if dtype not in DTYPES:
         raise UniretError(f"--dtype must be float16 or float32, not {dtype!r}")
     if isinstance(items, ItemList) and len(items) == 0:
@@ -208,56 +218,11 @@ def embedded_batches(model: UniversalEmbedder, items: ItemList, ids: np.ndarray,
     ``ids``, decoded and preprocessed (the model's eval transform) in DataLoader workers. A row is not
     ok when its image could not be read or its embedding is not finite. ``onnx``: an ``OnnxEmbedder``
     that runs the forward pass instead (the loader still preprocesses with the model's transform)."""
-    if onnx is not None:
-        dev = torch.device("cpu")  # ONNX Runtime takes host arrays and places them on its own device
-    model = model.to(dev).eval()
-    use_cuda = dev.type == "cuda"
-    if use_cuda:
-        model = model.to(memory_format=torch.channels_last)
-    amp_dtype = torch.bfloat16 if use_cuda and torch.cuda.is_bf16_supported() else torch.float16
-    autocast = torch.autocast("cuda", dtype=amp_dtype) if (use_cuda and amp) else nullcontext()
+    forward = Forward(model, dev, amp, onnx)
     dataset = EmbedDataset(items, ids, model.transforms()[1], model.config.preprocess["input_size"])
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=use_cuda,
+        dataset, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=forward.use_cuda,
         prefetch_factor=4 if workers > 0 else None, persistent_workers=False,
     )
-    with torch.inference_mode():
-        for batch_ids, x, ok, reasons in loader:
-            x = x.to(dev, non_blocking=True)
-            if use_cuda:
-                x = x.contiguous(memory_format=torch.channels_last)
-            if onnx is not None:
-                vectors = onnx.run(x.numpy())
-            else:
-                with autocast:
-                    z = model(x)
-                vectors = z.float().cpu().numpy()
-            ok = ok.numpy().astype(bool)
-            reasons = list(reasons)
-            finite = np.isfinite(vectors).all(axis=1)
-            for j in np.flatnonzero(ok & ~finite):
-                reasons[j] = NONFINITE
-            yield batch_ids.numpy(), vectors, ok & finite, reasons
-
-
-class _RowSink:
-    """Where embedded rows go: this process's part writer; :meth:`flush` makes the rows added since
-    the last flush durable (then a kill loses none of them)."""
-
-    def __init__(self, writer: PartWriter):
-        self.writer = writer
-        self.rows: list[np.ndarray] = []
-
-    def add(self, rows: np.ndarray, vectors: np.ndarray, ok: np.ndarray, reasons: list[str]) -> None:
-        self.writer.write(rows[ok], vectors[ok])
-        for row, reason, good in zip(rows, reasons, ok):
-            if not good:
-                self.writer.mark_failed(int(row), reason)
-        self.rows.append(rows)
-
-    def flush(self) -> None:
-        if not self.rows:
-            return
-        self.writer.checkpoint(np.concatenate(self.rows))
-        self.rows.clear()
-        testing.sleep_point("embed")  # lets tests kill a real run between two checkpoints
+    for batch_ids, x, ok, reasons in loader:
+        yield (batch_ids.numpy(), *forward(x, ok.numpy().astype(bool), list(reasons)))

@@ -277,12 +277,34 @@ class UniversalEmbedder(nn.Module, EmbeddingSizes):
             raise UniretError(f"{cfg_file}: unreadable ({' '.join(str(exc).split())[:120]}); "
                               "the model directory is damaged, re-create it") from None
         config = ModelConfig.from_json(raw, str(cfg_file))
-        backbone = create_backbone(config.backbone, image_size=config.backbone_image_size(), pool=config.pool)
-        model = cls(backbone, config)
         try:
             state = load_file(str(weights_file), device="cpu")
         except (SafetensorError, OSError) as exc:
             raise UniretError(f"{weights_file}: unreadable weights ({exc})") from None
+        model = cls._from_state(config, state, weights_file)
+        model.source_dir = path.resolve()  # recorded in stores, so an index can find its model
+        return model.to(device).eval()
+
+    def to_bytes(self) -> tuple[dict, bytes]:
+        """The model as plain data, ``(config JSON, safetensors bytes)``: what processes on other
+        machines rebuild it from (:meth:`from_bytes`; Ray actors), never a pickle."""
+        from safetensors.torch import save
+
+        return self.config.to_json(), save(self.inference_state_dict(), metadata={"format": FORMAT})
+
+    @classmethod
+    def from_bytes(cls, config: dict, weights: bytes, device: str | torch.device = "cpu") -> UniversalEmbedder:
+        """The model of :meth:`to_bytes`' output, checked like a model directory."""
+        from safetensors.torch import load
+
+        model = cls._from_state(ModelConfig.from_json(config, "the model's config"), load(weights), "the model's weights")
+        return model.to(device).eval()
+
+    @classmethod
+    def _from_state(cls, config: ModelConfig, state: dict, weights_file) -> UniversalEmbedder:
+        """A model of ``config`` holding the tensors ``state`` (checked against its architecture)."""
+        backbone = create_backbone(config.backbone, image_size=config.backbone_image_size(), pool=config.pool)
+        model = cls(backbone, config)
         own = model.inference_state_dict()
         missing = sorted(set(own) - set(state))
         unexpected = sorted(set(state) - set(own))
@@ -297,8 +319,7 @@ class UniversalEmbedder(nn.Module, EmbeddingSizes):
                               f"{k} {tuple(state[k].shape)} instead of {tuple(own[k].shape)}; re-export the model")
         model.backbone.load_state_dict({k[9:]: v for k, v in state.items() if k.startswith("backbone.")})
         model.head.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("head.")})
-        model.source_dir = path.resolve()  # recorded in stores, so an index can find its model
-        return model.to(device).eval()
+        return model
 
 
 def is_model_output(path: Path) -> bool:

@@ -287,6 +287,7 @@ class OnnxEmbedder(EmbeddingSizes):
         if threads:
             options.intra_op_num_threads = int(threads)
         source = str(graph) if isinstance(graph, (str, Path)) else graph
+        self.graph = source  # what other processes load the same graph from (--engine ray ships its bytes)
         try:
             self.session = ort.InferenceSession(source, options, providers=providers_for(device))
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own classes for a damaged file

@@ -236,10 +236,10 @@ def add_to_index(index_dir, store, max_memory: int | None = None, workers: int |
     skipped when their content, compared by vector, is the same); new items get fresh ids after the
     largest id ever given. Items at indexed paths with other content are refused, or with
     ``replace`` their old ids removed and the new content added. Returns counts. On-disk indexes are
-    updated by :func:`uniret.index.ondisk_update.add_ondisk` (``max_memory``, ``workers``)."""
+    updated by :func:`uniret.index.ondisk.add_ondisk` (``max_memory``, ``workers``)."""
     root = Path(index_dir)
     if _on_disk(root):
-        from .ondisk_update import add_ondisk
+        from .ondisk.update import add_ondisk
 
         return add_ondisk(root, store, max_memory=max_memory, workers=workers, replace=replace)
     store = open_store(store)
@@ -303,7 +303,7 @@ def remove_from_index(index_dir, remove_ids, made_from: dict | None = None, what
 
     root = Path(index_dir)
     if _on_disk(root):
-        from .ondisk_update import remove_ondisk
+        from .ondisk.update import remove_ondisk
 
         return remove_ondisk(root, remove_ids, made_from=made_from, what=what)
     remove_ids = np.unique(np.asarray(remove_ids, dtype=np.int64))

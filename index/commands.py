@@ -9,9 +9,10 @@ from pathlib import Path
 
 import typer
 
+from ..cluster import check_engine
 from ..data.folder import LAYOUTS
 from ..display import OutputFormat, display_score, emit
-from ..embed.commands import Runtime, RuntimeOpt
+from ..embed.commands import Engine, RayAddressOpt, Runtime, RuntimeOpt
 from ..errors import UsageError
 from ..guards import check_output_file, file_has_format, in_range
 from .rerank import reranker_names
@@ -79,7 +80,7 @@ def _storage(manifest: dict) -> str:
     info = manifest.get("on_disk")
     if not info:
         return "in RAM (index.faiss is read whole)"
-    from .budget import fmt_bytes
+    from .ondisk import fmt_bytes
 
     return f"on-disk: {info['ivfdata']} ({fmt_bytes(info['ivfdata_bytes'])}) memory-mapped, {info['shards']} shard(s)"
 
@@ -116,6 +117,9 @@ def index_build(
                                     "of part I of N (0-based; one machine each)."),
     merge: bool = typer.Option(False, "--merge", help="--on-disk step 3: merge all shards into a new index version."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Build a new version of the index already at --out."),
+    engine: Engine = typer.Option(Engine.local, "--engine", help="--on-disk: encode the shards with processes of "
+                                  "this machine (local) or as Ray tasks (ray; pip install 'uniret[ray]')."),
+    ray_address: str = RayAddressOpt,
     fmt: OutputFormat = FormatOpt,
 ) -> None:
     """Build an index from an embedding store (in RAM, or --on-disk in resumable steps), or from images
@@ -123,6 +127,10 @@ def index_build(
     from .from_images import build_from_images, is_store_path
     from .layout import read_manifest
 
+    on_ray = check_engine(engine.value, ray_address) == "ray"
+    if on_ray and (not on_disk or train_only or merge):
+        raise UsageError("--engine ray runs the encode step of an --on-disk build; add --on-disk (and no "
+                         "--train-only or --merge)")
     if not is_store_path(store):
         if on_disk or train_only or encode_part or merge or shard_rows is not None:
             raise UsageError(f"{store} is not an embedding store: --on-disk builds start from one; embed the images "
@@ -134,7 +142,7 @@ def index_build(
         manifest = read_manifest(version)
         return emit(_summary_rows(manifest, out), ["field", "value"], fmt, extra={"manifest": manifest})
     if on_disk:
-        from . import ondisk_build as od
+        from . import ondisk as od
 
         step, part = od.check_step_options(on_disk, train_only, encode_part, merge, kind)
         budget = parse_bytes(max_memory)
@@ -144,17 +152,18 @@ def index_build(
                           "shard_rows": plan["shard_rows"], "trained_on": plan["train"]["on"]}],
                         ["step", "key", "shards", "shard_rows", "trained_on"], fmt, extra={"plan": plan})
         if step == "encode":
-            res = od.encode_step(store, out, budget, workers, part)
+            res = od.encode_step(store, out, budget, workers, part, engine.value, ray_address)
             return emit([dict(res, step=f"encode {part[0]}/{part[1]}")],
                         ["step", "shards", "encoded", "workers", "seconds"], fmt)
         if step == "merge":
             version = od.merge_step(store, out, budget, target_recall, recall_k, model, overwrite=overwrite)
         else:
             version = od.build_ondisk(store, out, kind, gpu.value, gpus, budget, workers, shard_rows, target_recall,
-                                      recall_k, model, overwrite=overwrite)
+                                      recall_k, model, overwrite=overwrite, engine=engine.value,
+                                      ray_address=ray_address)
     else:
         from .build import build_index
-        from .ondisk_build import check_step_options
+        from .ondisk import check_step_options
 
         check_step_options(on_disk, train_only, encode_part, merge, kind)
         if workers is not None or shard_rows is not None:

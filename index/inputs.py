@@ -16,7 +16,7 @@ from ..errors import UniretError
 from ..utils import publish_dir, read_json
 from .layout import MODEL_DIR, is_index_dir
 
-WORK_DIRS = ("ondisk-build", "ondisk-update")  # on-disk builds' shards (index/shards.py)
+WORK_DIRS = ("ondisk-build", "ondisk-update")  # on-disk builds' shards (index/ondisk/shards.py)
 EMBED_DIRS = ("embeddings", ".embeddings.lock")  # a one-step build's store (index/from_images.py)
 
 

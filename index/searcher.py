@@ -40,10 +40,10 @@ from .exact import REFINE_FACTOR, exact_search, rescore, torch_search
 from .filters import FILTER_EXACT_MAX, filtered_faiss_search, select_rows
 from .keys import is_lossy, search_param_name, set_search_param
 from .layout import MetadataDB, current_version, load_ids_vectors, read_manifest
-from .ondisk import read_version_index
+from .ondisk.lists import read_version_index
+from .ondisk.vectors import MappedArray, exact_search_chunked
 from .rerank import candidate_depth
 from .rerank import rerank as apply_rerank
-from .vectors import MappedArray, exact_search_chunked
 
 logger = logging.getLogger("uniret")
 

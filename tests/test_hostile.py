@@ -327,7 +327,7 @@ def plant(kind: str, target: Path, marker: Path) -> None:
         env.close()
 
 
-#: The one part of a store written by one process (embed/store.py's layout).
+#: The one part of a store written by one process (embed/store/'s layout).
 PART0 = "parts/part-00000-of-00001"
 
 

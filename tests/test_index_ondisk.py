@@ -14,8 +14,7 @@ import numpy as np
 from uniret.cli import main
 from uniret.data.collection import Item
 from uniret.embed.store import write_store
-from uniret.index.ondisk import load_trained
-from uniret.index.ondisk_build import build_ondisk
+from uniret.index.ondisk import build_ondisk, load_trained
 from uniret.index.searcher import Searcher
 
 CLI = "import sys; from uniret.cli import main; sys.exit(main(sys.argv[1:]))"

@@ -12,7 +12,7 @@ import pytest
 from uniret.cli import main
 from uniret.data.collection import Item, ItemList
 from uniret.embed.store import EmbeddingStore, part_name, write_store
-from uniret.embed.writer import PartWriter, write_manifest
+from uniret.embed.store.writer import PartWriter, write_manifest
 from uniret.errors import UniretError
 
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import UniretError
-from .layout import check_index_shape, check_regular, read_index, version_file
+from ...errors import UniretError
+from ..layout import check_index_shape, check_regular, read_index, version_file
 from .vectors import sync_and_evict
 
 IVFDATA = "lists.ivfdata"

@@ -16,9 +16,9 @@ import shutil
 from fractions import Fraction
 from pathlib import Path
 
-from ..errors import UniretError
-from ..guards import claim_output
-from ..utils import PartialDir, stable_hash
+from ...errors import UniretError
+from ...guards import claim_output
+from ...utils import PartialDir, stable_hash
 from .layout import FORMAT, FORMAT_V1, PART_FILES, check_tiling, is_store
 from .reader import EmbeddingStore, StorePart
 from .writer import write_manifest

@@ -9,7 +9,7 @@ holding slice ``I`` of ``N`` (with ``W`` ranks: slices ``I*W .. I*W+W-1`` of ``N
 and ``uniret store merge`` joins the directories.
 
 Layout while running: ``<out>.partial/`` (marker: the run's fingerprint) holds
-``parts/<name>.partial`` per unfinished part (:class:`~uniret.embed.writer.PartWriter`) and
+``parts/<name>.partial`` per unfinished part (:class:`~uniret.embed.store.writer.PartWriter`) and
 ``parts/<name>`` per finished one; rank 0 writes ``manifest.json`` and renames it to ``out``.
 A re-run with the same fingerprint keeps the finished parts and resumes the unfinished ones.
 """
@@ -19,8 +19,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from ..errors import UniretError, UsageError
-from ..utils import PartialDir, read_json
+from ...errors import UniretError, UsageError
+from ...utils import PartialDir, read_json
 from .layout import part_name, store_fingerprint
 from .reader import EmbeddingStore, open_finished
 from .writer import PartWriter, finished_part, part_entry, part_fingerprint, write_manifest
@@ -71,14 +71,16 @@ class EmbedJob:
         self._dir = PartialDir(self.out, self.fingerprint, restart=restart)
         return self._dir.resumed
 
-    def open_part(self, restart: bool) -> PartWriter | None:
-        """This process's part writer, or None when its part is already finished."""
-        items = self.items.part(self.k, self.parts)
-        name = part_name(self.k, self.parts)
-        fingerprint = part_fingerprint(items, self.k, self.parts, self.dim, self.dtype, self.header)
+    def open_part(self, restart: bool, k: int | None = None) -> PartWriter | None:
+        """This process's part writer (of part ``k`` when given: one driver writing every part, as
+        ``--engine ray`` does), or None when the part is already finished."""
+        k = self.k if k is None else k
+        items = self.items.part(k, self.parts)
+        name = part_name(k, self.parts)
+        fingerprint = part_fingerprint(items, k, self.parts, self.dim, self.dtype, self.header)
         if not restart and finished_part(self.partial / "parts" / name, fingerprint) is not None:
             return None
-        return PartWriter(self.partial / "parts" / name, items, self.k, self.parts, self.dim, self.dtype,
+        return PartWriter(self.partial / "parts" / name, items, k, self.parts, self.dim, self.dtype,
                           self.header, restart=restart)
 
     def publish(self) -> EmbeddingStore:

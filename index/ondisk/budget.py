@@ -22,7 +22,7 @@ import math
 import os
 from dataclasses import dataclass
 
-from ..errors import UsageError
+from ...errors import UsageError
 
 MiB = 1 << 20
 BASE_RSS = 256 * MiB
@@ -69,6 +69,11 @@ def _worker_fixed(nlist: int, dim: int) -> int:
 
 def _per_shard_row(code_size: int, dim: int) -> int:
     return 2 * (code_size + 8) + 16  # lists grown by doubling, the row and id of each vector
+
+
+def shard_task_bytes(nlist: int, dim: int, code_size: int, shard_rows: int) -> int:
+    """Peak RSS of one process encoding one shard (what a Ray task asks for: ``--engine ray``)."""
+    return _worker_fixed(nlist, dim) + shard_rows * _per_shard_row(code_size, dim)
 
 
 def _train_need(rows: int, nlist: int, dim: int) -> int:

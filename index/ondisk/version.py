@@ -1,7 +1,7 @@
 """Writing a version of an on-disk index: inverted lists merged from shards and/or the live
-version (:mod:`.ondisk`), raw vectors concatenated (:mod:`.vectors`), metadata streamed into the
-LMDB, the manifest, then publication (:mod:`.layout`). Shared by ``index build --on-disk``,
-``index add`` and ``index remove`` (:mod:`.ondisk_build`, :mod:`.ondisk_update`).
+version (:mod:`.lists`), raw vectors concatenated (:mod:`.vectors`), metadata streamed into the
+LMDB, the manifest, then publication (:mod:`uniret.index.layout`). Shared by ``index build --on-disk``,
+``index add`` and ``index remove`` (:mod:`.build`, :mod:`.update`).
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import testing
-from ..errors import UniretError
-from ..utils import atomic_write_json
-from .layout import MetadataDB, next_version_name, publish_version
-from .ondisk import IVFDATA, ListSource, attach_lists, write_lists
+from ... import testing
+from ...errors import UniretError
+from ...utils import atomic_write_json
+from ..layout import MetadataDB, next_version_name, publish_version
+from .lists import IVFDATA, ListSource, attach_lists, write_lists
 from .shards import TRAINED, check_shard
 from .vectors import ArrayWriter, MappedArray
 

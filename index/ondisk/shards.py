@@ -24,10 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import testing
-from ..data.collection import Item
-from ..errors import UniretError
-from ..utils import atomic_write_json, read_json, stable_hash
+from ... import testing
+from ...data.collection import Item
+from ...errors import UniretError
+from ...utils import atomic_write_json, read_json, stable_hash
 from .budget import CHUNK_ROWS
 from .vectors import ArrayWriter, sync_and_evict
 
@@ -141,21 +141,33 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def encode_shard(build_dir: str, store_path: str, no: int, threads: int) -> int:
+def encode_shard(build_dir: str, store_path: str, no: int, threads: int, trained: bytes | None = None,
+                 tmp_name: str | None = None) -> int:
     """Encode shard ``no`` of the plan in ``build_dir``; returns its row count. Top-level so that
-    spawned worker processes can run it."""
+    spawned worker processes (and Ray tasks) can run it. ``trained``: the trained index's serialized
+    bytes (shared through Ray's object store) instead of the build directory's file. ``tmp_name``:
+    a fixed name for the half-written shard, which a retry of the same task removes and writes again
+    (default: one per process). A shard already complete is never written again."""
     import faiss
 
-    from ..embed.store import EmbeddingStore
+    from ...embed.store import EmbeddingStore
 
-    faiss.omp_set_num_threads(max(1, threads))
-    build, store = Path(build_dir), EmbeddingStore(store_path)
+    build = Path(build_dir)
     plan = read_plan(build)
     a, b = plan["shards"][no]
+    if (shard_dir(build, no) / "shard.json").is_file():  # an earlier attempt of this task finished it
+        return b - a
+    faiss.omp_set_num_threads(max(1, threads))
+    store = EmbeddingStore(store_path)
     rows = np.load(build / "rows.npy", mmap_mode="r")[a:b]
     ids = np.load(build / "ids.npy", mmap_mode="r")[a:b]
-    index = faiss.read_index(str(build / TRAINED))
-    tmp = build / "shards" / f"s{no:05d}.tmp-{os.getpid()}"
+    if trained is None:
+        index = faiss.read_index(str(build / TRAINED))
+    else:
+        index = faiss.deserialize_index(np.frombuffer(trained, dtype=np.uint8))
+    tmp = build / "shards" / (tmp_name or f"s{no:05d}.tmp-{os.getpid()}")
+    if tmp_name:
+        shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     writer = ArrayWriter(tmp / "vectors.npy", (b - a, store.dim), np.float16)
     for c in range(0, b - a, CHUNK_ROWS):

@@ -6,8 +6,8 @@ multi-machine recipe.
 2. encode (``--encode-part I/N``, or every shard): worker processes encode row ranges of the store
    into IVF shards that share the trained quantizer;
 3. merge (``--merge``): the shards' lists become ``lists.ivfdata`` of a new version
-   (:mod:`.ondisk_version`), raw vectors and ids are concatenated, metadata is streamed into LMDB,
-   nprobe is tuned against exact search (:mod:`.ondisk_tune`), the version is published and the
+   (:mod:`.version`), raw vectors and ids are concatenated, metadata is streamed into LMDB,
+   nprobe is tuned against exact search (:mod:`.tune`), the version is published and the
    build directory removed.
 
 Without a step option a build runs all three, resuming from what a killed run left (the trained
@@ -25,17 +25,16 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import UniretError, UsageError
-from ..guards import claim_output, in_range
-from ..utils import git_commit
-from . import gpu as gpu_util
+from ...cluster import check_engine
+from ...errors import UniretError, UsageError
+from ...guards import claim_output, in_range
+from ...utils import git_commit
+from .. import gpu as gpu_util
+from ..inputs import WORK_DIRS, copy_model, is_own_index, model_to_copy, open_store
+from ..keys import KINDS, check_lists, index_key, new_index
+from ..layout import FORMAT, is_index_dir, writer_lock
 from .budget import DEFAULT_BUDGET, check_workers, fmt_bytes, plan_memory
-from .inputs import WORK_DIRS, copy_model, is_own_index, model_to_copy, open_store
-from .keys import KINDS, check_lists, index_key, new_index
-from .layout import FORMAT, is_index_dir, writer_lock
-from .ondisk import IVFDATA
-from .ondisk_tune import tune_ondisk
-from .ondisk_version import iter_array, merge_version, publish, write_meta
+from .lists import IVFDATA
 from .shards import (
     encode_shards,
     iter_items,
@@ -48,7 +47,9 @@ from .shards import (
     write_plan,
     write_valid_rows,
 )
+from .tune import tune_ondisk
 from .vectors import ArrayWriter
+from .version import iter_array, merge_version, publish, write_meta
 
 logger = logging.getLogger("uniret")
 
@@ -100,7 +101,7 @@ def _train(store, build: Path, key: str, index, sample: int, seed: int, gpu: str
     return index, {"rows": int(len(x)), "seconds": round(time.perf_counter() - t0, 3), "on": where}
 
 
-def _ensure_plan(build: Path, store, fingerprint: dict, write_rows, key: str, index, budget: int, workers: int,
+def ensure_plan(build: Path, store, fingerprint: dict, write_rows, key: str, index, budget: int, workers: int,
                  shard_rows: int | None, seed: int, train=None) -> dict:
     """The plan in ``build`` when it was made with the same ``fingerprint`` (inputs and options); else
     a new one, old work removed. ``write_rows(build) -> n`` writes rows.npy and ids.npy;
@@ -144,7 +145,7 @@ def _step_plan(build: Path, store) -> dict:
     return plan
 
 
-def _budget(max_memory: int | None) -> int:
+def memory_budget(max_memory: int | None) -> int:
     return DEFAULT_BUDGET if max_memory is None else int(max_memory)
 
 
@@ -180,28 +181,37 @@ def train_step(store, out, kind: str = "auto", gpu: str = "auto", gpus: int | No
     # the rows to index follow from the store (its valid mask), so the store's key covers them
     fingerprint = {"op": "build", "store": store_key(store), "key": key, "seed": seed, "shard_rows": shard_rows}
     with _claim(root, store, None, overwrite):
-        return _ensure_plan(build, store, fingerprint, lambda b: write_valid_rows(store, b), key, index,
-                            _budget(max_memory), workers, shard_rows, seed,
+        return ensure_plan(build, store, fingerprint, lambda b: write_valid_rows(store, b), key, index,
+                            memory_budget(max_memory), workers, shard_rows, seed,
                             train=lambda sample: _train(store, build, key, index, sample, seed, gpu, gpus))
 
 
 def encode_step(store, out, max_memory: int | None = None, workers: int | None = None,
-                part: tuple[int, int] | None = None) -> dict:
+                part: tuple[int, int] | None = None, engine: str = "local", ray_address: str | None = None) -> dict:
     """Step 2: encode the missing shards (of part ``(i, n)`` when given). Needs no lock: several
-    machines may encode parts of one build directory at once."""
+    machines may encode parts of one build directory at once. ``engine="ray"``: as Ray tasks
+    (:mod:`.ray_encode`; ``ray_address`` None for a local Ray of ``workers`` CPUs)."""
     store, build = open_store(store), Path(out) / BUILD_DIR
     plan = _step_plan(build, store)
-    return _encode(build, store, plan, _budget(max_memory), check_workers(workers), part)
+    return encode_planned(build, store, plan, memory_budget(max_memory), check_workers(workers), part, engine,
+                          ray_address, workers)
 
 
-def _encode(build: Path, store, plan: dict, budget: int, workers: int, part: tuple[int, int] | None) -> dict:
+def encode_planned(build: Path, store, plan: dict, budget: int, workers: int, part: tuple[int, int] | None,
+                   engine: str = "local", ray_address: str | None = None, ray_cpus: int | None = None) -> dict:
+    """Encode the plan's missing shards (of ``part``): worker processes here, or Ray tasks."""
     shards = list(range(len(plan["shards"]))) if part is None else part_shards(len(plan["shards"]), *part)
     todo = missing_shards(build, plan, shards)
     mem = plan_memory(budget, plan["count"], plan["dim"], plan["nlist"], plan["code_size"], workers, plan["shard_rows"])
     if len(todo) < len(shards):
         logger.info("index: %d of %d shard(s) already encoded; encoding %d", len(shards) - len(todo), len(shards), len(todo))
     t0 = time.perf_counter()
-    encode_shards(build, store, todo, mem.workers)
+    if engine == "ray":
+        from .ray_encode import encode_shards_on_ray
+
+        encode_shards_on_ray(build, store, todo, plan, mem, ray_address, ray_cpus)
+    else:
+        encode_shards(build, store, todo, mem.workers)
     return {"shards": len(shards), "encoded": len(todo), "workers": mem.workers,
             "seconds": round(time.perf_counter() - t0, 3)}
 
@@ -221,7 +231,7 @@ def merge_step(store, out, max_memory: int | None = None, target_recall: float =
             raise UniretError(f"{len(missing)} of {len(plan['shards'])} shards are not encoded yet (first: "
                               f"{missing[:5]}); run --encode-part for their parts (or the build without a step option)")
         t0 = time.perf_counter()
-        window = plan_memory(_budget(max_memory), plan["count"], plan["dim"], plan["nlist"], plan["code_size"], 1,
+        window = plan_memory(memory_budget(max_memory), plan["count"], plan["dim"], plan["nlist"], plan["code_size"], 1,
                              plan["shard_rows"]).window_bytes
         partial, ivf_bytes = merge_version(root, build, plan, [], window)
         shutil.copyfile(build / "ids.npy", partial / "ids.npy")
@@ -256,14 +266,16 @@ def merge_step(store, out, max_memory: int | None = None, target_recall: float =
 def build_ondisk(store, out, kind: str = "auto", gpu: str = "auto", gpus: int | None = None,
                  max_memory: int | None = None, workers: int | None = None, shard_rows: int | None = None,
                  target_recall: float = 0.95, recall_k: int = 100, model_dir=None, tune_sample: int = 1000,
-                 seed: int = 0, overwrite: bool = False) -> Path:
-    """All three steps; a re-run after a kill keeps the trained quantizer and the shards written."""
+                 seed: int = 0, overwrite: bool = False, engine: str = "local", ray_address: str | None = None) -> Path:
+    """All three steps; a re-run after a kill keeps the trained quantizer and the shards written.
+    ``engine="ray"`` encodes the shards as Ray tasks (train and merge stay here)."""
+    check_engine(engine, ray_address)
     store = open_store(store)
     in_range(target_recall, "--target-recall", 0, 1, low_open=True)
     in_range(recall_k, "--recall-k", 1, 10_000)
     model_to_copy(store, model_dir)  # a wrong --model fails before hours of work
     train_step(store, out, kind, gpu, gpus, max_memory, workers, shard_rows, seed, overwrite)
-    encoded = encode_step(store, out, max_memory, workers)
+    encoded = encode_step(store, out, max_memory, workers, engine=engine, ray_address=ray_address)
     return merge_step(store, out, max_memory, target_recall, recall_k, model_dir, tune_sample,
                       extra={"workers": encoded["workers"], "encode_seconds": encoded["seconds"]}, overwrite=overwrite)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import UniretError
+from ...errors import UniretError
 
 
 def sync_and_evict(f) -> None:

@@ -14,12 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import UniretError
-from ..safeio import load_npy
-from .budget import check_workers, plan_memory
-from .inputs import open_store
-from .keys import ivf_of
-from .layout import (
+from ...errors import UniretError
+from ...safeio import load_npy
+from ..inputs import open_store
+from ..keys import ivf_of
+from ..layout import (
     MetadataDB,
     changed_content,
     check_provenance,
@@ -28,11 +27,12 @@ from .layout import (
     refuse_changed,
     writer_lock,
 )
-from .ondisk import ListSource, load_trained
-from .ondisk_build import UPDATE_DIR, _budget, _encode, _ensure_plan
-from .ondisk_version import copy_meta, merge_version, publish, settle_meta, write_meta
+from .budget import check_workers, plan_memory
+from .build import UPDATE_DIR, encode_planned, ensure_plan, memory_budget
+from .lists import ListSource, load_trained
 from .shards import iter_items, store_key
 from .vectors import ArrayWriter, MappedArray
+from .version import copy_meta, merge_version, publish, settle_meta, write_meta
 
 
 def _live(root: Path) -> tuple[Path, dict]:
@@ -46,7 +46,7 @@ def add_ondisk(root: Path, store, max_memory: int | None = None, workers: int | 
     same; other content there is refused, also with ``replace``: on-disk indexes remove first) into
     shards with the live version's quantizer and merge them with its lists into a new version."""
     store, root = open_store(store), Path(root)
-    workers, budget = check_workers(workers), _budget(max_memory)
+    workers, budget = check_workers(workers), memory_budget(max_memory)
     with writer_lock(root):
         cur, manifest = _live(root)
         store.check_model((manifest.get("model") or {}).get("config_hash"), what=f"the model of index {root}")
@@ -82,8 +82,8 @@ def add_ondisk(root: Path, store, max_memory: int | None = None, workers: int | 
 
         # which rows are new follows from the store and the live version
         fingerprint = {"op": "add", "version": cur.name, "store": store_key(store), "key": manifest["key"]}
-        plan = _ensure_plan(build, store, fingerprint, write_rows, manifest["key"], trained, budget, workers, None, 0)
-        _encode(build, store, plan, budget, workers, None)
+        plan = ensure_plan(build, store, fingerprint, write_rows, manifest["key"], trained, budget, workers, None, 0)
+        encode_planned(build, store, plan, budget, workers, None)
         window = plan_memory(budget, plan["count"], plan["dim"], plan["nlist"], plan["code_size"], 1,
                              plan["shard_rows"]).window_bytes
         before = [(ListSource.of_version(cur, manifest), MappedArray(cur / "vectors.npy"))]
@@ -122,7 +122,7 @@ def remove_ondisk(root: Path, remove_ids: np.ndarray, max_memory: int | None = N
             return dict(counts, count=manifest["count"], version=cur.name)
         trained = load_trained(cur, manifest)
         ivf = ivf_of(trained)
-        window = plan_memory(_budget(max_memory), len(ids), manifest["dim"], ivf.nlist, ivf.code_size, 1).window_bytes
+        window = plan_memory(memory_budget(max_memory), len(ids), manifest["dim"], ivf.nlist, ivf.code_size, 1).window_bytes
         before = [(ListSource.of_version(cur, manifest), MappedArray(cur / "vectors.npy"))]
         dropped = np.asarray(ids[gone])
         partial, ivf_bytes = merge_version(root, None, None, before, window, drop=dropped, keep=~gone, trained=trained)

@@ -10,10 +10,10 @@ from collections.abc import Sequence
 from fractions import Fraction
 from pathlib import Path
 
-from ..data.collection import Item
-from ..errors import UniretError
-from ..guards import has_format
-from ..utils import stable_hash
+from ...data.collection import Item
+from ...errors import UniretError
+from ...guards import has_format
+from ...utils import stable_hash
 
 FORMAT = "uniret-embeddings/2"
 FORMAT_V1 = "uniret-embeddings/1"

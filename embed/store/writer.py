@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.collection import Item, ItemList
-from ..errors import UniretError
-from ..utils import PartialDir, atomic_write_json, read_json, stable_hash
+from ...data.collection import Item, ItemList
+from ...errors import UniretError
+from ...utils import PartialDir, atomic_write_json, read_json, stable_hash
 from . import metadata
 from .layout import DTYPES, FORMAT, PART_FORMAT, check_tiling, part_name, store_fingerprint
 from .reader import EmbeddingStore

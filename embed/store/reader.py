@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.collection import Item
-from ..errors import UniretError
-from ..safeio import load_npy, parse_json
-from ..utils import read_json
+from ...data.collection import Item
+from ...errors import UniretError
+from ...safeio import load_npy, parse_json
+from ...utils import read_json
 from . import metadata
 from .layout import FORMAT, FORMAT_V1
 from .rows import RowsView

@@ -2,7 +2,7 @@
 
 Like :func:`uniret.index.keys.tune` for in-RAM indexes: a sample of the stored vectors is searched
 at nprobe 1, 2, 4, ... until recall@k against exact search reaches the target. Here the exact
-search streams the raw vectors block by block (:func:`~uniret.index.vectors.exact_search_chunked`),
+search streams the raw vectors block by block (:func:`~uniret.index.ondisk.vectors.exact_search_chunked`),
 and the index is re-opened for every batch of queries, sized so that the lists one batch probes fit
 the merge window: the mapped pages of earlier batches are unmapped with it, so tuning a 10M-vector
 index does not hold its whole ``lists.ivfdata`` in RSS.
@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .exact import REFINE_FACTOR, rescore
-from .keys import is_lossy, ivf_of, set_search_param, tune
-from .ondisk import read_version_index
+from ..exact import REFINE_FACTOR, rescore
+from ..keys import is_lossy, ivf_of, set_search_param, tune
+from .lists import read_version_index
 from .vectors import MappedArray, exact_search_chunked
 
 LIST_IMBALANCE = 3  # probed lists are the popular ones: assume 3x the mean list size

@@ -20,9 +20,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..data.collection import Item
-from ..errors import UniretError
-from ..safeio import parse_json
+from ...data.collection import Item
+from ...errors import UniretError
+from ...safeio import parse_json
 
 FIXED = ("id", "path", "domain", "split", "position", "class_ids")
 ROW_GROUP = 65_536
