@@ -66,6 +66,17 @@ def benchmark_script():
 
 
 @pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    """A random-init `timm:test_resnet` model (16-d, 32 px) made by `uniret model init`; read-only."""
+    from uniret.cli import main
+
+    out = tmp_path_factory.mktemp("model") / "m"
+    assert main(["model", "init", "--backbone", "timm:test_resnet", "--out", str(out), "--dim", "16",
+                 "--image-size", "32"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
 def image_index(demo_root, tmp_path_factory):
     """A random-init model, the demo collection's test + index splits embedded with it, and an index
     holding the model copy, all made through the real CLI. Returns the folder with model/ store/ index/."""

@@ -22,14 +22,6 @@ from uniret.embed.store import EmbeddingStore, part_name
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("model") / "m"
-    assert main(["model", "init", "--backbone", "timm:test_resnet", "--out", str(out), "--dim", "16",
-                 "--image-size", "32"]) == 0
-    return out
-
-
-@pytest.fixture(scope="module")
 def one_store(model_dir, demo_root, tmp_path_factory):
     """The reference: the demo's test split embedded by one process in one run."""
     out = tmp_path_factory.mktemp("one") / "store"

@@ -48,14 +48,6 @@ def local_ray():
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("model") / "m"
-    assert main(["model", "init", "--backbone", "timm:test_resnet", "--out", str(out), "--dim", "16",
-                 "--image-size", "32"]) == 0
-    return out
-
-
-@pytest.fixture(scope="module")
 def images(tmp_path_factory):
     """41 small images, one of them unreadable."""
     root = tmp_path_factory.mktemp("imgs")
