@@ -11,8 +11,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from uniret.train.config import TrainConfig
+from uniret.errors import UniretError
 from uniret.train.losses import (
     classification_loss,
+    classifier_only_losses,
     logit_distillation,
     relational_distillation,
     udon_losses,
@@ -32,6 +34,30 @@ def test_classification_loss_hand_computed():
     # scale 16 -> logits [[8, 0], [0, 4]]; CE = log(1 + e^-8) and log(1 + e^4)
     expected = (math.log(1 + math.exp(-8)) + math.log(1 + math.exp(4))) / 2
     assert classification_loss(cos, labels, 16.0).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_classification_loss_margin_hand_computed():
+    """CosFace: the margin lowers the target cosine only; margin 0 is the plain loss."""
+    cos = torch.tensor([[0.5, 0.0], [0.0, 0.25]])
+    labels = torch.tensor([0, 1])
+    # margin 0.25, scale 16 -> logits [[4, 0], [0, 0]]; CE = log(1 + e^-4) and log(2)
+    expected = (math.log(1 + math.exp(-4)) + math.log(2)) / 2
+    assert classification_loss(cos, labels, 16.0, 0.25).item() == pytest.approx(expected, rel=1e-6)
+    assert classification_loss(cos, labels, 16.0, 0.0).item() == classification_loss(cos, labels, 16.0).item()
+
+
+def test_margin_reaches_every_method_and_is_checked():
+    out = {"student_cosines": torch.tensor([[0.5, 0.0]]), "teacher_cosines": torch.tensor([[0.5, 0.0]]),
+           "student": F.normalize(torch.ones(1, 2), dim=1), "teacher": F.normalize(torch.ones(1, 2), dim=1)}
+    labels = torch.tensor([0])
+    plain = classifier_only_losses(out, labels, cls_scale=16.0)["loss"]
+    with_margin = classifier_only_losses(out, labels, cls_scale=16.0, cls_margin=0.25)["loss"]
+    assert with_margin.item() == pytest.approx(math.log(1 + math.exp(-4)), rel=1e-5) and with_margin > plain
+    udon = udon_losses(out, labels, cls_scale=16.0, cls_margin=0.25)
+    assert udon["cls_teacher"].item() == pytest.approx(with_margin.item(), rel=1e-5)
+    for bad in (-0.1, 1.0, float("nan")):
+        with pytest.raises(UniretError, match="cls_margin"):
+            TrainConfig(cls_margin=bad).validate()
 
 
 def test_logit_distillation_hand_computed():

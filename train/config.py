@@ -87,6 +87,7 @@ class TrainConfig(ModelSpec):
     absent_heads: str = "update"
     # -- losses -----------------------------------------------------------------------------------
     cls_scale: float = 16.0  # normalised softmax scale, teacher and student
+    cls_margin: float = 0.0  # CosFace additive margin on the target cosine (0: plain normalised softmax)
     distill_temperature: float = 0.1
     relational_factor: float = 0.25  # L_rel = (factor * B) * mean((S_u - S_t)^2), B/4 in the paper
     weight_cls_teacher: float = 0.25  # L = (L_cls_t + L_cls_u + L_log + L_rel) / 4
@@ -202,6 +203,7 @@ class TrainConfig(ModelSpec):
         need(self.weight_decay >= 0 and self.eps > 0, "weight_decay must be 0 or more and eps positive")
         need(all(0 <= b < 1 for b in self.betas) and len(self.betas) == 2, f"betas must be two numbers in [0, 1), got {list(self.betas)}")
         need(self.distill_temperature > 0 and self.cls_scale > 0, "distill_temperature and cls_scale must be positive")
+        need(0.0 <= self.cls_margin < 1.0, f"cls_margin must be in [0, 1), got {self.cls_margin}")
         need(self.relational_factor >= 0, f"relational_factor must be 0 or more, got {self.relational_factor}")
         weights = (self.weight_cls_teacher, self.weight_cls_student, self.weight_logit, self.weight_relational)
         need(min(weights) >= 0 and sum(weights) > 0, "the loss weights weight_* must be 0 or more, and not all 0")

@@ -10,16 +10,23 @@ import torch
 import torch.nn.functional as F
 
 
-def classification_loss(cosines: torch.Tensor, labels: torch.Tensor, scale: float = 16.0) -> torch.Tensor:
-    """Normalised-softmax cross-entropy: ``CE(scale * cos, y)``, averaged over the batch."""
-    return F.cross_entropy(scale * cosines.float(), labels)
+def classification_loss(cosines: torch.Tensor, labels: torch.Tensor, scale: float = 16.0,
+                        margin: float = 0.0) -> torch.Tensor:
+    """Normalised-softmax cross-entropy: ``CE(scale * cos, y)``, averaged over the batch. With
+    ``margin`` m > 0 the target cosine is lowered by m first (CosFace's additive margin): each class
+    must win by m, which tightens the classes of the embedding."""
+    cosines = cosines.float()
+    if margin:
+        cosines = cosines - margin * F.one_hot(labels, cosines.shape[1]).to(cosines.dtype)
+    return F.cross_entropy(scale * cosines, labels)
 
 
-def student_classification_loss(out: dict, labels: torch.Tensor, scale: float = 16.0) -> torch.Tensor:
+def student_classification_loss(out: dict, labels: torch.Tensor, scale: float = 16.0,
+                                margin: float = 0.0) -> torch.Tensor:
     """The student's normalised-softmax loss; with Matryoshka prefixes (``student_prefix_cosines``)
     the mean of that loss over the full embedding and every nested prefix (METHOD.md §6)."""
-    losses = [classification_loss(out["student_cosines"], labels, scale)]
-    losses += [classification_loss(c, labels, scale) for c in out.get("student_prefix_cosines", ())]
+    losses = [classification_loss(out["student_cosines"], labels, scale, margin)]
+    losses += [classification_loss(c, labels, scale, margin) for c in out.get("student_prefix_cosines", ())]
     return torch.stack(losses).mean() if len(losses) > 1 else losses[0]
 
 
@@ -60,6 +67,7 @@ def udon_losses(
     labels: torch.Tensor,
     *,
     cls_scale: float = 16.0,
+    cls_margin: float = 0.0,
     temperature: float = 0.1,
     relational_factor: float = 0.25,
     weights: tuple[float, float, float, float] = (0.25, 0.25, 0.25, 0.25),
@@ -73,8 +81,8 @@ def udon_losses(
     (distillation stopped at the backbone). ``gathered`` = (student, teacher) embeddings of the global
     batch under DDP; the relational loss uses them instead of the local ones.
     """
-    cls_t = classification_loss(out["teacher_cosines"], out.get("teacher_labels", labels), cls_scale)
-    cls_u = student_classification_loss(out, labels, cls_scale)
+    cls_t = classification_loss(out["teacher_cosines"], out.get("teacher_labels", labels), cls_scale, cls_margin)
+    cls_u = student_classification_loss(out, labels, cls_scale, cls_margin)
     log = logit_distillation(out["teacher_cosines"], out.get("distill_student_cosines", out["student_cosines"]),
                              temperature)
     student, teacher = gathered if gathered is not None else (out.get("distill_student", out["student"]),
@@ -85,7 +93,8 @@ def udon_losses(
     return losses
 
 
-def classifier_only_losses(out: dict, labels: torch.Tensor, *, cls_scale: float = 16.0) -> dict[str, torch.Tensor]:
+def classifier_only_losses(out: dict, labels: torch.Tensor, *, cls_scale: float = 16.0,
+                           cls_margin: float = 0.0) -> dict[str, torch.Tensor]:
     """USCRR / UJC / specialist: the student's normalised-softmax loss alone."""
-    cls_u = student_classification_loss(out, labels, cls_scale)
+    cls_u = student_classification_loss(out, labels, cls_scale, cls_margin)
     return {"loss": cls_u, "cls_student": cls_u}

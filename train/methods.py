@@ -106,7 +106,7 @@ class TrainingMethod:
         """The method's losses; ``loss`` is what is minimised."""
         from .losses import classifier_only_losses
 
-        return classifier_only_losses(out, labels, cls_scale=self.config.cls_scale)
+        return classifier_only_losses(out, labels, cls_scale=self.config.cls_scale, cls_margin=self.config.cls_margin)
 
 
 @register
@@ -158,7 +158,7 @@ class Udon(TrainingMethod):
             student = out.get("distill_student", out["student"])
             gathered = (gather_with_grad(student, ctx), gather_detached(out["teacher"], ctx))
         return udon_losses(
-            out, labels, cls_scale=c.cls_scale, temperature=c.distill_temperature,
+            out, labels, cls_scale=c.cls_scale, cls_margin=c.cls_margin, temperature=c.distill_temperature,
             relational_factor=c.relational_factor, gathered=gathered,
             weights=(c.weight_cls_teacher, c.weight_cls_student, c.weight_logit, c.weight_relational),
         )
