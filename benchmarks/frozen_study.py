@@ -10,7 +10,9 @@ computes image by image.
 
 Rows: ``uscrr``, ``ujc-size``, ``udon-round_robin``, ``udon-dynamic``, ``udon-rr-joint`` (per-domain
 teachers distilled into a student whose classifier spans all domains: UDON's distillation with UJC's
-joint student classifier), ``specialist-oracle`` (one specialist per domain, each domain's queries and
+joint student classifier; ``udon-joint-size`` and ``udon-joint-dynamic`` the same with UJC's size
+sampler or UDON's dynamic one, so that only the distillation tells them from ``ujc-size``),
+``specialist-oracle`` (one specialist per domain, each domain's queries and
 index embedded by its own specialist: separate protocol), and two untrained rows: ``none`` (the
 pretrained backbone's pooled features) and ``pca`` (PCA-whitening fitted on the test index images,
 its shrinkage chosen on validation). For the UDON rows, the teachers' own embeddings (per domain,
@@ -44,6 +46,8 @@ TRAINED = {  # row -> (method, sampler)
     "udon-round_robin": ("udon", "round_robin"),
     "udon-dynamic": ("udon", "dynamic"),
     "udon-rr-joint": ("udon_joint", "round_robin"),
+    "udon-joint-size": ("udon_joint", "size"),  # UJC's sampler, so only the distillation differs from ujc-size
+    "udon-joint-dynamic": ("udon_joint", "dynamic"),
 }
 ROWS = (*TRAINED, "specialist-oracle", "none", "pca")
 
