@@ -104,7 +104,7 @@ def test_query_distortions_warp_blur_and_reencode():
     full = build_transform(pre, {**DEFAULT_SPEC, "crop": "rrc", "rotate": 10.0, "translate": 0.06, "blur": 0.3,
                                  "jpeg": 0.5})
     assert full(image).shape == (3, 32, 32)
-    for bad in ({"rotate": -1}, {"translate": 0.9}, {"blur": 2}, {"jpeg": "yes"}, {"fill": 300}):
+    for bad in ({"rotate": -1}, {"translate": 0.9}, {"blur": 2}, {"jpeg": "yes"}, {"fill": 300}, {"fill": 127.5}):
         with pytest.raises(UsageError, match=next(iter(bad))):
             check_spec(bad)
 

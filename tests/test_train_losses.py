@@ -57,7 +57,7 @@ def test_margin_reaches_every_method_and_is_checked():
     assert udon["cls_teacher"].item() == pytest.approx(with_margin.item(), rel=1e-5)
     for bad in (-0.1, 1.0, float("nan")):
         with pytest.raises(UniretError, match="cls_margin"):
-            TrainConfig(cls_margin=bad).validate()
+            TrainConfig(data="bench.lmdb", out="run", cls_margin=bad).validate()
 
 
 def test_logit_distillation_hand_computed():

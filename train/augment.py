@@ -60,6 +60,8 @@ def check_spec(spec: dict, where: str = "augment") -> None:
         value = full[key]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= high:
             raise UsageError(f"{where}: {key} must be a number in [0, {high}], not {value!r}")
+    if full["fill"] != int(full["fill"]):
+        raise UsageError(f"{where}: fill must be a whole grey level in [0, 255], not {full['fill']!r}")
     if full["auto_augment"] is not None and (not isinstance(full["auto_augment"], str) or full["crop"] != "rrc"):
         raise UsageError(f"{where}: auto_augment takes a timm augmentation string and crop \"rrc\"")
 
