@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from uniret.train.config import TrainConfig
 from uniret.errors import UniretError
+from uniret.train.config import TrainConfig
 from uniret.train.losses import (
     classification_loss,
     classifier_only_losses,
