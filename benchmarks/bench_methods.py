@@ -21,6 +21,8 @@ Ablations (only when named in ``--rows``), UDON with round-robin sampling and on
     udon-rr-rel-double   relational weight doubled (relational_factor 0.5: B/4 of batch 256)
     udon-rr-joint        per-domain teachers distilled into a student with one joint classifier
                          (``--method udon_joint``)
+    udon-joint-dynamic   the same with UDON's dynamic sampler (not an ablation of round-robin: the
+                         row that leads in the pretrained study, docs/RESULTS.md)
 
 Regimes: from scratch (``--backbone timm:...`` and a recipe ``--config``); two-stage
 (``--stage1-steps N``: per seed, stage 1 trains ``--stage1-method`` on all training domains with
@@ -62,10 +64,11 @@ TRAINED = {  # row -> (method, sampler, config fields on top of --config)
     "udon-rr-rel-half": ("udon", "round_robin", {"relational_factor": 0.125}),
     "udon-rr-rel-double": ("udon", "round_robin", {"relational_factor": 0.5}),
     "udon-rr-joint": ("udon_joint", "round_robin", {}),
+    "udon-joint-dynamic": ("udon_joint", "dynamic", {}),
 }
 ROWS = ("untrained", "stage1", "uscrr", "ujc-size", "udon-round_robin", "udon-dynamic", "udon-dynamic+sg",
         "specialist-oracle")
-ABLATIONS = ("udon-rr-nodistill", "udon-rr-rel-half", "udon-rr-rel-double", "udon-rr-joint")
+ABLATIONS = ("udon-rr-nodistill", "udon-rr-rel-half", "udon-rr-rel-double", "udon-rr-joint", "udon-joint-dynamic")
 
 
 def uniret(*args: str, log: Path) -> float:

@@ -1,12 +1,15 @@
 """UDON against its baselines in the pretrained regime, on a CPU: heads on the frozen backbone
-(``--blocks 0``) or the last N stages fine-tuned (``--blocks N``), both trained on cached features.
+(``--blocks 0``) or the last N stages fine-tuned (``--blocks N``), both trained on cached features,
+or the whole network fine-tuned (``--full``: no cache, the paper's recipe of a backbone frozen for
+the first 20% and a backbone lr below the heads'; meant for a small step count on a CPU, or a GPU).
 
 Every row is trained by ``uniret train`` (``--freeze-backbone`` or ``--train-blocks N``; one feature
 cache shared by every run, keyed by content), selected on the validation split during training, and
 its test split evaluated once: merged protocol (one index for all domains) with uniret's metric code.
 Since the frozen prefix is the same for every row, the test images' prefix outputs are computed once
 (eval transform) and each model's rest and head are applied to them, exactly what ``uniret eval``
-computes image by image.
+computes image by image. With ``--full`` the "prefix" is the identity: the test images are
+preprocessed once and each fine-tuned model embeds them whole.
 
 Rows: ``uscrr``, ``ujc-size``, ``udon-round_robin``, ``udon-dynamic``, ``udon-rr-joint`` (per-domain
 teachers distilled into a student whose classifier spans all domains: UDON's distillation with UJC's
@@ -77,6 +80,8 @@ class Study:
         for split in ("val", "test"):
             self.items[split], self.pairs[split] = plan_items(self.collection, split)
         self.blocks = a.blocks or None
+        self.tag = f"full-{a.image_size}px" if a.full else f"b{a.blocks}"
+        self._last_eb: tuple[int, torch.Tensor] | None = None
         self.base = self._base_model()
         self.prefix_out = {s: self._prefix_outputs(s) for s in ("val", "test")}
 
@@ -101,10 +106,12 @@ class Study:
     def _split(self, model):
         from uniret.train.frozen import split_backbone
 
+        if self.a.full:
+            return torch.nn.Identity(), model.backbone.eval()
         return split_backbone(model.backbone.eval(), self.blocks)
 
     def _prefix_outputs(self, split: str) -> torch.Tensor:
-        f = self.out / f"prefix-{split}-b{self.a.blocks}.npy"
+        f = self.out / f"prefix-{split}-{self.tag}.npy"
         if not f.is_file():
             from uniret.data.collection import ItemList
             from uniret.embed.extract import EmbedDataset
@@ -127,23 +134,34 @@ class Study:
         probe = self.collection.items(domains=[self.domains[0]], splits=["train"])
         return probe.source, probe.base
 
-    def embed(self, model, split: str) -> np.ndarray:
-        """The model's embeddings of a split's evaluation items, from the cached prefix outputs."""
+    def backbone_features(self, model, split: str) -> torch.Tensor:
+        """L2-normalised pooled backbone features of a split, from the cached prefix outputs (the last
+        model's test features are kept: the teacher check reuses them)."""
+        key = (id(model), split)
+        if self._last_eb is not None and self._last_eb[0] == key:
+            return self._last_eb[1]
         _, rest = self._split(model)
-        outs = []
         with torch.inference_mode():
-            for chunk in self.prefix_out[split].split(512):
-                outs.append(model.embed_features(F.normalize(rest(chunk.float()), dim=-1)).numpy())
-        return np.concatenate(outs)
+            e_b = torch.cat([F.normalize(rest(c.float()), dim=-1) for c in self.prefix_out[split].split(256)])
+        self._last_eb = (key, e_b)
+        return e_b
+
+    def embed(self, model, split: str) -> np.ndarray:
+        """The model's embeddings of a split's evaluation items."""
+        with torch.inference_mode():
+            return model.embed_features(self.backbone_features(model, split)).numpy()
 
     # -- training ----------------------------------------------------------------------------------------
     def config_file(self) -> str:
         a = self.a
         cfg = {"head_lr": a.head_lr, "backbone_lr": a.backbone_lr, "backbone_freeze_fraction": 0.0,
                "lr_schedule": "cosine", "warmup_fraction": 0.05, "dynamic_interval": max(1, a.steps // 10),
-               "dynamic_window": max(1, a.steps // 10), "log_every": 50, "cache_views": a.views,
-               "feature_cache": str(Path(a.feature_cache).resolve()), "val_batch_size": 256}
-        if self.blocks:
+               "dynamic_window": max(1, a.steps // 10), "log_every": max(1, min(50, a.steps // 20)),
+               "cache_views": a.views, "feature_cache": str(Path(a.feature_cache).resolve()), "val_batch_size": 256}
+        if a.full:  # the whole network trains on augmented images: no cache; the backbone waits 20%
+            del cfg["cache_views"], cfg["feature_cache"]
+            cfg["backbone_freeze_fraction"] = 0.2
+        elif self.blocks:
             cfg["train_blocks"] = self.blocks
         else:
             cfg["freeze_backbone"] = True
@@ -188,10 +206,9 @@ class Study:
         from uniret.train.rundir import load_checkpoint
 
         tensors, _ = load_checkpoint(run / "checkpoints" / "last.safetensors")
-        _, rest = self._split(model)
         result = {}
+        e_b = self.backbone_features(model, "test")
         with torch.inference_mode():
-            e_b = torch.cat([F.normalize(rest(c.float()), dim=-1) for c in self.prefix_out["test"].split(512)])
             student = model.embed_features(e_b).numpy()
         student_separate = self.evaluate(student, "separate")["per_domain"]
         for d_index, d in enumerate(self.domains):
@@ -290,13 +307,19 @@ def spread(values: list[float]) -> str:
     return f"{mean:.3f}" if len(values) < 2 else f"{mean:.3f} ± {float(np.std(values, ddof=1)):.3f}"
 
 
+def mean_of(values: list) -> str:
+    """A per-domain cell: the mean of the seeds that measured it (a domain without test queries has none)."""
+    values = [v for v in values if v is not None]
+    return f"{np.mean(values):.3f}" if values else "n/a"
+
+
 def table(results: dict, domains: list[str]) -> str:
     lines = ["| row | seeds | mAP@100 | mMP@5 | R@1 | " + " / ".join(domains) + " mAP@100 |",
              "|---|---|---|---|---|---|"]
     for name, by_seed in results.items():
         runs = list(by_seed.values())
         cells = [spread([r["mean"][m] for r in runs]) for m in METRICS]
-        per = " / ".join(f"{np.mean([r['per_domain'][d]['mAP@100'] for r in runs]):.3f}" for d in domains)
+        per = " / ".join(mean_of([r["per_domain"].get(d, {}).get("mAP@100") for r in runs]) for d in domains)
         lines.append(f"| {name} | {len(runs)} | {' | '.join(cells)} | {per} |")
     tvs = [(name, r["teacher_vs_student"]) for name, by_seed in results.items() for r in by_seed.values()
            if "teacher_vs_student" in r]
@@ -306,7 +329,7 @@ def table(results: dict, domains: list[str]) -> str:
                   "|---|" + "---|" * (len(domains) + 1)]
         for name in dict.fromkeys(n for n, _ in tvs):
             rs = [t for n, t in tvs if n == name]
-            cells = [f"{np.mean([t[d]['teacher_mAP@100'] for t in rs]):.3f} / {np.mean([t[d]['student_mAP@100'] for t in rs]):.3f}"
+            cells = [f"{mean_of([t[d]['teacher_mAP@100'] for t in rs])} / {mean_of([t[d]['student_mAP@100'] for t in rs])}"
                      for d in domains]
             loss = f"{np.mean([t['loss']['cls_teacher'] for t in rs]):.3f} / {np.mean([t['loss']['cls_student'] for t in rs]):.3f}"
             lines.append(f"| {name} | {' | '.join(cells)} | {loss} |")
@@ -322,6 +345,7 @@ def main(argv=None) -> None:
     p.add_argument("--weights", default=None)
     p.add_argument("--image-size", type=int, default=128)
     p.add_argument("--blocks", type=int, default=0, help="0: heads on the frozen backbone; N: last N stages train")
+    p.add_argument("--full", action="store_true", help="fine-tune the whole network (no feature cache)")
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--val-every", type=int, default=500)
@@ -334,6 +358,8 @@ def main(argv=None) -> None:
     p.add_argument("--feature-cache", default=None)
     p.add_argument("--extra", default="{}", help="JSON of further TrainConfig fields")
     a = p.parse_args(argv)
+    if a.full and a.blocks:
+        p.error("--full trains every stage: leave --blocks out")
     a.feature_cache = a.feature_cache or str(Path(a.out) / "feature-cache")
     torch.set_num_threads(os.cpu_count() or 1)
     started = time.time()

