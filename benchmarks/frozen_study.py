@@ -81,7 +81,7 @@ class Study:
             self.items[split], self.pairs[split] = plan_items(self.collection, split)
         self.blocks = a.blocks or None
         self.tag = f"full-{a.image_size}px" if a.full else f"b{a.blocks}"
-        self._last_eb: tuple[int, torch.Tensor] | None = None
+        self._last_eb: tuple[object, str, torch.Tensor] | None = None  # (model, split, features)
         self.base = self._base_model()
         self.prefix_out = {s: self._prefix_outputs(s) for s in ("val", "test")}
 
@@ -137,13 +137,13 @@ class Study:
     def backbone_features(self, model, split: str) -> torch.Tensor:
         """L2-normalised pooled backbone features of a split, from the cached prefix outputs (the last
         model's test features are kept: the teacher check reuses them)."""
-        key = (id(model), split)
-        if self._last_eb is not None and self._last_eb[0] == key:
-            return self._last_eb[1]
+        # the model itself is held (not its id, which a later model could reuse)
+        if self._last_eb is not None and self._last_eb[0] is model and self._last_eb[1] == split:
+            return self._last_eb[2]
         _, rest = self._split(model)
         with torch.inference_mode():
             e_b = torch.cat([F.normalize(rest(c.float()), dim=-1) for c in self.prefix_out[split].split(256)])
-        self._last_eb = (key, e_b)
+        self._last_eb = (model, split, e_b)
         return e_b
 
     def embed(self, model, split: str) -> np.ndarray:
